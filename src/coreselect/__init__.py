@@ -1,0 +1,15 @@
+"""coreselect: pick the few instruction-tuning examples worth training on."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "select"]
+
+
+def __getattr__(name: str):  # lazy: keep `import coreselect` cheap (no torch import)
+    if name == "select":
+        from coreselect.api import select
+
+        return select
+    raise AttributeError(name)
