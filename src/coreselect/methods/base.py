@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,6 +49,48 @@ class SelectionMethod(ABC):
         ``-inf`` means "never select unless the budget forces it".
         """
 
+    #: True when ``score_chunks`` can score any contiguous slice of the pool on its own
+    #: (per-record scores that do not depend on the rest of the pool), so the pool can be
+    #: streamed shard by shard and resumed. Corpus-statistics methods (BM25, DSIR) are not.
+    streaming: ClassVar[bool] = False
+
+    def score_chunks(self, pool: Iterable[Record]) -> Iterator["ScoreChunk"]:
+        """Score records, yielding :class:`ScoreChunk` s in pool order (default: one chunk)."""
+        records = list(pool)
+        yield chunk_from_scores(records, self.score(records))
+
     def settings(self) -> dict[str, Any]:
         """The method's settings, recorded in run.json."""
         return {}
+
+
+@dataclass
+class ScoreChunk:
+    """Scores of a contiguous run of pool records (what one shard of ``scores.parquet`` holds).
+
+    ``n_tokens`` / ``n_scored`` are token counts for token-level methods, 0 where a method
+    does not tokenize.
+    """
+
+    index: np.ndarray  # int64 pool positions
+    ids: list[str]
+    sources: list[str]
+    score: np.ndarray  # float64
+    n_tokens: np.ndarray  # int64
+    n_scored: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return int(len(self.index))
+
+
+def chunk_from_scores(records: Sequence[Record], scores: np.ndarray) -> ScoreChunk:
+    """Wrap a plain score array (methods that see the whole pool at once)."""
+    n = len(records)
+    return ScoreChunk(
+        index=np.array([r.index for r in records], dtype=np.int64),
+        ids=[r.id for r in records],
+        sources=[r.source for r in records],
+        score=np.asarray(scores, dtype=np.float64),
+        n_tokens=np.zeros(n, dtype=np.int64),
+        n_scored=np.zeros(n, dtype=np.int64),
+    )

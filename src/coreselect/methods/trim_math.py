@@ -1,0 +1,432 @@
+"""TRIM's equations as pure tensor functions (paper 002, §3 and Appendix B).
+
+Everything here is model-free: tensors in, tensors out. ``coreselect.methods.trim``
+re-exports these under the contract names and wires them to a model.
+
+Conventions the paper leaves open (fixed by the TRIM issue, tested in tests/methods):
+
+* Padding: ``attention_mask`` is ``[B, T]`` of 0/1, left or right padded. Only non-pad
+  queries and keys count anywhere; pad positions get saliency 0.
+* Eq. 2's ``|{j : A_ij > 0}|`` is read literally: the number of non-pad keys of row ``i``
+  with a non-zero probability (a causal row ``i`` has ``i + 1`` of them). A row with a
+  single admissible key has ``q_i = 1`` (entropy 0 is perfectly sharp).
+* Eq. 4's denominator counts the non-pad queries that attend to ``j`` with non-zero
+  weight; a key no query attends to has ``k_j = 0``.
+* Eq. 6's min-max runs over the non-pad positions of each sequence separately.
+* Eq. 9 uses unit-normalized hidden states (the text's eq. 9, not the un-normalized line 10
+  of Algorithm 1).
+* Eq. 15's ``|c|`` is the number of non-pad tokens of the record (special and template
+  tokens included), so the coverage term is ``|M(c)| / |c|``.
+* All accumulation (entropies, class sums, cosine, pooling) runs in float32 or wider,
+  whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Fingerprints",
+    "FingerprintBuilder",
+    "NearestClassTable",
+    "token_saliency",
+    "row_saliency",
+    "column_saliency",
+    "build_fingerprints",
+    "token_scores",
+    "score_examples",
+    "pool_scores",
+]
+
+
+# --------------------------------------------------------------------------- Stage I
+
+
+def row_saliency(attn: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
+    """Row saliency of one layer, averaged over heads: eq. 1-3 for a single ``l``.
+
+    Args:
+        attn: ``[B, H, T, T]`` attention probabilities (query rows, key columns).
+        mask: ``[B, T]`` bool, True on non-pad positions.
+
+    Returns:
+        ``[B, T]`` float32, ``(1/H) sum_h q_i^{h}``; 0 on pad queries.
+    """
+    a = attn.float()
+    keys = mask[:, None, None, :]  # [B,1,1,T]
+    a = torch.where(keys, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    entropy = -(a * torch.log(a + eps)).sum(-1)  # eq. 1, [B,H,T]
+    n_keys = (a > 0).sum(-1)  # |{j : A_ij > 0}| over non-pad keys
+    log_n = torch.log(n_keys.clamp(min=1).to(a.dtype))
+    q = torch.where(n_keys > 1, 1.0 - entropy / torch.where(n_keys > 1, log_n, torch.ones_like(log_n)), torch.ones_like(entropy))  # eq. 2
+    q = torch.where(n_keys > 0, q, torch.zeros_like(q))
+    q = q.mean(1)  # heads
+    return torch.where(mask, q, torch.zeros_like(q))
+
+
+def column_saliency(attn: Tensor, mask: Tensor) -> Tensor:
+    """Raw column saliency of one layer, averaged over heads: eq. 4-5 for a single ``l``.
+
+    Args:
+        attn: ``[B, H, T, T]`` attention probabilities.
+        mask: ``[B, T]`` bool, True on non-pad positions.
+
+    Returns:
+        ``[B, T]`` float32, ``(1/H) sum_h k_j^{h}``; 0 on pad keys.
+    """
+    a = attn.float()
+    queries = mask[:, None, :, None]  # [B,1,T,1]
+    a = torch.where(queries, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    total = a.sum(-2)  # sum_i A_ij, [B,H,T]
+    n_queries = (a > 0).sum(-2)  # |{i : A_ij > 0}|
+    k = torch.where(n_queries > 0, total / n_queries.clamp(min=1).to(a.dtype), torch.zeros_like(total))  # eq. 4
+    k = k.mean(1)
+    return torch.where(mask, k, torch.zeros_like(k))
+
+
+def _minmax(x: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """Eq. 6: per-sequence min-max scaling over the non-pad positions."""
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(mask, x, torch.full_like(x, big)).amin(-1, keepdim=True)
+    hi = torch.where(mask, x, torch.full_like(x, -big)).amax(-1, keepdim=True)
+    out = (x - lo) / (hi - lo + eps)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def token_saliency(
+    attentions: Sequence[Tensor],
+    attention_mask: Tensor,
+    w_row: float = 0.5,
+    w_col: float = 0.5,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Aggregated token saliency ``alpha_i = w_Q Q_i + w_K K_i`` (eq. 1-7).
+
+    Args:
+        attentions: one ``[B, H, T, T]`` tensor of attention probabilities per layer used
+            (the last ``L`` layers). Layers may have different head counts.
+        attention_mask: ``[B, T]`` of 0/1, left or right padding.
+        w_row: ``w_Q`` of eq. 7.
+        w_col: ``w_K`` of eq. 7.
+        eps: the ``epsilon`` of eq. 1 and eq. 6.
+
+    Returns:
+        ``[B, T]`` float32 saliency; 0 on pad positions.
+    """
+    if len(attentions) == 0:
+        raise ValueError("token_saliency needs at least one layer of attentions")
+    mask = attention_mask.bool()
+    q_sum = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    k_sum = torch.zeros_like(q_sum)
+    for attn in attentions:  # eq. 3 and eq. 5: mean over L layers (and H heads inside)
+        q_sum += row_saliency(attn, mask, eps)
+        k_sum += column_saliency(attn, mask)
+    n_layers = float(len(attentions))
+    q_all = q_sum / n_layers
+    k_all = _minmax(k_sum / n_layers, mask, eps)
+    alpha = w_row * q_all + w_col * k_all  # eq. 7
+    return torch.where(mask, alpha, torch.zeros_like(alpha))
+
+
+@dataclass
+class Fingerprints:
+    """The fingerprint dictionary ``F = {f_t}`` (eq. 9).
+
+    Attributes:
+        token_ids: ``[F]`` LongTensor of token classes, ascending.
+        vectors: ``[F, D]`` float32 unit rows, ``vectors[r]`` is ``f_{token_ids[r]}``.
+        weights: ``[F]`` total saliency weight ``sum alpha`` of each class.
+        counts: ``[F]`` number of occurrences ``|O_t|``.
+        tokens: the tokenizer's string for each class (for humans; may be empty).
+        settings: the run settings they were built with.
+    """
+
+    token_ids: Tensor
+    vectors: Tensor
+    weights: Tensor
+    counts: Tensor
+    tokens: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.token_ids.numel())
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file (tensors + JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        from coreselect.io import atomic_path
+
+        meta = {
+            "format": "coreselect.fingerprints/1",
+            "tokens": json.dumps(self.tokens, ensure_ascii=False),
+            "settings": json.dumps(self.settings, ensure_ascii=False, default=str),
+        }
+        tensors = {
+            "token_ids": self.token_ids.to(torch.int64).contiguous().cpu(),
+            "vectors": self.vectors.to(torch.float32).contiguous().cpu(),
+            "weights": self.weights.to(torch.float32).contiguous().cpu(),
+            "counts": self.counts.to(torch.int64).contiguous().cpu(),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Fingerprints":
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        from coreselect.errors import CoreselectError
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise CoreselectError(f"{path}: no such fingerprints file") from None
+        except Exception as e:  # safetensors raises its own error types
+            raise CoreselectError(f"{path}: not a fingerprints safetensors file ({e})") from None
+        if meta.get("format") != "coreselect.fingerprints/1" or not {"token_ids", "vectors"} <= t.keys():
+            raise CoreselectError(f"{path}: not a coreselect fingerprints file")
+        return cls(
+            token_ids=t["token_ids"],
+            vectors=t["vectors"],
+            weights=t.get("weights", torch.ones(len(t["token_ids"]))),
+            counts=t.get("counts", torch.ones(len(t["token_ids"]), dtype=torch.int64)),
+            tokens=json.loads(meta.get("tokens", "[]")),
+            settings=json.loads(meta.get("settings", "{}")),
+        )
+
+
+class FingerprintBuilder:
+    """Accumulates eq. 8-9 over any number of batches of target examples.
+
+    ``add`` keeps per-class sums ``sum alpha h_hat`` (float64) and weights; ``finalize``
+    normalizes them. Adding the same tokens in any batching gives the same fingerprints.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, Tensor] = {}
+        self._weights: dict[int, float] = {}
+        self._counts: dict[int, int] = {}
+
+    def add(self, hidden: Tensor, saliency: Tensor, token_ids: Tensor, mask: Tensor) -> None:
+        """Add one batch: ``hidden [B,T,D]``, ``saliency [B,T]``, ``token_ids [B,T]``, ``mask [B,T]`` bool."""
+        m = mask.bool()
+        if not m.any():
+            return
+        h = hidden[m].to(torch.float64)
+        h = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # h_hat of eq. 9
+        w = saliency[m].to(torch.float64)
+        ids = token_ids[m].to(torch.int64)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        sums = torch.zeros(len(uniq), h.shape[1], dtype=torch.float64, device=h.device)
+        sums.index_add_(0, inv, w[:, None] * h)
+        wsum = torch.zeros(len(uniq), dtype=torch.float64, device=h.device).index_add_(0, inv, w)
+        cnt = torch.bincount(inv, minlength=len(uniq))
+        for r, t in enumerate(uniq.tolist()):
+            if t in self._sums:
+                self._sums[t] += sums[r].cpu()
+                self._weights[t] += float(wsum[r])
+                self._counts[t] += int(cnt[r])
+            else:
+                self._sums[t] = sums[r].cpu().clone()
+                self._weights[t] = float(wsum[r])
+                self._counts[t] = int(cnt[r])
+
+    def finalize(self, tokens: Mapping[int, str] | None = None, settings: dict[str, Any] | None = None) -> Fingerprints:
+        """Eq. 9: normalize each class sum; classes of zero total weight are dropped."""
+        keep = [t for t in sorted(self._sums) if self._weights[t] > 0 and float(self._sums[t].norm()) > 0]
+        if keep:
+            sums = torch.stack([self._sums[t] for t in keep])
+            vectors = (sums / sums.norm(dim=-1, keepdim=True)).to(torch.float32)
+        else:
+            dim = next(iter(self._sums.values())).numel() if self._sums else 0
+            vectors = torch.zeros(0, dim, dtype=torch.float32)
+        return Fingerprints(
+            token_ids=torch.tensor(keep, dtype=torch.int64),
+            vectors=vectors,
+            weights=torch.tensor([self._weights[t] for t in keep], dtype=torch.float32),
+            counts=torch.tensor([self._counts[t] for t in keep], dtype=torch.int64),
+            tokens=[tokens.get(t, "") for t in keep] if tokens is not None else [],
+            settings=dict(settings or {}),
+        )
+
+
+def build_fingerprints(hidden: Tensor, saliency: Tensor, token_ids: Tensor, mask: Tensor) -> Fingerprints:
+    """Saliency-weighted token-class fingerprints (eq. 8-9) from one batch.
+
+    Args:
+        hidden: ``[B, T, D]`` last-layer hidden states.
+        saliency: ``[B, T]`` ``alpha`` from :func:`token_saliency`.
+        token_ids: ``[B, T]`` token classes.
+        mask: ``[B, T]`` bool, the positions that may contribute (scope, no specials, no pad).
+
+    For several batches use :class:`FingerprintBuilder` directly.
+    """
+    b = FingerprintBuilder()
+    b.add(hidden, saliency, token_ids, mask)
+    return b.finalize()
+
+
+# --------------------------------------------------------------------------- Stage II
+
+
+class NearestClassTable:
+    """Maps a token class to its fingerprint row: itself if fingerprinted, else eq. 11.
+
+    The nearest fingerprinted class (cosine of input embeddings) is looked up lazily,
+    only for the unseen ids actually met, and cached, so scoring never does an
+    ``O(V x F)`` matmul per batch.
+    """
+
+    def __init__(self, fingerprints: Fingerprints, embeddings: Tensor) -> None:
+        vocab = int(embeddings.shape[0])
+        self.fingerprints = fingerprints
+        self._emb = embeddings
+        device = embeddings.device
+        self._direct = torch.full((vocab,), -1, dtype=torch.int64, device=device)
+        ids = fingerprints.token_ids.to(device)
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise ValueError(f"fingerprint token id {int(ids.max())} outside the embedding table (V={vocab})")
+        self._direct[ids] = torch.arange(len(ids), device=device)
+        self._nearest = torch.full((vocab,), -2, dtype=torch.int64, device=device)  # -2: not computed
+        fe = embeddings[ids].float() if ids.numel() else embeddings[:0].float()
+        self._fp_emb = fe / fe.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+        self.vocab = vocab
+
+    def rows(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(row, is_direct)`` for each id: the fingerprint row used and whether it is the id's own."""
+        direct = self._direct[token_ids]
+        is_direct = direct >= 0
+        missing = token_ids[~is_direct]
+        if missing.numel():
+            uniq = torch.unique(missing)
+            todo = uniq[self._nearest[uniq] == -2]
+            if todo.numel():
+                self._fill(todo)
+        nearest = self._nearest[token_ids]
+        return torch.where(is_direct, direct, nearest), is_direct
+
+    def _fill(self, ids: Tensor) -> None:
+        if self._fp_emb.shape[0] == 0:
+            self._nearest[ids] = -1
+            return
+        e = self._emb[ids].float()
+        e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+        sim = e @ self._fp_emb.T  # [n_oov, F], eq. 11
+        self._nearest[ids] = sim.argmax(-1)
+
+
+def token_scores(
+    fingerprints: Fingerprints,
+    hidden: Tensor,
+    token_ids: Tensor,
+    scored_mask: Tensor,
+    embeddings: Tensor | None = None,
+    *,
+    oov_penalty: float | None = 1.0,
+    table: NearestClassTable | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token match scores ``s_j`` (eq. 10-12) and the scored set ``M(c)`` (eq. 14).
+
+    Returns:
+        ``(s, in_m, direct)``: ``s [B,T]`` float32 (0 outside ``M``), ``in_m [B,T]`` bool,
+        ``direct [B,T]`` bool (True where the token's own class was fingerprinted).
+    """
+    if table is None:
+        if embeddings is None:
+            raise ValueError("token_scores needs embeddings or a NearestClassTable")
+        table = NearestClassTable(fingerprints, embeddings)
+    scored = scored_mask.bool()
+    ids = token_ids.to(table._direct.device)
+    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1))
+    has_fp = rows >= 0
+    in_m = scored & (direct | (has_fp & (oov_penalty is not None)))
+    vec = fingerprints.vectors.to(device=hidden.device, dtype=torch.float32)
+    h = hidden.float()
+    h_hat = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    safe_rows = torch.where(in_m, rows, torch.zeros_like(rows))
+    if len(fingerprints) == 0:
+        s = torch.zeros(h.shape[:2], dtype=torch.float32, device=h.device)
+    else:
+        s = (h_hat * vec[safe_rows]).sum(-1)  # eq. 10: cos(h_hat, f_t), f_t is unit
+    if oov_penalty is not None:
+        s = torch.where(direct, s, s * float(oov_penalty))  # eq. 12
+    s = torch.where(in_m, s, torch.zeros_like(s))
+    return s, in_m, direct & in_m
+
+
+def pool_scores(
+    s: Tensor,
+    in_m: Tensor,
+    attention_mask: Tensor,
+    *,
+    w_mean: float = 0.5,
+    w_max: float = 0.5,
+    coverage_weight: float = 0.05,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Robust pooling with coverage, eq. 13-15.
+
+    Returns:
+        ``(score [B], parts)`` with ``parts`` = ``mean``, ``max``, ``coverage``, ``n_scored``.
+        A record with ``|M(c)| = 0`` scores ``-inf``.
+    """
+    n = in_m.sum(-1)
+    n_tokens = attention_mask.bool().sum(-1)
+    mean = torch.where(n > 0, s.sum(-1) / n.clamp(min=1).float(), torch.zeros_like(s[:, 0]))
+    neg = torch.full_like(s, float("-inf"))
+    mx = torch.where(in_m, s, neg).amax(-1)
+    coverage = n.float() / n_tokens.clamp(min=1).float()  # kappa(c) = |M(c)| / |c|
+    score = w_mean * mean + w_max * mx + coverage_weight * coverage  # eq. 15
+    score = torch.where(n > 0, score, torch.full_like(score, float("-inf")))
+    return score, {"mean": mean, "max": torch.where(n > 0, mx, torch.zeros_like(mx)), "coverage": coverage, "n_scored": n}
+
+
+def score_examples(
+    fingerprints: Fingerprints,
+    hidden: Tensor,
+    token_ids: Tensor,
+    scored_mask: Tensor,
+    attention_mask: Tensor,
+    embeddings: Tensor,
+    *,
+    oov_penalty: float | None = 1.0,
+    w_mean: float = 0.5,
+    w_max: float = 0.5,
+    coverage_weight: float = 0.05,
+    table: NearestClassTable | None = None,
+) -> Tensor:
+    """Stage II example scores ``S(c)`` (eq. 10-15).
+
+    Args:
+        fingerprints: the dictionary from Stage I.
+        hidden: ``[B, T, D]`` last-layer hidden states of the candidates.
+        token_ids: ``[B, T]``.
+        scored_mask: ``[B, T]`` bool, tokens in scope and not special (eq. 14 before the
+            OOV rule).
+        attention_mask: ``[B, T]`` 0/1; its row sums are ``|c|`` of eq. 15.
+        embeddings: ``[V, E]`` input-embedding matrix (eq. 11).
+        oov_penalty: ``lambda`` of eq. 12; ``None`` skips unseen classes instead.
+        w_mean, w_max, coverage_weight: ``w_mu``, ``w_m``, ``eta`` of eq. 15.
+        table: an optional cached :class:`NearestClassTable` to reuse across batches.
+
+    Returns:
+        ``[B]`` float32 scores; ``-inf`` for a record with no scored token.
+    """
+    s, in_m, _ = token_scores(
+        fingerprints, hidden, token_ids, scored_mask, embeddings, oov_penalty=oov_penalty, table=table
+    )
+    score, _ = pool_scores(s, in_m, attention_mask, w_mean=w_mean, w_max=w_max, coverage_weight=coverage_weight)
+    return score

@@ -1,0 +1,204 @@
+"""Batching by token budget and the two forward passes TRIM needs.
+
+* :func:`token_budget_batches` sorts records by length and packs them so that
+  ``n_records x longest`` stays within a token budget (little padding).
+* :meth:`ModelRunner.hidden` runs the *base* model (no LM head, so no ``[B, T, V]``
+  logits) with SDPA and returns ``last_hidden_state``.
+* :meth:`ModelRunner.attn_hidden` switches to eager attention and hooks only the last
+  ``L`` attention modules, so only their probability maps are ever kept.
+
+Position ids are computed from the attention mask, so left and right padding give the
+same hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from coreselect.data.formatting import Encoded
+from coreselect.errors import ConfigError
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = 1024) -> list[list[int]]:
+    """Group positions into batches by a padded-token budget, longest first.
+
+    Each batch satisfies ``len(batch) * max(lengths in batch) <= batch_tokens`` (a record
+    longer than the budget gets a batch of its own). Ties in length keep input order, so
+    the batching is deterministic.
+    """
+    if batch_tokens < 1:
+        raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        n = max(int(lengths[i]), 1)
+        new_max = max(cur_max, n)
+        if cur and (new_max * (len(cur) + 1) > batch_tokens or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur, new_max = [], n
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class Batch:
+    """Padded tensors for a list of encoded records (``positions`` index into the caller's list)."""
+
+    positions: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    codes: Tensor
+    loss_mask: Tensor
+
+    @property
+    def n_real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_padded_tokens(self) -> int:
+        return int(self.attention_mask.numel())
+
+
+def collate(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int, padding_side: str = "right",
+            device: torch.device | str = "cpu") -> Batch:
+    """Pad a batch; ``padding_side`` is ``right`` or ``left``."""
+    items = [encoded[p] for p in positions]
+    width = max(len(e) for e in items)
+    b = len(items)
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    mask = np.zeros((b, width), dtype=np.int64)
+    codes = np.zeros((b, width), dtype=np.int8)
+    loss = np.zeros((b, width), dtype=bool)
+    for r, e in enumerate(items):
+        n = len(e)
+        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[r, sl] = e.input_ids
+        mask[r, sl] = 1
+        codes[r, sl] = e.codes
+        loss[r, sl] = e.loss_mask
+    mask_t = torch.from_numpy(mask)
+    pos = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    return Batch(
+        positions=list(positions),
+        input_ids=torch.from_numpy(ids).to(device),
+        attention_mask=mask_t.to(device),
+        position_ids=pos.to(device),
+        codes=torch.from_numpy(codes).to(device),
+        loss_mask=torch.from_numpy(loss).to(device),
+    )
+
+
+def _decoder_layers(base: Any) -> Any:
+    """The ModuleList of decoder layers of a base model (``layers`` / ``h`` / ``blocks``)."""
+    n = getattr(base.config, "num_hidden_layers", None)
+    for name in ("layers", "h", "blocks", "decoder_layers"):
+        mod = getattr(base, name, None)
+        if isinstance(mod, torch.nn.ModuleList) and (n is None or len(mod) == n):
+            return mod
+    for mod in base.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ConfigError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+def _attention_module(layer: Any) -> Any:
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        mod = getattr(layer, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    for mod in layer.modules():
+        if type(mod).__name__.endswith("Attention"):
+            return mod
+    raise ConfigError(f"cannot find the attention module of {type(layer).__name__}")
+
+
+class ModelRunner:
+    """Holds a loaded causal LM and runs the forward passes the methods need.
+
+    Args:
+        model: a ``*ForCausalLM`` (adapters already merged).
+        tokenizer: its tokenizer (used for the pad id).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base = model.base_model if hasattr(model, "base_model") else model
+        self.layers = _decoder_layers(self.base)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.forward_passes = 0
+        self.tokens_seen = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embeddings(self) -> Tensor:
+        """The input-embedding matrix ``E`` (``[V, E]``), used by eq. 11."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    def collate(self, encoded: Sequence[Encoded], positions: Sequence[int], padding_side: str = "right") -> Batch:
+        return collate(encoded, positions, self.pad_id, padding_side, self.device)
+
+    @torch.inference_mode()
+    def hidden(self, batch: Batch) -> Tensor:
+        """Last-layer hidden states ``[B, T, D]`` of the base model (no logits, no attention maps)."""
+        out = self.base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        self.forward_passes += batch.input_ids.shape[0]
+        self.tokens_seen += batch.n_real_tokens
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def _eager(self) -> Iterator[None]:
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl != "eager":
+            self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if impl not in (None, "eager"):
+                self.model.set_attn_implementation(impl)
+
+    @torch.inference_mode()
+    def attn_hidden(self, batch: Batch, last_layers: int) -> tuple[list[Tensor], Tensor]:
+        """Attention probabilities of the last ``L`` layers and the last hidden state."""
+        if not 1 <= last_layers <= self.num_layers:
+            raise ConfigError(f"layers must be in 1..{self.num_layers} for this model, got {last_layers}")
+        captured: list[Tensor] = []
+
+        def hook(_mod: Any, _args: Any, out: Any) -> None:
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if w is None:
+                raise RuntimeError("attention module returned no probabilities (eager attention required)")
+            captured.append(w)
+
+        handles = [_attention_module(layer).register_forward_hook(hook) for layer in self.layers[-last_layers:]]
+        try:
+            with self._eager():
+                hidden = self.hidden(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured, hidden

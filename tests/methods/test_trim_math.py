@@ -1,0 +1,197 @@
+"""TRIM's equations on small hand-computed cases (paper 002, eq. 1-15)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coreselect.methods.trim import (
+    FingerprintBuilder,
+    Fingerprints,
+    build_fingerprints,
+    score_examples,
+    token_saliency,
+)
+from coreselect.methods.trim_math import NearestClassTable
+
+# One causal head, T = 3:
+#   row 0 [1, 0, 0]        -> one admissible key            -> q = 1
+#   row 1 [.5, .5, 0]      -> H = ln 2, n = 2               -> q = 0
+#   row 2 [.5, .25, .25]   -> H = 1.5 ln 2, n = 3           -> q = 1 - 1.5 ln2 / ln3
+# columns: k0 = (1+.5+.5)/3 = 2/3, k1 = (.5+.25)/2 = .375, k2 = .25/1 = .25
+# min-max: K = [1, (.375-.25)/(2/3-.25), 0] = [1, .3, 0]
+A = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]])
+Q = torch.tensor([1.0, 0.0, 1 - 1.5 * math.log(2) / math.log(3)])
+K = torch.tensor([1.0, 0.3, 0.0])
+
+
+def test_saliency_hand_computed():
+    alpha = token_saliency([A[None, None]], torch.ones(1, 3))
+    torch.testing.assert_close(alpha[0], 0.5 * Q + 0.5 * K, atol=1e-6, rtol=0)
+
+
+def test_saliency_weights_select_row_or_column():
+    torch.testing.assert_close(token_saliency([A[None, None]], torch.ones(1, 3), 1.0, 0.0)[0], Q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(token_saliency([A[None, None]], torch.ones(1, 3), 0.0, 1.0)[0], K, atol=1e-6, rtol=0)
+
+
+def test_saliency_averages_heads_and_layers_before_minmax():
+    # head 2: uniform causal rows -> q = [1, 0, 0]; columns k = [(1+.5+1/3)/3, (.5+1/3)/2, 1/3]
+    u = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3]])
+    k_u = torch.tensor([(1 + 0.5 + 1 / 3) / 3, (0.5 + 1 / 3) / 2, 1 / 3])
+    k_a = torch.tensor([2 / 3, 0.375, 0.25])
+    q_mean = (Q + torch.tensor([1.0, 0.0, 0.0])) / 2
+    k_raw = (k_a + k_u) / 2
+    k_scaled = (k_raw - k_raw.min()) / (k_raw.max() - k_raw.min())
+    expected = 0.5 * q_mean + 0.5 * k_scaled
+    two_heads = torch.stack([A, u])[None]  # [1, 2, 3, 3]
+    torch.testing.assert_close(token_saliency([two_heads], torch.ones(1, 3))[0], expected, atol=1e-6, rtol=0)
+    # the same maps split over two layers of one head each give the same mean (eq. 3, 5)
+    layers = [A[None, None], u[None, None]]
+    torch.testing.assert_close(token_saliency(layers, torch.ones(1, 3))[0], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_saliency_ignores_padding(side):
+    # 5 positions, 2 pads; pad rows hold junk that must not count; pad keys have 0 weight.
+    T = 5
+    full = torch.full((T, T), 0.2)  # junk everywhere
+    real = slice(2, 5) if side == "left" else slice(0, 3)
+    full[:, real] = 0.0
+    full[real, :] = 0.0
+    full[real, real] = A
+    mask = torch.zeros(1, T)
+    mask[0, real] = 1
+    alpha = token_saliency([full[None, None]], mask)[0]
+    torch.testing.assert_close(alpha[real], 0.5 * Q + 0.5 * K, atol=1e-6, rtol=0)
+    assert alpha[mask[0] == 0].eq(0).all()
+
+
+def test_single_key_row_is_perfectly_sharp_and_unattended_key_has_zero_column():
+    # non-causal 2x2 where key 1 is never attended
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    alpha = token_saliency([a[None, None]], torch.ones(1, 2), 1.0, 0.0)
+    torch.testing.assert_close(alpha[0], torch.tensor([1.0, 1.0]))
+    col = token_saliency([a[None, None]], torch.ones(1, 2), 0.0, 1.0)
+    torch.testing.assert_close(col[0], torch.tensor([1.0, 0.0]))
+
+
+def _fp_case():
+    hidden = torch.tensor([[[3.0, 4.0], [0.0, 2.0], [5.0, 5.0], [1.0, 0.0]]])
+    sal = torch.tensor([[1.0, 0.5, 0.0, 0.9]])
+    ids = torch.tensor([[5, 5, 7, 9]])
+    mask = torch.tensor([[True, True, True, False]])
+    return hidden, sal, ids, mask
+
+
+def test_fingerprints_hand_computed():
+    fp = build_fingerprints(*_fp_case())
+    # class 5: 1 * [.6, .8] + .5 * [0, 1] = [.6, 1.3] -> normalized; class 7 has weight 0 -> dropped;
+    # class 9 is masked out.
+    assert fp.token_ids.tolist() == [5]
+    v = torch.tensor([0.6, 1.3])
+    torch.testing.assert_close(fp.vectors[0], v / v.norm())
+    assert fp.counts.tolist() == [2]
+    torch.testing.assert_close(fp.weights, torch.tensor([1.5]))
+    torch.testing.assert_close(fp.vectors.norm(dim=-1), torch.ones(1))
+
+
+def test_fingerprints_incremental_equals_one_batch():
+    hidden, sal, ids, mask = _fp_case()
+    whole = build_fingerprints(hidden, sal, ids, mask)
+    b = FingerprintBuilder()
+    for t in range(4):  # one token per batch
+        b.add(hidden[:, t : t + 1], sal[:, t : t + 1], ids[:, t : t + 1], mask[:, t : t + 1])
+    inc = b.finalize()
+    assert inc.token_ids.tolist() == whole.token_ids.tolist()
+    torch.testing.assert_close(inc.vectors, whole.vectors)
+
+
+def test_fingerprints_save_load_round_trip(tmp_path):
+    fp = build_fingerprints(*_fp_case())
+    fp.tokens = ["five"]
+    fp.settings = {"layers": 6, "scope": "all"}
+    path = tmp_path / "fp.safetensors"
+    fp.save(path)
+    back = Fingerprints.load(path)
+    assert back.token_ids.tolist() == fp.token_ids.tolist()
+    torch.testing.assert_close(back.vectors, fp.vectors)
+    assert back.tokens == ["five"] and back.settings == {"layers": 6, "scope": "all"}
+    assert [p.name for p in tmp_path.iterdir()] == ["fp.safetensors"]  # no temp file left
+
+
+def _score_case():
+    fp = Fingerprints(
+        token_ids=torch.tensor([1, 2]),
+        vectors=torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        weights=torch.ones(2),
+        counts=torch.ones(2, dtype=torch.int64),
+    )
+    emb = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.2, 1.0]])  # V = 5
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    ids = torch.tensor([[1, 3, 2]])  # token 3 unseen, nearest class by embedding is 1
+    return fp, emb, hidden, ids
+
+
+def test_score_hand_computed_with_oov_penalty():
+    fp, emb, hidden, ids = _score_case()
+    s = [1.0, 0.5 * 0.0, 1 / math.sqrt(2)]
+    expected = 0.5 * (sum(s) / 3) + 0.5 * max(s) + 0.05 * 1.0
+    got = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb, oov_penalty=0.5)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_oov_penalty_scales_the_backed_off_token():
+    fp, emb, _, ids = _score_case()
+    hidden = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # token 3 matches class 1 exactly
+    got = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb,
+                         oov_penalty=0.25, w_mean=1.0, w_max=0.0, coverage_weight=0.0)
+    assert got.item() == pytest.approx((1 + 0.25 + 1) / 3, abs=1e-6)
+
+
+def test_score_oov_none_skips_unseen_and_coverage_counts_all_tokens():
+    fp, emb, hidden, ids = _score_case()
+    s = [1.0, 1 / math.sqrt(2)]
+    expected = 0.5 * (sum(s) / 2) + 0.5 * 1.0 + 0.05 * (2 / 3)
+    got = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb, oov_penalty=None)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_coverage_denominator_is_non_pad_tokens():
+    fp, emb, hidden, ids = _score_case()
+    scored = torch.tensor([[True, False, False]])  # only token 0 scored, s = 1
+    got = score_examples(fp, hidden, ids, scored, torch.ones(1, 3), emb, coverage_weight=0.3)
+    assert got.item() == pytest.approx(0.5 + 0.5 + 0.3 / 3, abs=1e-6)
+
+
+def test_empty_scope_scores_minus_inf():
+    fp, emb, hidden, ids = _score_case()
+    got = score_examples(fp, hidden, ids, torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 3), emb)
+    assert got.item() == float("-inf")
+    # all tokens unseen and oov skipped -> empty M(c) as well
+    got = score_examples(fp, hidden, torch.tensor([[3, 4, 0]]), torch.ones(1, 3, dtype=torch.bool),
+                         torch.ones(1, 3), emb, oov_penalty=None)
+    assert got.item() == float("-inf")
+
+
+def test_score_ignores_padding_on_either_side():
+    fp, emb, hidden, ids = _score_case()
+    ref = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb, oov_penalty=0.5)
+    pad_h = torch.full((1, 2, 2), 9.0)
+    for h, i, m in [
+        (torch.cat([pad_h, hidden], 1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1), torch.tensor([[0, 0, 1, 1, 1]])),
+        (torch.cat([hidden, pad_h], 1), torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], 1), torch.tensor([[1, 1, 1, 0, 0]])),
+    ]:
+        got = score_examples(fp, h, i, m.bool(), m, emb, oov_penalty=0.5)
+        torch.testing.assert_close(got, ref)
+
+
+def test_nearest_class_is_looked_up_only_for_ids_met():
+    fp, emb, _, _ = _score_case()
+    table = NearestClassTable(fp, emb)
+    rows, direct = table.rows(torch.tensor([1, 3, 4]))
+    assert direct.tolist() == [True, False, False]
+    assert rows.tolist() == [0, 0, 1]  # 3 ~ class 1 (row 0); 4 = [.2, 1] ~ class 2 (row 1)
+    assert table._nearest[0].item() == -2  # id 0 never met: never computed
