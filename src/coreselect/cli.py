@@ -1,0 +1,128 @@
+"""Command-line plumbing: flags generated from the args dataclasses, YAML configs, errors.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
+Config keys are the flag names with ``_`` or ``-`` (``batch_tokens`` == ``batch-tokens``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from coreselect.errors import ConfigError, CoreselectError
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Parse ``name: text`` lines of the dataclass docstring's Attributes section."""
+    doc = cls.__doc__ or ""
+    out: dict[str, str] = {}
+    current = None
+    for line in doc.splitlines():
+        m = re.match(r"\s{8}([a-z_, ]+):\s+(.*)", line)
+        if m:
+            names = [n.strip() for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+            current = names
+        elif current and line.startswith(" " * 12) and line.strip():
+            for n in current:
+                out[n] += " " + line.strip()
+        else:
+            current = None
+    return out
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, is_optional) of an annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null") else float(text)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add one ``--flag`` per dataclass field; defaults are SUPPRESSed so only given flags are set."""
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        h = helps.get(f.name, "")
+        if default not in (None, [], {}, ""):
+            h += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": h}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif origin is list:
+            parser.add_argument(flag, nargs="+", metavar=f.name.upper(), **kw)
+        elif origin is dict:
+            continue
+        elif tp is float and optional:
+            parser.add_argument(flag, type=_optional_float, metavar="FLOAT|none", **kw)
+        elif tp in (int, float):
+            parser.add_argument(flag, type=tp, **kw)
+        else:
+            parser.add_argument(flag, type=str, **kw)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CoreselectError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise CoreselectError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise CoreselectError(f"{path}: a config must be a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_args(cls: type, ns: argparse.Namespace) -> Any:
+    """Merge defaults < YAML config < flags into a ``cls`` instance."""
+    from coreselect.api import args_from_dict
+
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
+    data: dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        data.update(load_yaml(ns.config))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{ns.config}: unknown key(s) {', '.join(unknown)}")
+    data.update(given)
+    return args_from_dict(cls, data, source=getattr(ns, "config", None) or "flags")
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a command; a user error prints one line and exits 2."""
+    try:
+        return main(argv)
+    except CoreselectError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"coreselect: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("coreselect: interrupted", file=sys.stderr)
+        return 130
