@@ -129,7 +129,7 @@ class SelectArgs:
         """Cheap checks that run before any heavy work."""
         if need_pool and not self.pool:
             raise ConfigError("no pool given (--pool FILE [FILE ...])")
-        if need_target and not self.target and self.method not in ("random",):
+        if need_target and not self.target and self.method != "random" and not self.fingerprints:
             raise ConfigError("no target given (--target FILE)")
         if not self.out:
             raise ConfigError("no output folder given (--out DIR)")

@@ -1,0 +1,138 @@
+"""The CLI end to end on a tiny random-init Llama, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from coreselect.__main__ import main
+
+
+def _select(tiny_model_dir, pool, target, out, *extra):
+    return main(["select", "--model", str(tiny_model_dir), "--pool", str(pool), "--target", str(target),
+                 "--out", str(out), "--warmup", "none", "--layers", "2", "--no-progress", *extra])
+
+
+def test_select_writes_every_output(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    out = tmp_path / "run"
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "3") == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"coreset.jsonl", "scores.parquet", "fingerprints.safetensors", "run.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    table = pq.read_table(out / "scores.parquet")
+    assert table.column_names == ["index", "id", "source", "n_tokens", "n_scored", "score", "rank", "selected"]
+    assert table.num_rows == 8 and sum(table.column("selected").to_pylist()) == 3
+    ranked = table.sort_by("rank").to_pylist()
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    pool_rows = {json.loads(l)["id"]: json.loads(l) for l in pool.read_text().splitlines()}
+    coreset = [json.loads(l) for l in (out / "coreset.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in coreset] == [r["id"] for r in ranked[:3]]  # best first
+    assert all(r == pool_rows[r["id"]] for r in coreset)  # verbatim
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["pool"] == 8 and run["counts"]["selected"] == 3
+    assert run["settings"]["layers"] == 2 and "torch" in run["versions"]
+    assert run["stats"]["stage2"]["tokens_per_s"] > 0
+
+
+def test_fingerprint_then_score_equals_select(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    assert _select(tiny_model_dir, pool, target, tmp_path / "a", "--budget", "50%") == 0
+    assert main(["fingerprint", "--model", str(tiny_model_dir), "--target", str(target), "--out",
+                 str(tmp_path / "fp"), "--warmup", "none", "--layers", "2", "--no-progress"]) == 0
+    assert main(["score", "--model", str(tiny_model_dir), "--pool", str(pool), "--fingerprints",
+                 str(tmp_path / "fp" / "fingerprints.safetensors"), "--out", str(tmp_path / "b"),
+                 "--warmup", "none", "--budget", "50%", "--no-progress"]) == 0
+    a = pq.read_table(tmp_path / "a" / "scores.parquet").column("score").to_numpy()
+    b = pq.read_table(tmp_path / "b" / "scores.parquet").column("score").to_numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_config_file_keys_equal_flags_and_flags_override(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\npool: [{pool}]\ntarget: [{target}]\nbudget: 2\n"
+                   "warmup: none\nlayers: 2\nbatch-tokens: 64\nprogress: false\n")
+    assert main(["select", "--config", str(cfg), "--out", str(tmp_path / "o"), "--budget", "4"]) == 0
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["settings"]["batch_tokens"] == 64 and run["counts"]["selected"] == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--budget", "9"], "larger than the pool"),
+        (["--budget", "0"], "budget must be positive"),
+        (["--budget", "0%"], "must be in (0%, 100%]"),
+        (["--scope", "middle"], "scope must be all, prompt or response"),
+    ],
+)
+def test_bad_settings_fail_early_with_one_line(tiny_model_dir, small_pool, tmp_path, capsys, extra, message):
+    pool, target = small_pool
+    assert _select(tiny_model_dir, pool, target, tmp_path / "x", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_inputs_and_existing_output(tiny_model_dir, small_pool, tmp_path, capsys):
+    pool, target = small_pool
+    assert _select(tmp_path / "no-model", pool, target, tmp_path / "x") == 2
+    assert "no-model: no such model folder" in capsys.readouterr().err
+    assert _select(tiny_model_dir, tmp_path / "nope.jsonl", target, tmp_path / "x") == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert _select(tiny_model_dir, pool, empty, tmp_path / "y") == 2
+    assert "target set is empty" in capsys.readouterr().err
+    assert _select(tiny_model_dir, empty, target, tmp_path / "z") == 2
+    assert "pool is empty" in capsys.readouterr().err
+    out = tmp_path / "done"
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "2") == 0
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "2") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "2", "--overwrite") == 0
+
+
+def test_bad_record_names_file_line_field_and_skip_writes_rejects(tiny_model_dir, small_pool, tmp_path, capsys):
+    pool, target = small_pool
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(pool.read_text() + '{"id": "x", "messages": []}\n')
+    assert _select(tiny_model_dir, bad, target, tmp_path / "e") == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:9" in err and "messages" in err
+    assert not (tmp_path / "e" / "coreset.jsonl").exists()
+    assert _select(tiny_model_dir, bad, target, tmp_path / "s", "--on-bad-record", "skip", "--budget", "2") == 0
+    rejects = [json.loads(l) for l in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["line"] == 9
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["counts"]["rejected"] == 1
+
+
+def test_resume_after_lost_shards_gives_identical_outputs(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    out = tmp_path / "r"
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "3", "--shard-records", "3") == 0
+    shards = sorted((out / "shards").iterdir())
+    assert len(shards) == 3
+    ref_scores = (out / "scores.parquet").read_bytes()
+    ref_coreset = (out / "coreset.jsonl").read_text()
+    shards[-1].unlink()  # as if killed while scoring the last shard
+    (out / "scores.parquet").unlink()
+    (out / "coreset.jsonl").unlink()
+    assert _select(tiny_model_dir, pool, target, out, "--budget", "3", "--shard-records", "3", "--resume") == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["resumed_shards"] == 2
+    assert (out / "coreset.jsonl").read_text() == ref_coreset
+    assert pq.read_table(out / "scores.parquet").equals(pq.read_table(__import__("io").BytesIO(ref_scores)))
+
+
+@pytest.mark.parametrize("method", ["random", "bm25", "dsir"])
+def test_baselines_share_the_outputs(small_pool, tmp_path, method):
+    pool, target = small_pool
+    out = tmp_path / method
+    assert main(["select", "--method", method, "--pool", str(pool), "--target", str(target), "--out", str(out),
+                 "--budget", "2", "--no-progress"]) == 0
+    assert len((out / "coreset.jsonl").read_text().splitlines()) == 2
+    assert pq.read_table(out / "scores.parquet").num_rows == 8
