@@ -41,8 +41,8 @@ class DemoArgs:
     warmup: str = "auto"
     warmup_epochs: float = 1.0
     scope: str = "all"
-    n_per_source: int = 60
-    max_length: int = 1024
+    n_per_source: int = 30
+    max_length: int = 512
     top: int = 10
     overwrite: bool = True
     progress: bool = True
