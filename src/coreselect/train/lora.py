@@ -389,6 +389,11 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     fp = _fingerprint(args, encoded)
+    state: dict[str, Any] | None = None
+    if resume and existing:
+        state = json.loads((existing[-1][1] / "trainer_state.json").read_text())
+        if state.get("fingerprint") != fp:
+            raise ConfigError(f"{existing[-1][1]}: records or training args differ from the run being resumed")
 
     torch.manual_seed(args.seed)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -404,11 +409,8 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     ckpts: list[dict[str, Any]] = []
     tokens = 0
     start = 0
-    if resume and existing:
+    if state is not None:
         step0, folder = existing[-1]
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if state.get("fingerprint") != fp:
-            raise ConfigError(f"{folder}: records or training args differ from the run being resumed")
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         _load_optimizer(optimizer, folder)
         scheduler.load_state_dict(state["scheduler"])
@@ -422,7 +424,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         prev = ckpts[-1]["step"] if ckpts else 0
         meta = {"step": step, "epoch": step / steps_per_epoch, "lr": float(np.mean(lrs[prev:step]))}
         ckpts.append(meta)
-        state = {**meta, "total_steps": total, "steps_per_epoch": steps_per_epoch, "losses": losses, "lrs": lrs,
+        saved = {**meta, "total_steps": total, "steps_per_epoch": steps_per_epoch, "losses": losses, "lrs": lrs,
                  "tokens": tokens, "fingerprint": fp, "scheduler": scheduler.state_dict(), "checkpoints": ckpts,
                  "args": asdict(args)}
 
@@ -430,7 +432,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
             model.save_pretrained(tmp)
             _save_optimizer(optimizer, tmp)
             _save_rng(tmp)
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            (tmp / "trainer_state.json").write_text(json.dumps(saved, indent=1, default=str))
 
         _atomic_dir(out / f"checkpoint-{step}", fill)
         for _, old in _checkpoints(out)[:-args.keep_checkpoints]:
@@ -452,6 +454,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     pad = _pad_id(tokenizer)
     model.train()
     with progress_bar(total=total - start, desc="train", enabled=progress) as bar:
+        bar.bar.unit = "step"
         for step in range(start, total):
             groups = step_micro_batches(step)
             denom = sum(n_targets[i] for mb in groups for i in mb)
@@ -471,8 +474,11 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
             losses.append(step_loss)
             tokens += step_tokens
             done = step + 1
-            bar.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lrs[-1]:.2e}", refresh=False)
-            bar.update(1, tokens=step_tokens)
+            # count tokens ourselves: bar.update(tokens=...) would replace this postfix with tok/s only
+            bar.tokens += step_tokens
+            rate = bar.tokens / max(time.perf_counter() - bar.t0, 1e-9)
+            bar.bar.set_postfix_str(f"loss {step_loss:.4f}, lr {lrs[-1]:.2e}, {rate:,.0f} tok/s", refresh=False)
+            bar.update(1)
             every = steps_per_epoch if args.save_every == "epoch" else args.save_every
             if done % every == 0 or done == total:
                 save_checkpoint(done)
