@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from coreselect.cli import add_dataclass_args, build_args, run
 
@@ -35,6 +36,23 @@ def _score(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(ns: argparse.Namespace) -> int:
+    from coreselect.engine.merge import MergeArgs, merge
+
+    info = merge(build_args(MergeArgs, ns))
+    _summary(info)
+    return 0
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from coreselect.compare import CompareArgs, compare
+
+    args = build_args(CompareArgs, ns)
+    res = compare(args)
+    print(f"compared {', '.join(res['methods'])} -> {args.out}/comparison.md")
+    return 0
+
+
 def _demo(ns: argparse.Namespace) -> int:
     from coreselect.demo import DemoArgs, demo
 
@@ -42,9 +60,54 @@ def _demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(ns: argparse.Namespace) -> int:
+    from coreselect.report import ReportArgs, report
+
+    print(f"wrote {report(build_args(ReportArgs, ns))}")
+    return 0
+
+
+def _explain(ns: argparse.Namespace) -> int:
+    from coreselect.report import ExplainArgs, explain
+
+    explain(build_args(ExplainArgs, ns))
+    return 0
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from coreselect.train.command import TrainCommandArgs, train
+
+    info = train(build_args(TrainCommandArgs, ns))
+    print(f"trained {info['counts']['trained']} records, {info['steps']} steps, loss {info['first_loss']:.4f} -> "
+          f"{info['final_loss']:.4f} ({info['timings']['total_s']:.1f} s) -> {info['adapter']}")
+    return 0
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from coreselect.eval.command import EvalCommandArgs, evaluate_command, headline
+
+    args = build_args(EvalCommandArgs, ns)
+    res = evaluate_command(args)
+    print(f"{headline(res)} -> {args.out}/eval.json")
+    return 0
+
+
+def _experiment(ns: argparse.Namespace) -> int:
+    from coreselect.experiment import ExperimentArgs, experiment
+
+    info = experiment(build_args(ExperimentArgs, ns))
+    print((Path(info["settings"]["out"]) / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def _summary(info: dict) -> None:
     c = info["counts"]
     out = info["settings"]["out"]
+    if "shard" in info:
+        sh = info["shard"]
+        print(f"{info['method']}: shard {sh['shard_index']}/{sh['num_shards']} scored {sh['records']} of "
+              f"{c['pool']} records -> {out}/shards (run coreselect merge once every shard is done)")
+        return
     print(f"{info['method']}: selected {c['selected']} of {c['pool']} records -> {out}/coreset.jsonl "
           f"({info['timings']['total_s']:.1f} s)")
 
@@ -53,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
     from coreselect import __version__
     from coreselect.api import SelectArgs
     from coreselect.demo import DemoArgs
+    from coreselect.report.build import ReportArgs
+    from coreselect.report.terminal import ExplainArgs
+    from coreselect.engine.merge import MergeArgs
+    from coreselect.eval.command import EvalCommandArgs
+    from coreselect.experiment import ExperimentArgs
+    from coreselect.train.command import TrainCommandArgs
 
     p = argparse.ArgumentParser(prog="coreselect", description="Pick the few instruction-tuning examples worth training on.")
     p.add_argument("--version", action="version", version=f"coreselect {__version__}")
@@ -71,7 +140,23 @@ def parser() -> argparse.ArgumentParser:
         skip=("method", "budget", "fingerprints", "shard_records", "on_bad_record"))
     cmd("score", "TRIM Stage II only: score the pool with saved --fingerprints and select", _score, SelectArgs,
         skip=("method", "layers", "w_row", "w_col"))
+    cmd("merge", "combine the score shards of --num-shards processes and write the selection", _merge,
+        MergeArgs)
+    from coreselect.compare import CompareArgs
+
+    cmd("compare", "run several methods on the same pool/target/budget and compare their coresets", _compare,
+        CompareArgs, skip=("method", "fingerprints"))
     cmd("demo", "run TRIM on the packaged default (SmolLM2-135M + a small real pool), offline", _demo, DemoArgs)
+    cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train,
+        TrainCommandArgs)
+    cmd("eval", "evaluate a model (optionally with a LoRA adapter) on a task, write eval.json", _eval,
+        EvalCommandArgs)
+    cmd("experiment", "select, fine-tune and evaluate every method; write the Table 1 results", _experiment,
+        ExperimentArgs)
+    cmd("report", "write DIR/report.html: why each record was (not) selected, token by token", _report, ReportArgs,
+        skip=("dir",)).add_argument("dir", metavar="DIR", help="a selection run folder or a compare folder")
+    cmd("explain", "print one pool record's tokens colored by their match score s_j", _explain, ExplainArgs,
+        skip=("dir",)).add_argument("dir", metavar="DIR", help="a TRIM selection run folder")
     return p
 
 

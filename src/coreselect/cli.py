@@ -20,8 +20,14 @@ from coreselect.errors import ConfigError, CoreselectError
 
 
 def _field_help(cls: type) -> dict[str, str]:
-    """Parse ``name: text`` lines of the dataclass docstring's Attributes section."""
-    doc = cls.__doc__ or ""
+    """Parse ``name: text`` lines of the Attributes sections of the dataclass and its bases."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(_doc_attributes(klass.__dict__.get("__doc__") or ""))
+    return out
+
+
+def _doc_attributes(doc: str) -> dict[str, str]:
     out: dict[str, str] = {}
     current = None
     for line in doc.splitlines():
@@ -66,7 +72,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
         h = helps.get(f.name, "")
         if default not in (None, [], {}, ""):
             h += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": h}
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": h.replace("%", "%%")}
         origin = typing.get_origin(tp)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

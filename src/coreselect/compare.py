@@ -1,0 +1,211 @@
+"""``coreselect compare``: several methods on the same pool, target and budget, side by side.
+
+One warmup is trained (or reused) and shared by every model-based method. Each method's
+run lands in ``DIR/<method>/`` (the usual coreset.jsonl / scores.parquet / run.json), and
+``DIR/comparison.md`` / ``comparison.csv`` hold, per method: selection wall time, forward
+and backward passes, peak memory, the coreset's source mix, mean / median token length of
+the coreset vs the pool (the paper's length-bias analysis, Fig. 3), and the pairwise
+Jaccard overlap of the coresets; ``source_mix.png`` and ``lengths.png`` plot them.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from coreselect.api import SelectArgs, check_out_dir, known_methods, scan_pool, select, warmup_model
+from coreselect.errors import ConfigError
+from coreselect.io import atomic_path, write_json
+
+
+@dataclass
+class CompareArgs(SelectArgs):
+    """Arguments of ``coreselect compare``: those of ``select`` plus the method list.
+
+    Attributes:
+        methods: comma-separated methods to compare, e.g. ``trim,random,bm25,dsir``.
+    """
+
+    methods: str = "trim,random,bm25,dsir"
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def method_list(self) -> list[str]:
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if not names:
+            raise ConfigError("--methods is empty")
+        unknown = [m for m in names if m not in known_methods()]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(known_methods())})")
+        if len(set(names)) != len(names):
+            raise ConfigError("--methods lists a method twice")
+        return names
+
+
+def compare(args: CompareArgs) -> dict[str, Any]:
+    """Run every method of ``args.methods`` and write the comparison files."""
+    from coreselect.methods import needs_model
+
+    methods = args.method_list()
+    out = Path(args.out)
+    args.method = methods[0]
+    args.validate()
+    check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shared_warmup = args.warmup
+    warm_info: dict[str, Any] = {"mode": args.warmup}
+    if args.warmup == "auto" and any(needs_model(m) for m in methods):
+        n_pool, _ = scan_pool(args)
+        t0 = time.perf_counter()
+        adapter, warm_info = warmup_model(args, out, n_pool)
+        warm_info["wall_s"] = warm_info.get("wall_s", time.perf_counter() - t0)
+        shared_warmup = adapter or "none"
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        sub = out / name
+        if args.resume and (sub / "run.json").exists() and (sub / "coreset.jsonl").exists():
+            import json
+
+            runs[name] = json.loads((sub / "run.json").read_text())
+            continue
+        margs = replace(args, method=name, out=str(sub), warmup=shared_warmup,
+                        method_options=dict(args.method_settings.get(name, {})))
+        runs[name] = select(SelectArgs(**{k: v for k, v in asdict(margs).items() if k in SelectArgs.__dataclass_fields__}))
+
+    table = summarize(out, methods, runs, args)
+    write_json(out / "run.json", {"command": "compare", "methods": methods, "warmup": warm_info,
+                                  "settings": asdict(args), "summary": table})
+    return {"methods": methods, "summary": table, "warmup": warm_info}
+
+
+def _pool_lengths(args: SelectArgs) -> dict[int, int]:
+    """Token length of every pool record under the model's template (for the length analysis)."""
+    from coreselect.api import iter_pool
+    from coreselect.data.formatting import Formatter
+    from coreselect.models.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
+    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    return {r.index: len(fmt.encode(r)) for r in iter_pool(args)}
+
+
+def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], args: SelectArgs) -> list[dict[str, Any]]:
+    """Write comparison.md / comparison.csv / PNGs; return the per-method rows."""
+    tables = {m: pq.read_table(out / m / "scores.parquet") for m in methods}
+    first = tables[methods[0]]
+    sources = first.column("source").to_pylist()
+    index = first.column("index").to_numpy()
+    lengths = _pool_lengths(args)
+    pool_len = np.array([lengths[int(i)] for i in index])
+    pool_mix = collections.Counter(sources)
+    chosen = {m: set(t.filter(t.column("selected")).column("index").to_pylist()) for m, t in tables.items()}
+    rows = []
+    for m in methods:
+        cost = runs[m].get("cost", {})
+        sel = np.array(sorted(chosen[m]))
+        sel_len = np.array([lengths[int(i)] for i in sel]) if len(sel) else np.zeros(0)
+        src_of = dict(zip(index.tolist(), sources))
+        mix = collections.Counter(src_of[int(i)] for i in sel)
+        rows.append({
+            "method": m,
+            "selected": len(sel),
+            "wall_s": round(float(runs[m].get("timings", {}).get("total_s", 0.0)), 3),
+            "forward_passes": int(cost.get("forward_passes", 0)),
+            "backward_passes": int(cost.get("backward_passes", 0)),
+            "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
+            "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
+            "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
+            "pool_mean_len": round(float(pool_len.mean()), 1),
+            "pool_median_len": float(np.median(pool_len)),
+            **{f"mix:{s}": round(100 * mix.get(s, 0) / max(len(sel), 1), 1) for s in sorted(pool_mix)},
+        })
+    overlap = {a: {b: jaccard(chosen[a], chosen[b]) for b in methods} for a in methods}
+    _write_csv(out / "comparison.csv", rows)
+    _write_md(out / "comparison.md", rows, overlap, pool_mix, args)
+    _plots(out, methods, rows, pool_mix, chosen, lengths, pool_len)
+    return rows
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    """|A ∩ B| / |A ∪ B| (1.0 for two empty sets)."""
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[str, float]],
+              pool_mix: collections.Counter, args: SelectArgs) -> None:
+    n_pool = sum(pool_mix.values())
+    srcs = sorted(pool_mix)
+    lines = [f"# Comparison: budget {args.budget} of {n_pool} records, model `{args.model}`", "",
+             "| method | wall s | fwd | bwd | peak MB | mean len | median len |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['wall_s']:.1f} | {r['forward_passes']} | {r['backward_passes']} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |")
+    lines.append(f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |")
+    lines += ["", "## Source mix (% of the coreset)", "", "| method | " + " | ".join(srcs) + " |",
+              "| --- |" + " ---: |" * len(srcs)]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(f"{r['mix:' + s]:.1f}" for s in srcs) + " |")
+    lines.append("| *pool* | " + " | ".join(f"{100 * pool_mix[s] / n_pool:.1f}" for s in srcs) + " |")
+    names = [r["method"] for r in rows]
+    lines += ["", "## Overlap (Jaccard)", "", "| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for a in names:
+        lines.append(f"| {a} | " + " | ".join(f"{overlap[a][b]:.2f}" for b in names) + " |")
+    lines += ["", "Plots: source_mix.png, lengths.png"]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plots(out: Path, methods: list[str], rows: list[dict[str, Any]], pool_mix: collections.Counter,
+           chosen: dict[str, set[int]], lengths: dict[int, int], pool_len: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    srcs = sorted(pool_mix)
+    n_pool = sum(pool_mix.values())
+    labels = ["pool", *methods]
+    shares = [[100 * pool_mix[s] / n_pool for s in srcs]] + [[r["mix:" + s] for s in srcs] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 4))
+    bottom = np.zeros(len(labels))
+    for j, s in enumerate(srcs):
+        vals = np.array([sh[j] for sh in shares])
+        ax.bar(labels, vals, bottom=bottom, label=s)
+        bottom += vals
+    ax.set_ylabel("% of records")
+    ax.set_title("Source mix")
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "source_mix.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    data = [pool_len] + [np.array([lengths[i] for i in sorted(chosen[m])]) for m in methods]
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30)
+    ax.set_ylabel("tokens per record")
+    ax.set_title("Token length: coreset vs pool")
+    fig.tight_layout()
+    with atomic_path(out / "lengths.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
