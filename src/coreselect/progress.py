@@ -10,12 +10,12 @@ from typing import Any
 
 
 class _Bar:
-    def __init__(self, total: int | None, desc: str, enabled: bool) -> None:
+    def __init__(self, total: int | None, desc: str, enabled: bool, unit: str = "rec") -> None:
         from tqdm.auto import tqdm
 
         self.tokens = 0
         self.t0 = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit="rec", disable=not enabled, file=sys.stderr,
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
                         dynamic_ncols=True, mininterval=0.5)
 
     def update(self, n: int, tokens: int = 0) -> None:
@@ -30,9 +30,9 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool = True) -> Iterator[Any]:
+def progress_bar(total: int | None, desc: str, enabled: bool = True, unit: str = "rec") -> Iterator[Any]:
     """A tqdm bar (records, rate, ETA) whose ``update(n, tokens=...)`` also shows tokens/s."""
-    bar = _Bar(total, desc, enabled)
+    bar = _Bar(total, desc, enabled, unit)
     try:
         yield bar
     finally:

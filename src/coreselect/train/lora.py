@@ -453,7 +453,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
 
     pad = _pad_id(tokenizer)
     model.train()
-    with progress_bar(total=total - start, desc="train", enabled=progress) as bar:
+    with progress_bar(total=total - start, desc="train", enabled=progress, unit="step") as bar:
         bar.bar.unit = "step"
         for step in range(start, total):
             groups = step_micro_batches(step)
