@@ -20,12 +20,16 @@ from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
 from coreselect.methods.base import SelectionMethod
 from coreselect.select import (
+    check_coverage,
     check_out_dir,
+    check_shard_out_dir,
     clear_outputs,
     existing_shards,
     finalize_scores,
     parse_budget,
+    plan_shards,
     read_scores,
+    remove_stale_temp,
     selected_indices,
     write_coreset,
     write_shard,
@@ -33,8 +37,6 @@ from coreselect.select import (
 
 log = logging.getLogger("coreselect")
 
-MODEL_METHODS = {"trim"}
-TEXT_METHODS = {"random", "bm25", "dsir"}
 
 
 def known_methods() -> list[str]:
@@ -65,9 +67,18 @@ class SelectArgs:
         coverage_weight: eta of eq. 15.
         w_mean, w_max, w_row, w_col: pooling and saliency weights (eq. 7, 15).
         fingerprints: reuse a fingerprints file (skip Stage I).
+        heads: P2D's task-sensitive heads: ``auto`` (locate them on the target), ``random``
+            (same count, seeded: the falsification test) or a ``heads.json`` file.
+        head_fraction: P2D: share of all attention heads used (paper: 10%, at least 1).
         max_length: truncate records longer than this many tokens.
         batch_tokens: padded-token budget per forward batch.
         shard_records: records per score shard (streaming and resume granularity).
+        num_shards, shard_index: score only the shard chunks ``j`` with ``j % num_shards ==
+            shard_index`` (one process per GPU); with ``num_shards > 1`` nothing is finalized:
+            run ``coreselect merge`` once every shard process is done.
+        engine: ``local`` (this process) or ``ray`` (Stage II on a Ray Data actor pool).
+        ray_address: Ray cluster to join (default: ``RAY_ADDRESS`` or a local Ray).
+        ray_actors: scoring actors for ``--engine ray`` (0 = one per GPU, else 1).
         template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
         seed: seeds the warmup subset, training and sampling methods.
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
@@ -102,9 +113,16 @@ class SelectArgs:
     w_row: float = 0.5
     w_col: float = 0.5
     fingerprints: str | None = None
+    heads: str = "auto"
+    head_fraction: float = 0.1
     max_length: int = 2048
     batch_tokens: int = 8192
     shard_records: int = 2048
+    num_shards: int = 1
+    shard_index: int = 0
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int = 0
     template: str = "auto"
     seed: int = 0
     dtype: str = "auto"
@@ -141,6 +159,22 @@ class SelectArgs:
             raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other")
+        if self.shard_records < 1:
+            raise ConfigError(f"shard_records must be >= 1, got {self.shard_records}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, "
+                              f"got {self.num_shards} / {self.shard_index}")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray" and self.method != "trim":
+            raise ConfigError(f"--engine ray runs TRIM only, not {self.method!r}")
+        if self.engine == "ray" and self.num_shards > 1:
+            raise ConfigError("--engine ray distributes the pool itself; drop --num-shards")
+        if self.num_shards > 1 and self.warmup == "auto":
+            raise ConfigError("with --num-shards > 1 pass --warmup none or a saved adapter (train it once first, "
+                              "e.g. with coreselect fingerprint --warmup auto)")
+        if self.ray_actors < 0:
+            raise ConfigError(f"ray_actors must be >= 0, got {self.ray_actors}")
         if not 0 < self.warmup_fraction <= 1:
             raise ConfigError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
         if self.warmup not in ("auto", "none") and not (Path(self.warmup) / "adapter_config.json").exists():
@@ -268,10 +302,16 @@ def select(args: SelectArgs) -> dict[str, Any]:
     t_start = time.perf_counter()
     args.validate()
     out = Path(args.out)
-    check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
+    n_sh, i_sh = args.num_shards, args.shard_index
+    if n_sh > 1:
+        check_shard_out_dir(out, n_sh, i_sh, overwrite=args.overwrite, resume=args.resume)
+    else:
+        check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
-        clear_outputs(out)
+        clear_outputs(out, n_sh, i_sh)
+    if args.resume or args.overwrite:
+        remove_stale_temp(out, n_sh, i_sh)  # what a killed run was writing
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -284,6 +324,8 @@ def select(args: SelectArgs) -> dict[str, Any]:
 
     ctx = load_context(args, out, n_pool) if needs_model(args.method) else None
     method = make_method(args, ctx)
+    if n_sh > 1 and not method.streaming:
+        raise ConfigError(f"--num-shards needs a per-record method; {args.method} scores the whole pool at once")
 
     # Stage I (or the method's fit)
     t0 = time.perf_counter()
@@ -304,25 +346,44 @@ def select(args: SelectArgs) -> dict[str, Any]:
 
     # Stage II (or the method's score), shard by shard
     t0 = time.perf_counter()
-    done = existing_shards(out) if args.resume else {}
     n_done = 0
-    while n_done in done:
-        n_done += 1
-    start = sum(_rows(done[i]) for i in range(n_done))
-    if not method.streaming and start < n_pool:
-        n_done, start = 0, 0  # whole-pool methods restart scoring from scratch
-    if start < n_pool:
-        remaining = iter_pool(args, start)
-        chunks = (method.score_chunks(remaining, total=n_pool - start) if method.streaming  # type: ignore[call-arg]
-                  else method.score_chunks(remaining))
-        for j, chunk in enumerate(chunks):
-            write_shard(out, n_done + j, chunk)
-    all_shards = existing_shards(out)
-    table = read_scores([all_shards[i] for i in sorted(all_shards)])
-    if table.num_rows != n_pool:
-        raise CoreselectError(f"{out}: score shards hold {table.num_rows} rows but the pool has {n_pool} "
-                              "(the pool changed since the interrupted run; use --overwrite)")
+    engine_info: dict[str, Any] = {"name": args.engine}
+    if args.engine == "ray":
+        from coreselect.engine.ray_engine import score_with_ray
+
+        table, engine_info = score_with_ray(args, out, fp_path, ctx, method)
+    elif method.streaming:
+        # shard j = pool positions [j*S, (j+1)*S): resume skips complete shards, wherever they are
+        S = args.shard_records
+        done, todo = plan_shards(out, n_pool, S, n_sh, i_sh, resume=args.resume)
+        n_done = len(done)
+        if todo:
+            wanted = set(todo)
+            remaining = (r for r in iter_pool(args, todo[0] * S) if r.index // S in wanted)
+            total = sum(min(S, n_pool - j * S) for j in todo)
+            chunks = method.score_chunks(remaining, total=total)  # type: ignore[call-arg]
+            for j, chunk in zip(todo, chunks, strict=True):
+                if len(chunk.index) and int(chunk.index[0]) != j * S:
+                    raise CoreselectError(f"internal error: chunk for shard {j} starts at {chunk.index[0]}")
+                write_shard(out, j, chunk)
+    else:
+        done_w = existing_shards(out) if args.resume else {}
+        while n_done in done_w:
+            n_done += 1
+        if sum(_rows(done_w[i]) for i in range(n_done)) < n_pool:
+            n_done = 0  # whole-pool methods restart scoring from scratch
+            for j, chunk in enumerate(method.score_chunks(iter_pool(args))):
+                write_shard(out, j, chunk)
     timings["score_s"] = time.perf_counter() - t0
+    if n_sh > 1:
+        return _write_shard_run(args, out, method, n_pool, n_done, timings, t_start)
+    if args.engine != "ray":
+        all_shards = existing_shards(out)
+        table = read_scores([all_shards[i] for i in sorted(all_shards)])
+        if table.num_rows != n_pool:
+            raise CoreselectError(f"{out}: score shards hold {table.num_rows} rows but the pool has {n_pool} "
+                                  "(the pool changed since the interrupted run; use --overwrite)")
+    check_coverage(table, n_pool, str(out))
 
     # Selection and outputs
     t0 = time.perf_counter()
@@ -351,6 +412,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
         "timings": timings,
         "cost": asdict(method.cost),
         "stats": getattr(method, "stats", {}),
+        "engine": engine_info,
     }
     if ctx is not None:
         from coreselect.models.loading import model_name
@@ -360,9 +422,36 @@ def select(args: SelectArgs) -> dict[str, Any]:
                          "warmup": ctx.warmup}
     method.cost.wall_s = timings["fit_s"] + timings["score_s"]
     info["cost"] = asdict(method.cost)
+    if hasattr(method, "run_info"):  # method-specific run.json keys (P2D: "aer")
+        info.update(method.run_info(table, info))  # type: ignore[attr-defined]
     write_json(out / "run.json", info)
     if info["counts"]["truncated"]:
         log.warning("%d records longer than max_length=%d were truncated", info["counts"]["truncated"], args.max_length)
+    return info
+
+
+def _write_shard_run(args: SelectArgs, out: Path, method: SelectionMethod, n_pool: int, n_done: int,
+                     timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    """``--num-shards N > 1``: record what this process scored; ``coreselect merge`` finalizes."""
+    S = args.shard_records
+    mine = [j for j in range(-(-n_pool // S)) if j % args.num_shards == args.shard_index]
+    timings["total_s"] = time.perf_counter() - t_start
+    method.cost.wall_s = timings["fit_s"] + timings["score_s"]
+    info: dict[str, Any] = {
+        "command": "select",
+        "method": args.method,
+        "shard": {"num_shards": args.num_shards, "shard_index": args.shard_index, "chunks": mine,
+                  "records": sum(min(S, n_pool - j * S) for j in mine)},
+        "settings": asdict(args),
+        "method_settings": method.settings(),
+        "versions": versions(),
+        "counts": {"pool": n_pool, "selected": 0, "truncated": int(getattr(method, "n_truncated", 0)),
+                   "resumed_shards": n_done if args.resume else 0},
+        "timings": timings,
+        "cost": asdict(method.cost),
+        "stats": getattr(method, "stats", {}),
+    }
+    write_json(out / f"run-shard-{args.shard_index}.json", info)
     return info
 
 
