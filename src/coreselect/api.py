@@ -18,6 +18,7 @@ from coreselect.data.readers import RejectLog, read_records
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
+from coreselect.methods import MODEL_BASED
 from coreselect.methods.base import SelectionMethod
 from coreselect.select import (
     check_coverage,
@@ -36,6 +37,9 @@ from coreselect.select import (
 )
 
 log = logging.getLogger("coreselect")
+
+#: methods that need the scoring model (an alias of the registry's set)
+MODEL_METHODS = MODEL_BASED
 
 
 
