@@ -1,0 +1,717 @@
+"""P2D (paper 003, "From Parameters to Data"): task-sensitive attention heads pick the data.
+
+Three stages (paper Fig. 2); the paper names them but gives few formulas, so the choices
+below are ours (each is tested in ``tests/methods/test_p2d.py``):
+
+1. **Fast head localization** (:func:`localize_heads`) scores every ``(layer, head)`` on
+   the few target examples and keeps the top ``head_fraction`` (at least 1) as ``H_T``.
+
+   * ``gradient`` (default), head importance after Michel et al. (2019): each head's
+     output (the ``o_proj`` input, ``[B, T, H, d]``) is multiplied by a gate ``xi = 1``
+     through a forward pre-hook on ``o_proj``. The gates are per example (``[B, H]`` per
+     layer), so one backward pass gives every example's own gradient, and
+     ``I_h = sum_examples |dL_x / d xi_h|`` where ``L_x`` is the token-mean response loss
+     of example ``x`` (response tokens only, as in training; the token mean keeps long
+     examples from dominating). Scores are not normalized per layer: ``H_T`` is a global
+     top-k across layers, as in the paper's heat maps.
+   * ``attention`` (no backward): the mean attention mass that response-token queries
+     put on *prompt* tokens, per head, summed over examples. Chosen over TRIM's row
+     sharpness because it is conditional on the task (how much a head reads the question
+     while the answer is produced), while sharpness ranks attention-sink and
+     previous-token heads high for any input. Template tokens (BOS, role headers, the
+     usual attention sinks) are neither prompt nor response, so they never count. Needs
+     targets with a prompt (chat records).
+
+2. **Parameter-guided selection** (:class:`P2DMethod`, P2D-dagger): a pool record is seen
+   only through ``H_T``: the per-head context vectors at the ``o_proj`` input of the
+   selected heads, concatenated (``|H_T| * d`` features per token). The forward pass
+   stops right after the deepest selected layer. Two scorings:
+
+   * ``pooled`` (default): features mean-pooled over the scoped tokens, cosine to the
+     mean of the (unit) pooled target vectors.
+   * ``fingerprint``: TRIM's token fingerprints (:class:`FingerprintBuilder`,
+     :func:`token_scores`, :func:`pool_scores`) built on those head features instead of
+     the final hidden state, the saliency ``alpha`` being TRIM's eq. 1-7 on the selected
+     heads' attention maps only.
+
+   The default is ``pooled``. Quick check on the mixed math/other fixture (4 + 4 records,
+   2 math targets, 10% of heads, gradient proxy): with SmolLM2-135M-Instruct, ``pooled``
+   ranks every math record above every other one under both ``scope=all`` (margin 0.19
+   in cosine) and ``scope=response`` (0.31), while ``fingerprint`` does so only under
+   ``scope=response`` (with ``all``, "How do I bake bread?" outranks a math record). On
+   the tiny random-init test model both put 3 math records in the top 4. ``pooled`` is
+   also cheaper: no attention maps, no eager attention, one vector per record. Its
+   weakness is the one TRIM addresses (a whole-record average can hide a few matching
+   tokens), so ``fingerprint`` stays available (``method_options: {feature: fingerprint}``).
+
+   ``heads="random"`` draws the same number of heads uniformly (seeded): the paper's
+   falsification test (task heads vs random heads).
+
+3. **Sparse head adaptation** (P2D-double-dagger) lives in :mod:`coreselect.train.heads`,
+   and so does the Alignment Efficiency Ratio (AER).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter, scope_mask
+from coreselect.data.records import Record
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.methods.base import ScoreChunk, SelectionMethod
+from coreselect.methods.trim_math import (
+    FingerprintBuilder,
+    Fingerprints,
+    NearestClassTable,
+    pool_scores,
+    token_saliency,
+    token_scores,
+)
+from coreselect.models.runner import Batch, ModelRunner, _attention_module, _decoder_layers, token_budget_batches
+
+__all__ = [
+    "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod", "attention_importance", "gradient_importance",
+    "head_gates", "heads_command", "localize_heads", "n_top", "o_proj_of", "plot_heatmap", "random_heads", "top_heads",
+]
+
+PROXIES = ("gradient", "attention")
+FEATURES = ("pooled", "fingerprint")
+Head = tuple[int, int]
+
+
+# ------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class HeadGeometry:
+    """Attention shape of a model: ``n_heads`` query heads of size ``head_dim`` per layer,
+    sharing ``n_kv_heads`` key/value heads (grouped-query attention when fewer)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: Any) -> "HeadGeometry":
+        cfg = model.config
+        h = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or h)
+        d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // h)
+        return cls(int(cfg.num_hidden_layers), h, kv, d)
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head query head ``head`` reads (HF's ``repeat_kv`` grouping)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+def decoder_layers(model: Any) -> Any:
+    return _decoder_layers(model.base_model if hasattr(model, "base_model") else model)
+
+
+def o_proj_of(layer: Any) -> torch.nn.Module:
+    """The output projection whose input is the concatenated per-head context vectors."""
+    attn = _attention_module(layer)
+    for name in ("o_proj", "out_proj", "dense"):
+        mod = getattr(attn, name, None)
+        if isinstance(mod, torch.nn.Linear):
+            return mod
+    raise ConfigError(f"cannot find the output projection (o_proj) of {type(attn).__name__}")
+
+
+# ------------------------------------------------------------------------------ head sets
+def n_top(fraction: float, total: int) -> int:
+    """``round(fraction * total)``, at least 1 and at most ``total``."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"head_fraction must be in (0, 1], got {fraction}")
+    return min(total, max(1, round(fraction * total)))
+
+
+def top_heads(scores: np.ndarray, fraction: float) -> list[Head]:
+    """The top ``fraction`` of ``scores [L, H]`` as sorted ``(layer, head)`` pairs.
+
+    Ties are broken toward the lower ``(layer, head)`` (stable sort on the flat index).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or not np.isfinite(s).all():
+        raise CoreselectError("head scores must be a finite [layers, heads] matrix")
+    k = n_top(fraction, s.size)
+    flat = np.argsort(-s.ravel(), kind="stable")[:k]
+    return sorted((int(i) // s.shape[1], int(i) % s.shape[1]) for i in flat)
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, seed: int = 0) -> list[Head]:
+    """``k`` distinct heads drawn uniformly with ``numpy.random.default_rng(seed)``, sorted."""
+    flat = np.random.default_rng(seed).choice(n_layers * n_heads, size=k, replace=False)
+    return sorted((int(i) // n_heads, int(i) % n_heads) for i in flat)
+
+
+@dataclass
+class HeadSet:
+    """``H_T`` and the scores it came from; ``heads.json`` on disk.
+
+    Attributes:
+        model: the model it was located on.
+        proxy: ``gradient``, ``attention``, ``random`` or ``given``.
+        fraction: the ``head_fraction`` asked for.
+        heads: sorted ``[layer, head]`` pairs.
+        scores: ``[layers][heads]`` proxy scores (empty for random heads).
+        n_layers, n_heads: the model's attention shape (checked when reused).
+    """
+
+    model: str
+    proxy: str
+    fraction: float
+    heads: list[Head]
+    scores: list[list[float]] = field(default_factory=list)
+    n_layers: int = 0
+    n_heads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            out.setdefault(layer, []).append(head)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def check(self, geom: HeadGeometry) -> None:
+        """Fail clearly when the heads do not fit the model."""
+        if self.n_layers and (self.n_layers, self.n_heads) != (geom.n_layers, geom.n_heads):
+            raise CoreselectError(f"heads were located on a model with {self.n_layers} layers x {self.n_heads} heads; "
+                                  f"this one has {geom.n_layers} x {geom.n_heads}")
+        if not self.heads:
+            raise CoreselectError("the head set is empty")
+        for layer, head in self.heads:
+            if not (0 <= layer < geom.n_layers and 0 <= head < geom.n_heads):
+                raise CoreselectError(f"head ({layer}, {head}) is outside the model ({geom.n_layers} x {geom.n_heads})")
+
+    def save(self, path: str | Path) -> None:
+        from coreselect.io import write_json
+
+        d = asdict(self)
+        d["heads"] = [list(h) for h in self.heads]
+        write_json(path, d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadSet":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            hs = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+            hs.heads = sorted((int(a), int(b)) for a, b in hs.heads)
+        except FileNotFoundError:
+            raise CoreselectError(f"{path}: no such heads file") from None
+        except (ValueError, TypeError) as e:
+            raise CoreselectError(f"{path}: not a heads.json file ({e})") from None
+        return hs
+
+
+def plot_heatmap(hs: HeadSet, path: str | Path) -> Path:
+    """Layer x head heat map of the proxy scores (paper Fig. 3), ``H_T`` outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    s = np.asarray(hs.scores, dtype=np.float64)
+    if s.ndim != 2 or s.size == 0:
+        raise CoreselectError("no head scores to plot")
+    s = s / s.max() if s.max() > 0 else s
+    n_l, n_h = s.shape
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_h), min(10, 1.5 + 0.3 * n_l)))
+    im = ax.imshow(s, cmap="viridis", aspect="auto", origin="lower")
+    for layer, head in hs.heads:
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{hs.proxy} head sensitivity (top {len(hs.heads)} of {s.size} outlined)")
+    fig.colorbar(im, ax=ax, label="score / max")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------ hooks
+def _split_heads(x: Tensor, geom: HeadGeometry) -> Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, geom.n_heads, geom.head_dim)
+
+
+@contextlib.contextmanager
+def head_gates(model: Any, gates: Tensor) -> Iterator[None]:
+    """Multiply head ``h`` of example ``b`` in layer ``l`` by ``gates[l, b, h]`` (before ``o_proj``)."""
+    geom = HeadGeometry.of(model)
+
+    def make(layer: int) -> Any:
+        def pre(_mod: Any, args: tuple) -> tuple:
+            x = args[0]
+            g = gates[layer].to(x.dtype)[:, None, :, None]
+            return ((_split_heads(x, geom) * g).reshape(x.shape), *args[1:])
+        return pre
+
+    handles = [o_proj_of(layer).register_forward_pre_hook(make(i)) for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once the deepest selected layer is done."""
+
+
+@contextlib.contextmanager
+def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor], stop: bool) -> Iterator[None]:
+    geom = HeadGeometry.of(model)
+    layers = decoder_layers(model)
+    last = max(by_layer)
+
+    def make(layer: int, idx: Tensor) -> Any:
+        def pre(_mod: Any, args: tuple) -> None:
+            x = args[0]
+            store[layer] = _split_heads(x, geom).index_select(2, idx.to(x.device)).flatten(2)
+            if stop and layer == last:
+                raise _Stop
+        return pre
+
+    handles = [o_proj_of(layers[l]).register_forward_pre_hook(make(l, torch.tensor(h))) for l, h in by_layer.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_base(runner: ModelRunner, batch: Batch) -> None:
+    runner.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False)
+
+
+@torch.inference_mode()
+def head_features(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[int]]) -> Tensor:
+    """``[B, T, |H_T| * d]`` float32: the selected heads' outputs, layer-major, head order within a layer.
+
+    The forward pass stops after the deepest selected layer's ``o_proj`` input.
+    """
+    store: dict[int, Tensor] = {}
+    with _capture(runner.model, by_layer, store, stop=True):
+        try:
+            _forward_base(runner, batch)
+        except _Stop:
+            pass
+    runner.forward_passes += batch.input_ids.shape[0]
+    runner.tokens_seen += batch.n_real_tokens
+    return torch.cat([store[l].float() for l in sorted(by_layer)], dim=-1)
+
+
+@torch.inference_mode()
+def head_features_and_attention(runner: ModelRunner, batch: Batch,
+                                by_layer: dict[int, list[int]]) -> tuple[Tensor, list[Tensor]]:
+    """:func:`head_features` plus the selected heads' attention maps (one ``[B, h_l, T, T]`` per layer)."""
+    store: dict[int, Tensor] = {}
+    attns: dict[int, Tensor] = {}
+
+    def make(layer: int) -> Any:
+        def post(_mod: Any, _args: Any, out: Any) -> None:
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if w is None:
+                raise RuntimeError("attention module returned no probabilities (eager attention required)")
+            attns[layer] = w[:, by_layer[layer]]
+        return post
+
+    handles = [_attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
+    try:
+        with runner._eager(), _capture(runner.model, by_layer, store, stop=False):
+            _forward_base(runner, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    runner.forward_passes += batch.input_ids.shape[0]
+    runner.tokens_seen += batch.n_real_tokens
+    feats = torch.cat([store[l].float() for l in sorted(by_layer)], dim=-1)
+    return feats, [attns[l] for l in sorted(by_layer)]
+
+
+# ------------------------------------------------------------------------------ localization
+def per_example_loss(logits: Tensor, batch: Batch) -> Tensor:
+    """``[B]`` token-mean response loss (targets = ``loss_mask``, token ``t`` from ``t - 1``); 0 where none."""
+    lg = logits[:, :-1]
+    lg = lg if lg.dtype in (torch.float32, torch.float64) else lg.float()
+    lab = batch.input_ids[:, 1:]
+    keep = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+    ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), lab, reduction="none")
+    ce = torch.where(keep, ce, torch.zeros_like(ce))
+    return ce.sum(-1) / keep.sum(-1).clamp(min=1).to(ce.dtype)
+
+
+@contextlib.contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_tokens: int = 8192) -> np.ndarray:
+    """``[L, H]`` ``sum_x |dL_x / d xi_{l,h}|`` at ``xi = 1`` (Michel et al., 2019; module doc)."""
+    model = runner.model
+    geom = HeadGeometry.of(model)
+    total = np.zeros((geom.n_layers, geom.n_heads), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with _frozen(model), torch.enable_grad():
+            for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
+                batch = runner.collate(encoded, positions)
+                gates = torch.ones(geom.n_layers, len(positions), geom.n_heads, dtype=torch.float64,
+                                   device=runner.device, requires_grad=True)
+                with head_gates(model, gates):
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   position_ids=batch.position_ids, use_cache=False).logits
+                loss = per_example_loss(logits, batch)
+                (grad,) = torch.autograd.grad(loss.sum(), gates)
+                total += grad.abs().sum(1).cpu().numpy()
+                runner.forward_passes += len(positions)
+                runner.tokens_seen += batch.n_real_tokens
+    finally:
+        model.train(was_training)
+    return total
+
+
+def attention_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_tokens: int = 8192) -> np.ndarray:
+    """``[L, H]`` sum over examples of the mean attention mass response queries put on prompt keys."""
+    if not any((e.codes == PROMPT).any() for e in encoded):
+        raise CoreselectError("the attention proxy needs targets with a prompt (user turn); use --proxy gradient")
+    geom = HeadGeometry.of(runner.model)
+    total = np.zeros((geom.n_layers, geom.n_heads), dtype=np.float64)
+    for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
+        batch = runner.collate(encoded, positions)
+        attns, _ = runner.attn_hidden(batch, runner.num_layers)
+        real = batch.attention_mask.bool()
+        resp = (batch.codes == RESPONSE) & real  # [B, T] queries
+        prompt = ((batch.codes == PROMPT) & real).float()  # [B, T] keys
+        n_resp = resp.sum(-1).clamp(min=1).double()  # [B]
+        for layer, a in enumerate(attns):
+            mass = (a.double() * prompt[:, None, None, :]).sum(-1)  # [B, H, T]
+            mass = torch.where(resp[:, None, :], mass, torch.zeros_like(mass)).sum(-1) / n_resp[:, None]
+            total[layer] += mass.sum(0).cpu().numpy()
+    return total
+
+
+def localize_heads(runner: ModelRunner, formatter: Formatter, target: Sequence[Record], *, proxy: str = "gradient",
+                   fraction: float = 0.1, batch_tokens: int = 8192, model_name: str = "") -> HeadSet:
+    """Stage 1: score every head on the target and keep the top ``fraction`` as ``H_T``."""
+    if proxy not in PROXIES:
+        raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
+    if not target:
+        raise CoreselectError("the target set is empty")
+    encoded = [formatter.encode(r) for r in target]
+    if proxy == "gradient":
+        if not any(e.loss_mask[1:].any() for e in encoded):
+            raise CoreselectError("no target example has a response token to compute the loss on")
+        scores = gradient_importance(runner, encoded, batch_tokens)
+    else:
+        scores = attention_importance(runner, encoded, batch_tokens)
+    geom = HeadGeometry.of(runner.model)
+    return HeadSet(model=model_name, proxy=proxy, fraction=fraction, heads=top_heads(scores, fraction),
+                   scores=scores.tolist(), n_layers=geom.n_layers, n_heads=geom.n_heads,
+                   extra={"n_target": len(target)})
+
+
+# ------------------------------------------------------------------------------ selection
+@dataclass
+class P2DConfig:
+    """P2D selection knobs.
+
+    Attributes:
+        heads: ``auto`` (locate on the target), ``random`` (same count, seeded) or a ``heads.json`` path.
+        proxy: ``gradient`` or ``attention`` (``heads=auto`` only).
+        head_fraction: share of all heads kept in ``H_T`` (paper: 10%).
+        feature: ``pooled`` (mean-pool cosine to the target, default) or ``fingerprint`` (TRIM
+            fingerprints on the head outputs).
+        scope: tokens pooled / fingerprinted: ``all``, ``prompt`` or ``response``.
+        seed: seeds ``heads=random``.
+        oov_penalty, w_mean, w_max, coverage_weight, w_row, w_col: TRIM's eq. 7, 12 and 15
+            (``fingerprint`` feature only).
+        batch_tokens: padded-token budget of one forward batch.
+        chunk_records: records per streamed score chunk.
+        aer: estimate the Alignment Efficiency Ratio into run.json (times a few training steps).
+        aer_epochs: epochs assumed for both trainings in that estimate (Table 7 of paper 002: 4).
+    """
+
+    heads: str = "auto"
+    proxy: str = "gradient"
+    head_fraction: float = 0.1
+    feature: str = "pooled"
+    scope: str = "all"
+    seed: int = 0
+    oov_penalty: float | None = 1.0
+    w_mean: float = 0.5
+    w_max: float = 0.5
+    coverage_weight: float = 0.05
+    w_row: float = 0.5
+    w_col: float = 0.5
+    batch_tokens: int = 8192
+    chunk_records: int = 2048
+    aer: bool = True
+    aer_epochs: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.proxy not in PROXIES:
+            raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
+        if self.feature not in FEATURES:
+            raise ConfigError(f"feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        if self.scope not in ("all", "prompt", "response"):
+            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
+        n_top(self.head_fraction, 1)  # validates the range
+        if self.heads not in ("auto", "random") and not Path(self.heads).is_file():
+            raise CoreselectError(f"{self.heads}: --heads must be auto, random or a heads.json file")
+
+
+class P2DMethod(SelectionMethod):
+    """P2D-dagger: score pool records through the task-sensitive heads only (module doc)."""
+
+    name: ClassVar[str] = "p2d"
+    streaming: ClassVar[bool] = True
+
+    def __init__(self, runner: ModelRunner, formatter: Formatter, config: P2DConfig | None = None, *,
+                 model_name: str = "", out_dir: str | Path | None = None, progress: bool = True) -> None:
+        super().__init__()
+        self.runner = runner
+        self.formatter = formatter
+        self.config = config or P2DConfig()
+        self.model_name = model_name
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.progress = progress
+        self.geom = HeadGeometry.of(runner.model)
+        self.head_set: HeadSet | None = None
+        self.fingerprints: Fingerprints | None = None
+        self._table: NearestClassTable | None = None
+        self._center: Tensor | None = None
+        self._target_encoded: list[Encoded] = []
+        self.n_truncated = 0
+        self.stats: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    # ------------------------------------------------------------ stage 1 + target side
+    def resolve_heads(self, target: Sequence[Record]) -> HeadSet:
+        cfg, g = self.config, self.geom
+        if cfg.heads == "auto":
+            t0 = time.perf_counter()
+            hs = localize_heads(self.runner, self.formatter, target, proxy=cfg.proxy, fraction=cfg.head_fraction,
+                                batch_tokens=cfg.batch_tokens, model_name=self.model_name)
+            self.stats["localize_s"] = time.perf_counter() - t0
+            self.cost.backward_passes += len(target) if cfg.proxy == "gradient" else 0
+        elif cfg.heads == "random":
+            k = n_top(cfg.head_fraction, g.n_layers * g.n_heads)
+            hs = HeadSet(self.model_name, "random", cfg.head_fraction, random_heads(g.n_layers, g.n_heads, k, cfg.seed),
+                         n_layers=g.n_layers, n_heads=g.n_heads, extra={"seed": cfg.seed})
+        else:
+            hs = HeadSet.load(cfg.heads)
+        hs.check(g)
+        return hs
+
+    def fit(self, target: Sequence[Record]) -> "P2DMethod":
+        if not target:
+            raise CoreselectError("the target set is empty")
+        t0 = time.perf_counter()
+        hs = self.head_set = self.resolve_heads(target)
+        if self.out_dir is not None:
+            hs.save(self.out_dir / "heads.json")
+            if hs.scores:
+                plot_heatmap(hs, self.out_dir / "heads.png")
+        cfg = self.config
+        encoded = self._target_encoded = [self.formatter.encode(r) for r in target]
+        by_layer = hs.by_layer()
+        builder = FingerprintBuilder()
+        pooled: list[Tensor] = []
+        for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
+            batch = self.runner.collate(encoded, positions)
+            mask = self._mask(batch)
+            if cfg.feature == "fingerprint":
+                feats, attns = head_features_and_attention(self.runner, batch, by_layer)
+                alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
+                builder.add(feats, alpha, batch.input_ids, mask)
+            else:
+                feats = head_features(self.runner, batch, by_layer)
+                v, ok = _mean_pool(feats, mask)
+                pooled.extend(_unit(v[ok]))
+        if cfg.feature == "fingerprint":
+            fp = builder.finalize(settings={"method": "p2d", "heads": [list(h) for h in hs.heads]})
+            if len(fp) == 0:
+                raise CoreselectError(f"the target has no scorable token under scope '{cfg.scope}'")
+            self.fingerprints = fp
+            self._table = NearestClassTable(fp, self.runner.embeddings())
+        else:
+            if not pooled:
+                raise CoreselectError(f"the target has no scorable token under scope '{cfg.scope}'")
+            self._center = _unit(torch.stack(pooled).mean(0))
+        self.cost.forward_passes += len(target)
+        self.stats["fit_s"] = time.perf_counter() - t0
+        self.stats["heads"] = {"n": len(hs.heads), "of": self.geom.n_layers * self.geom.n_heads, "proxy": hs.proxy,
+                               "layers": sorted(by_layer), "feature_dim": len(hs.heads) * self.geom.head_dim}
+        return self
+
+    def _mask(self, batch: Batch) -> Tensor:
+        m = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), self.config.scope)).to(batch.input_ids.device)
+        return m & batch.attention_mask.bool()
+
+    # ------------------------------------------------------------ stage 2
+    def _score_encoded(self, encoded: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
+        assert self.head_set is not None
+        cfg = self.config
+        by_layer = self.head_set.by_layer()
+        scores = np.empty(len(encoded), dtype=np.float64)
+        n_scored = np.zeros(len(encoded), dtype=np.int64)
+        for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
+            batch = self.runner.collate(encoded, positions)
+            feats = head_features(self.runner, batch, by_layer)
+            mask = self._mask(batch)
+            if cfg.feature == "fingerprint":
+                assert self.fingerprints is not None
+                s, in_m, _ = token_scores(self.fingerprints, feats, batch.input_ids, mask,
+                                          oov_penalty=cfg.oov_penalty, table=self._table)
+                sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
+                                        coverage_weight=cfg.coverage_weight)
+                n = parts["n_scored"]
+            else:
+                assert self._center is not None
+                v, ok = _mean_pool(feats, mask)
+                sc = torch.where(ok, _unit(v) @ self._center.to(v.device), torch.full_like(v[:, 0], float("-inf")))
+                n = mask.sum(-1)
+            scores[positions] = sc.double().cpu().numpy()
+            n_scored[positions] = n.cpu().numpy()
+        return scores, n_scored
+
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
+        if self.head_set is None:
+            raise CoreselectError("P2DMethod.score called before fit")
+        from coreselect.progress import progress_bar
+
+        t0 = time.perf_counter()
+        it = iter(pool)
+        with progress_bar(total=total, desc="P2D: scoring", enabled=self.progress) as bar:
+            while chunk := [r for _, r in zip(range(self.config.chunk_records), it)]:
+                encoded = [self.formatter.encode(r) for r in chunk]
+                self.n_truncated += sum(e.truncated for e in encoded)
+                scores, n_scored = self._score_encoded(encoded)
+                if np.isnan(scores).any():
+                    bad = chunk[int(np.isnan(scores).argmax())].id
+                    raise CoreselectError(f"non-finite score for pool record id {bad}")
+                self.cost.forward_passes += len(chunk)
+                bar.update(len(chunk))
+                yield ScoreChunk(np.array([r.index for r in chunk], dtype=np.int64), [r.id for r in chunk],
+                                 [r.source for r in chunk], scores, np.array([len(e) for e in encoded], dtype=np.int64),
+                                 n_scored)
+        self.stats["score_s"] = self.stats.get("score_s", 0.0) + time.perf_counter() - t0
+
+    def score(self, pool: Iterable[Record]) -> np.ndarray:
+        parts = [c.score for c in self.score_chunks(pool)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    # ------------------------------------------------------------ run.json
+    def run_info(self, table: Any, info: dict[str, Any]) -> dict[str, Any]:
+        """Extra run.json keys: ``aer`` (estimated, see :func:`coreselect.train.heads.estimate_aer`)."""
+        if not self.config.aer or self.head_set is None:
+            return {}
+        from coreselect.train.heads import estimate_aer
+
+        n_tok = np.asarray(table.column("n_tokens").to_numpy(), dtype=np.int64)
+        sel = np.asarray(table.column("selected").to_numpy(), dtype=bool)
+        try:
+            aer = estimate_aer(self.runner.model, self.runner.pad_id, self._target_encoded, self.head_set.heads,
+                               selection_s=float(info["cost"]["wall_s"]), tokens_selected=int(n_tok[sel].sum()),
+                               tokens_pool=int(n_tok.sum()), epochs=self.config.aer_epochs)
+        except (RuntimeError, CoreselectError) as e:  # e.g. out of memory for the full-gradient timing
+            aer = {"aer": None, "error": str(e).splitlines()[0]}
+        return {"aer": aer}
+
+
+def _mean_pool(feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    m = mask.to(feats.dtype)[..., None]
+    n = mask.sum(-1)
+    return (feats * m).sum(1) / n.clamp(min=1)[:, None].to(feats.dtype), n > 0
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+# ------------------------------------------------------------------------------ `coreselect heads`
+@dataclass
+class HeadsArgs:
+    """Arguments of ``coreselect heads`` (YAML config keys are the same names).
+
+    Attributes:
+        model: causal LM: folder, ``.gguf`` file, hub id, or ``smollm2``.
+        target: the few target examples.
+        out: output folder (``heads.json``, ``heads.png``).
+        proxy: ``gradient`` (|dL/d gate| per head) or ``attention`` (response-to-prompt attention mass).
+        head_fraction: share of all heads kept (paper: 10%, at least 1 head).
+        max_length: truncate records longer than this many tokens.
+        batch_tokens: padded-token budget per forward batch.
+        template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
+        trust_remote_code: allow model code from the hub.
+    """
+
+    model: str = "smollm2"
+    target: list[str] = field(default_factory=list)
+    out: str = ""
+    proxy: str = "gradient"
+    head_fraction: float = 0.1
+    max_length: int = 2048
+    batch_tokens: int = 8192
+    template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, str):
+            self.target = [self.target]
+
+
+def heads_command(args: HeadsArgs) -> HeadSet:
+    """``coreselect heads``: locate ``H_T`` and write ``heads.json`` and ``heads.png``."""
+    from coreselect.data.readers import read_records
+    from coreselect.models.loading import load_model
+
+    if not args.target:
+        raise ConfigError("no target given (--target FILE)")
+    if not args.out:
+        raise ConfigError("no output folder given (--out DIR)")
+    if args.proxy not in PROXIES:
+        raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {args.proxy!r}")
+    n_top(args.head_fraction, 1)
+    target = list(read_records(args.target, on_bad_record="error"))
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    runner = ModelRunner(model, tok)
+    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    t1 = time.perf_counter()
+    hs = localize_heads(runner, fmt, target, proxy=args.proxy, fraction=args.head_fraction,
+                        batch_tokens=args.batch_tokens, model_name=args.model)
+    hs.extra.update({"localize_s": time.perf_counter() - t1, "model_load_s": t1 - t0})
+    out = Path(args.out)
+    hs.save(out / "heads.json")
+    plot_heatmap(hs, out / "heads.png")
+    return hs

@@ -1,0 +1,441 @@
+"""P2D-double-dagger (paper 003): fine-tune only the task-sensitive heads ``H_T``; and the AER.
+
+**What is trained.** For a selected query head ``h`` of layer ``l`` (head size ``d``):
+
+* rows ``h*d:(h+1)*d`` of ``q_proj.weight`` (and of its bias, if any);
+* columns ``h*d:(h+1)*d`` of ``o_proj.weight`` (``o_proj``'s bias is shared by all heads
+  and is not trained);
+* rows ``g*d:(g+1)*d`` of ``k_proj`` and ``v_proj`` (weights and biases) for the key/value
+  head ``g = h // (H / H_kv)`` that ``h`` reads. With grouped-query attention a KV head is
+  shared by several query heads; **we train it as soon as any of its query heads is
+  selected** (``KV_POLICY = "any"``): a selected head must be able to change what it
+  attends to, and the only way to change its keys is the shared KV rows. The side effect
+  (the sibling query heads see the updated keys/values too) is the price of GQA; a model
+  without GQA (``H_kv = H``) trains exactly the selected heads.
+
+**How.** Separate delta parameters, not gradient masks: every trained slice gets a float32
+``delta`` (initialized to 0) added through forward hooks (``out[..., rows] += x @ dq^T``
+for q/k/v, ``out += x[..., cols] @ do^T`` for o_proj). The base weights are frozen, so
+everything outside the slices stays bit-identical by construction (AdamW's decoupled
+weight decay would otherwise move masked entries too), and the optimizer state is the
+size of the slices only. At the end the deltas are merged into the model
+(``W[slice] = W[slice] + delta``, computed in float32) and saved.
+
+**Artifact.** ``OUT/heads_delta.safetensors`` holds, per trained projection,
+``layers.{l}.{proj}.weight`` (the delta slice) and ``layers.{l}.{proj}.index`` (its row,
+or for o_proj column, indices), plus ``.bias`` deltas where the projection has a bias;
+``OUT/heads.json`` is the head set. :func:`apply_head_delta` adds them onto a fresh base
+model with the same float32 arithmetic, giving bit-identical weights.
+
+The loop follows :func:`coreselect.train.lora.train_lora` (response-only loss, per-epoch
+seeded shuffles, accumulation normalized by the step's target tokens, Table 7 schedule);
+it writes no intermediate checkpoints and cannot resume (runs on 10% of the data are short).
+
+**AER** (Alignment Efficiency Ratio, lower is better)::
+
+    AER = (selection wall time + training wall time) / (full-data full-parameter SFT wall time)
+
+all on the same hardware (:func:`alignment_efficiency_ratio`). Full SFT is rarely run, so
+:func:`estimate_aer` estimates the training terms: it times forward+backward passes on a
+sample (the target examples, after one untimed warm-up batch) once with gradients for
+every parameter and once for the ``H_T`` deltas only, converts them to seconds per real
+token, and multiplies by the token counts (the selected records for P2D training, the
+whole pool for full SFT) and the epochs. The optimizer step is not timed; it is far
+cheaper for the head deltas than for all parameters, so leaving it out under-estimates
+the full-SFT time and makes the reported AER conservative (too high, not too low).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coreselect.data.formatting import Encoded, Formatter
+from coreselect.data.records import Record
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.io import atomic_path, write_json
+from coreselect.methods.p2d import HeadGeometry, HeadSet, decoder_layers
+from coreselect.models.runner import _attention_module, collate
+from coreselect.progress import progress_bar
+from coreselect.train.lora import TrainArgs, _n_targets, _pad_id, _scheduler, make_labels, masked_lm_loss
+
+__all__ = ["HeadDelta", "HeadTrainResult", "KV_POLICY", "alignment_efficiency_ratio", "apply_head_delta",
+           "estimate_aer", "head_slices", "train_heads", "train_heads_from_file", "train_heads_run"]
+
+KV_POLICY = "any"
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+FORMAT = "coreselect.heads_delta/1"
+
+
+def alignment_efficiency_ratio(selection_s: float, training_s: float, full_sft_s: float) -> float:
+    """``(selection_s + training_s) / full_sft_s``: below 1 means faster than full SFT on all data."""
+    for name, v in (("selection_s", selection_s), ("training_s", training_s), ("full_sft_s", full_sft_s)):
+        if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+            raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+    if full_sft_s <= 0:
+        raise ConfigError("full_sft_s must be > 0")
+    return (selection_s + training_s) / full_sft_s
+
+
+# ------------------------------------------------------------------------------ slices
+def head_slices(heads: Sequence[tuple[int, int]], geom: HeadGeometry) -> dict[int, dict[str, Tensor]]:
+    """Per layer, the trained indices: rows of q/k/v_proj (out dim) and columns of o_proj (in dim)."""
+    d = geom.head_dim
+    out: dict[int, dict[str, Tensor]] = {}
+    for layer in sorted({l for l, _ in heads}):
+        qs = sorted(h for l, h in heads if l == layer)
+        kvs = sorted({geom.kv_head(h) for h in qs})  # KV_POLICY "any"
+        q = torch.tensor([h * d + i for h in qs for i in range(d)], dtype=torch.int64)
+        kv = torch.tensor([g * d + i for g in kvs for i in range(d)], dtype=torch.int64)
+        out[layer] = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q}
+    return out
+
+
+def _proj(model: Any, layer: int, name: str) -> torch.nn.Linear:
+    mod = getattr(_attention_module(decoder_layers(model)[layer]), name, None)
+    if not isinstance(mod, torch.nn.Linear):
+        raise ConfigError(f"sparse head training needs separate q/k/v/o_proj linears; layer {layer} has no {name} "
+                          "(fused attention projections are not supported)")
+    return mod
+
+
+class HeadDelta(torch.nn.Module):
+    """Trainable float32 deltas for the ``H_T`` slices of a model (module doc)."""
+
+    def __init__(self, model: Any, heads: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        self.geom = HeadGeometry.of(model)
+        self.slices = head_slices(heads, self.geom)
+        self.weights = torch.nn.ParameterDict()
+        self.biases = torch.nn.ParameterDict()
+        self.index: dict[str, Tensor] = {}
+        dev = next(model.parameters()).device
+        for layer, sl in self.slices.items():
+            for name, idx in sl.items():
+                lin = _proj(model, layer, name)
+                key = f"layers.{layer}.{name}"
+                shape = (len(idx), lin.in_features) if name != "o_proj" else (lin.out_features, len(idx))
+                self.weights[_k(key)] = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=dev))
+                if lin.bias is not None and name != "o_proj":
+                    self.biases[_k(key)] = torch.nn.Parameter(torch.zeros(len(idx), dtype=torch.float32, device=dev))
+                self.index[key] = idx.to(dev)
+
+    @contextlib.contextmanager
+    def attached(self, model: Any) -> Iterator[None]:
+        """Add the deltas to the projections' outputs while inside the block."""
+        handles = []
+        for key, idx in self.index.items():
+            _, layer, name = key.split(".")
+            w = self.weights[_k(key)]
+            b = self.biases[_k(key)] if _k(key) in self.biases else None
+
+            def hook(_m: Any, args: tuple, out: Tensor, w: Tensor = w, b: Tensor | None = b, idx: Tensor = idx,
+                     is_o: bool = name == "o_proj") -> Tensor:
+                x = args[0]
+                if is_o:
+                    return out + torch.nn.functional.linear(x.index_select(-1, idx), w.to(x.dtype))
+                extra = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+                return out.index_add(-1, idx, extra)
+
+            handles.append(_proj(model, int(layer), name).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The artifact's tensors (see the module doc)."""
+        out: dict[str, Tensor] = {}
+        for key, idx in self.index.items():
+            out[f"{key}.weight"] = self.weights[_k(key)].detach().float().cpu().contiguous()
+            out[f"{key}.index"] = idx.cpu().clone()  # q/o and k/v share index tensors
+            if _k(key) in self.biases:
+                out[f"{key}.bias"] = self.biases[_k(key)].detach().float().cpu().contiguous()
+        return out
+
+
+def _k(key: str) -> str:
+    return key.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+
+@torch.no_grad()
+def _merge(model: Any, tensors: dict[str, Tensor]) -> None:
+    """``W[slice] = W[slice] + delta`` in float32, cast back to the weight's dtype."""
+    for key in sorted(k[: -len(".index")] for k in tensors if k.endswith(".index")):
+        _, layer, name = key.split(".")
+        lin = _proj(model, int(layer), name)
+        W = lin.weight
+        idx = tensors[f"{key}.index"].to(W.device)
+        delta = tensors[f"{key}.weight"].to(W.device, torch.float32)
+        if name == "o_proj":
+            if delta.shape != (W.shape[0], len(idx)):
+                raise CoreselectError(f"{key}: delta shape {tuple(delta.shape)} does not fit the model")
+            W[:, idx] = (W[:, idx].float() + delta).to(W.dtype)
+        else:
+            if delta.shape != (len(idx), W.shape[1]):
+                raise CoreselectError(f"{key}: delta shape {tuple(delta.shape)} does not fit the model")
+            W[idx] = (W[idx].float() + delta).to(W.dtype)
+            if f"{key}.bias" in tensors and lin.bias is not None:
+                bias = lin.bias
+                bias[idx] = (bias[idx].float() + tensors[f"{key}.bias"].to(bias.device)).to(bias.dtype)
+
+
+def apply_head_delta(model: Any, path: str | Path) -> Any:
+    """Add a saved ``heads_delta.safetensors`` onto ``model`` (in place) and return it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise CoreselectError(f"{path}: no such head delta file") from None
+    if meta.get("format") != FORMAT:
+        raise CoreselectError(f"{path}: not a coreselect heads_delta file")
+    geom = HeadGeometry.of(model)
+    if (int(meta.get("n_layers", -1)), int(meta.get("n_heads", -1))) != (geom.n_layers, geom.n_heads):
+        raise CoreselectError(f"{path}: made for {meta.get('n_layers')} layers x {meta.get('n_heads')} heads, "
+                              f"the model has {geom.n_layers} x {geom.n_heads}")
+    _merge(model, tensors)
+    return model
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class HeadTrainResult:
+    """What :func:`train_heads` produced.
+
+    Attributes:
+        delta_path: ``OUT/heads_delta.safetensors``.
+        heads_path: ``OUT/heads.json``.
+        losses: token-mean training loss of every optimizer step.
+        steps, wall_s, tokens, skipped: as in :class:`coreselect.train.lora.TrainResult`.
+        n_trainable: trained scalars (delta elements).
+    """
+
+    delta_path: Path
+    heads_path: Path
+    losses: list[float]
+    steps: int
+    wall_s: float
+    tokens: int
+    skipped: int
+    n_trainable: int
+
+
+def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: HeadSet | Sequence[tuple[int, int]],
+                args: TrainArgs, out_dir: str | Path, *, progress: bool = True,
+                formatter: Formatter | None = None) -> HeadTrainResult:
+    """Fine-tune only the ``H_T`` slices of ``model`` on ``records`` (module doc).
+
+    Uses ``args``' lr, schedule, warmup_ratio, weight_decay, max_grad_norm, epochs,
+    batch_size, grad_accum, max_length, seed and max_steps (the LoRA fields are ignored).
+    On return the deltas are merged into ``model`` (left in eval mode) and saved in ``out_dir``.
+    """
+    t0 = time.perf_counter()
+    geom = HeadGeometry.of(model)
+    hs = heads if isinstance(heads, HeadSet) else HeadSet("", "given", 0.0, sorted(heads), n_layers=geom.n_layers,
+                                                           n_heads=geom.n_heads)
+    hs.check(geom)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = formatter or Formatter(tokenizer, args.max_length)
+    enc_all = [fmt.encode(r) for r in records]
+    encoded = [e for e in enc_all if _n_targets(e) > 0]
+    if not encoded:
+        raise CoreselectError("no record has a target token to train on")
+    n = len(encoded)
+    n_targets = [_n_targets(e) for e in encoded]
+    steps_per_epoch = math.ceil(math.ceil(n / args.batch_size) / args.grad_accum)
+    total = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+
+    torch.manual_seed(args.seed)
+    delta = HeadDelta(model, hs.heads)
+    params = list(delta.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = _scheduler(optimizer, args, total)
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    tokens = 0
+    perm: list[int] = []
+    model.train()
+    with _frozen_base(model), delta.attached(model), progress_bar(total=total, desc="train heads",
+                                                                  enabled=progress) as bar:
+        for step in range(total):
+            epoch, g = divmod(step, steps_per_epoch)
+            if g == 0 or not perm:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+            lo = g * args.grad_accum * args.batch_size
+            hi = min(n, lo + args.grad_accum * args.batch_size)
+            groups = [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
+            denom = sum(n_targets[i] for mb in groups for i in mb)
+            step_loss = 0.0
+            for mb in groups:
+                batch = collate(encoded, mb, pad, "right", device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).logits
+                loss_sum, _ = masked_lm_loss(logits, make_labels(batch))
+                (loss_sum / denom).backward()
+                step_loss += float(loss_sum.detach()) / denom
+                tokens += batch.n_real_tokens
+            if args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.update(1)
+    model.eval()
+    tensors = delta.tensors()
+    _merge(model, tensors)
+    from safetensors.torch import save_file
+
+    delta_path, heads_path = out / "heads_delta.safetensors", out / "heads.json"
+    meta = {"format": FORMAT, "kv_policy": KV_POLICY, "n_layers": str(geom.n_layers), "n_heads": str(geom.n_heads),
+            "n_kv_heads": str(geom.n_kv_heads), "head_dim": str(geom.head_dim)}
+    with atomic_path(delta_path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    hs.save(heads_path)
+    wall = time.perf_counter() - t0
+    n_trainable = sum(p.numel() for p in params)
+    write_json(out / "train_state.json", {
+        "mode": "heads", "heads": [list(h) for h in hs.heads], "kv_policy": KV_POLICY, "steps": total,
+        "steps_per_epoch": steps_per_epoch, "records": n, "skipped": len(enc_all) - n, "wall_s": wall,
+        "tokens": tokens, "losses": losses, "n_trainable": n_trainable,
+        "n_model_params": sum(p.numel() for p in model.parameters()),
+        "args": {k: getattr(args, k) for k in ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
+                                               "epochs", "batch_size", "grad_accum", "max_length", "seed",
+                                               "max_steps")},
+    })
+    return HeadTrainResult(delta_path, heads_path, losses, total, wall, tokens, len(enc_all) - n, n_trainable)
+
+
+def train_heads_from_file(model: Any, tokenizer: Any, records: Sequence[Record], heads_json: str | Path,
+                          args: TrainArgs, out_dir: str | Path, *, progress: bool = True,
+                          formatter: Formatter | None = None) -> HeadTrainResult:
+    """The hook for ``coreselect train --heads heads.json``: load ``H_T`` and call :func:`train_heads`."""
+    return train_heads(model, tokenizer, records, HeadSet.load(heads_json), args, out_dir, progress=progress,
+                       formatter=formatter)
+
+
+@contextlib.contextmanager
+def _frozen_base(model: Any) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+# ------------------------------------------------------------------------------ AER estimate
+def seconds_per_token(model: Any, pad_id: int, encoded: Sequence[Encoded], heads: Sequence[tuple[int, int]] | None,
+                      *, batch_size: int = 2, batches: int = 2) -> float:
+    """Forward+backward seconds per real token: all parameters (``heads=None``) or the ``H_T`` deltas only.
+
+    One untimed warm-up micro-batch, then ``batches`` timed ones (cycling over ``encoded``).
+    The model's weights and ``.grad`` are left as they were.
+    """
+    enc = [e for e in encoded if len(e) > 1]
+    if not enc:
+        raise CoreselectError("no example to time training steps on")
+    device = next(model.parameters()).device
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    delta = HeadDelta(model, heads) if heads is not None else None
+    for p, _, _ in flags:
+        p.requires_grad_(heads is None)
+    was_training = model.training
+    model.eval()
+    elapsed, n_tok = 0.0, 0
+    try:
+        ctx = delta.attached(model) if delta is not None else contextlib.nullcontext()
+        with ctx, torch.enable_grad():
+            for i in range(batches + 1):
+                pos = [(i * batch_size + j) % len(enc) for j in range(batch_size)]
+                batch = collate(enc, pos, pad_id, "right", device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).logits
+                ids = batch.input_ids
+                labels = torch.where(batch.attention_mask.bool(), ids, torch.full_like(ids, -100))
+                loss, cnt = masked_lm_loss(logits, labels)
+                (loss / max(cnt, 1)).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i > 0:
+                    elapsed += time.perf_counter() - t
+                    n_tok += batch.n_real_tokens
+                for p in model.parameters():
+                    p.grad = None
+    finally:
+        for p, f, g in flags:
+            p.requires_grad_(f)
+            p.grad = g
+        model.train(was_training)
+    return elapsed / max(n_tok, 1)
+
+
+def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequence[tuple[int, int]], *,
+                 selection_s: float, tokens_selected: int, tokens_pool: int, epochs: float = 4.0,
+                 batches: int = 2) -> dict[str, Any]:
+    """Estimated AER of "P2D-dagger selection + P2D-double-dagger training" vs full SFT (module doc)."""
+    full = seconds_per_token(model, pad_id, sample, None, batches=batches)
+    sparse = seconds_per_token(model, pad_id, sample, heads, batches=batches)
+    training_s = sparse * tokens_selected * epochs
+    full_sft_s = full * tokens_pool * epochs
+    return {
+        "aer": alignment_efficiency_ratio(selection_s, training_s, full_sft_s) if full_sft_s > 0 else None,
+        "selection_s": selection_s,
+        "training_s": training_s,
+        "full_sft_s": full_sft_s,
+        "estimated": True,
+        "how": "training terms = measured fwd+bwd seconds per token on the target examples x tokens x epochs; "
+               "optimizer step not timed (AER conservative)",
+        "s_per_token_heads": sparse,
+        "s_per_token_full": full,
+        "tokens_selected": tokens_selected,
+        "tokens_pool": tokens_pool,
+        "epochs": epochs,
+        "speedup": float(1.0 / alignment_efficiency_ratio(selection_s, training_s, full_sft_s))
+        if full_sft_s > 0 and selection_s + training_s > 0 else None,
+    }
+
+
+def train_heads_run(heads_json: str | Path, model: Any, tokenizer: Any, records: Sequence[Record], args: TrainArgs,
+                    out_dir: str | Path, *, formatter: Formatter | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """``coreselect train --heads``: :func:`train_heads_from_file` plus the run.json fields of a LoRA run.
+
+    The caller (``coreselect.train.command.train``) adds settings, versions, model and timings.
+    """
+    res = train_heads_from_file(model, tokenizer, records, heads_json, args, out_dir, progress=progress,
+                                formatter=formatter)
+    return {
+        "mode": "heads",
+        "heads": str(res.heads_path),
+        "delta": str(res.delta_path.resolve()),
+        "counts": {"records": len(records), "trained": len(records) - res.skipped, "skipped": res.skipped},
+        "steps": res.steps,
+        "first_loss": res.losses[0] if res.losses else None,
+        "final_loss": res.losses[-1] if res.losses else None,
+        "tokens": res.tokens,
+        "n_trainable": res.n_trainable,
+        "train_s": res.wall_s,
+        "apply": "coreselect.train.heads.apply_head_delta(base_model, DELTA)",
+    }

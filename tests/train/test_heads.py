@@ -1,0 +1,141 @@
+"""P2D sparse head adaptation: only the H_T slices move, GQA policy, the delta artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from coreselect.data.readers import read_records
+from coreselect.errors import CoreselectError
+from coreselect.methods.p2d import HeadGeometry, HeadSet
+from coreselect.models.loading import load_model
+from coreselect.train.heads import HeadDelta, apply_head_delta, head_slices, train_heads, train_heads_from_file
+from coreselect.train.lora import TrainArgs, eval_loss
+
+HEADS = [(1, 0), (1, 1), (3, 2)]  # layer 1: both query heads of KV head 0; layer 3: query head 2 -> KV head 1
+
+
+def test_gqa_slices_train_the_kv_head_of_any_selected_query_head():
+    g = HeadGeometry(n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16)
+    assert [g.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
+    sl = head_slices(HEADS, g)
+    assert sorted(sl) == [1, 3]
+    assert sl[1]["q_proj"].tolist() == list(range(0, 32)) and sl[1]["o_proj"].tolist() == list(range(0, 32))
+    assert sl[1]["k_proj"].tolist() == list(range(0, 16)) == sl[1]["v_proj"].tolist()  # shared KV head once
+    assert sl[3]["q_proj"].tolist() == list(range(32, 48))
+    assert sl[3]["k_proj"].tolist() == list(range(16, 32))
+    mha = head_slices([(0, 3)], HeadGeometry(1, 4, 4, 16))  # no GQA: exactly the head's own rows
+    assert mha[0]["k_proj"].tolist() == list(range(48, 64))
+
+
+def _selected(name: str, hs: list[tuple[int, int]], d: int = 16) -> tuple[int, str, list[int]] | None:
+    """(layer, axis, indices) of the trained slice of parameter ``name``, or None if untouched."""
+    parts = name.split(".")
+    if "self_attn" not in parts or not name.endswith("weight"):
+        return None
+    layer, proj = int(parts[parts.index("layers") + 1]), parts[-2]
+    g = HeadGeometry(4, 4, 2, d)
+    sl = head_slices(hs, g)
+    if layer not in sl:
+        return None
+    return layer, ("col" if proj == "o_proj" else "row"), sl[layer][proj].tolist()
+
+
+def _records(small_pool):
+    return list(read_records([small_pool[0]]))
+
+
+def test_sparse_training_moves_only_the_selected_slices_and_lowers_the_loss(tiny_model_dir, small_pool, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    records = _records(small_pool)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loss0 = eval_loss(model, tok, records, max_length=256)
+    args = TrainArgs(lr=5e-3, epochs=20, batch_size=4, grad_accum=1, max_steps=16, warmup_ratio=0.0,
+                     weight_decay=0.1, max_length=256, seed=0)
+    res = train_heads(model, tok, records, HEADS, args, tmp_path / "run", progress=False)
+    loss1 = eval_loss(model, tok, records, max_length=256)
+    assert loss1 < loss0 - 1e-3 and len(res.losses) == 16
+    assert res.n_trainable == 2 * (32 * 64) + 2 * (16 * 64) + (16 * 64) * 2 + 2 * (16 * 64)  # q+o, k+v per layer
+    after = model.state_dict()
+    changed = 0
+    for name, w0 in before.items():
+        w1 = after[name]
+        sel = _selected(name, HEADS)
+        if sel is None:
+            assert torch.equal(w0, w1), name
+            continue
+        _, axis, idx = sel
+        keep = torch.ones(w0.shape[0] if axis == "row" else w0.shape[1], dtype=torch.bool)
+        keep[idx] = False
+        if axis == "row":
+            assert torch.equal(w0[keep], w1[keep]), name
+            assert not torch.equal(w0[idx], w1[idx]), name
+        else:
+            assert torch.equal(w0[:, keep], w1[:, keep]), name
+            assert not torch.equal(w0[:, idx], w1[:, idx]), name
+        changed += 1
+    assert changed == 8  # q/k/v/o of layers 1 and 3
+
+    # the artifact holds only those slices and rebuilds the trained model on a fresh base
+    from safetensors.torch import load_file
+
+    t = load_file(str(res.delta_path))
+    assert {k.rsplit(".", 2)[0] for k in t} == {"layers.1", "layers.3"}
+    assert sum(v.numel() for k, v in t.items() if k.endswith(".weight")) == res.n_trainable
+    assert json.loads(res.heads_path.read_text())["heads"] == [list(h) for h in HEADS]
+    fresh, _ = load_model(str(tiny_model_dir), device="cpu")
+    apply_head_delta(fresh, res.delta_path)
+    for name, w in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], w), name
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["mode"] == "heads" and state["kv_policy"] == "any" and len(state["losses"]) == 16
+
+
+def test_delta_hooks_equal_the_merged_weights(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), device="cpu")
+    delta = HeadDelta(model, HEADS)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad(), delta.attached(model):
+        hooked = model(input_ids=ids).logits
+    from coreselect.train.heads import _merge
+
+    _merge(model, delta.tensors())
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
+
+
+def test_train_hook_reads_heads_json_and_apply_rejects_other_models(tiny_model_dir, small_pool, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    hs = HeadSet("tiny", "gradient", 0.1, [(0, 3)], n_layers=4, n_heads=4)
+    hs.save(tmp_path / "heads.json")
+    res = train_heads_from_file(model, tok, _records(small_pool), tmp_path / "heads.json",
+                                TrainArgs(lr=1e-3, max_steps=1, batch_size=2, grad_accum=1, max_length=256),
+                                tmp_path / "run", progress=False)
+    assert res.steps == 1 and res.delta_path.exists()
+    bad = HeadSet("tiny", "gradient", 0.1, [(5, 0)], n_layers=6, n_heads=4)
+    with pytest.raises(CoreselectError):
+        train_heads(model, tok, _records(small_pool), bad, TrainArgs(max_steps=1), tmp_path / "bad", progress=False)
+
+
+def test_cli_train_heads(tiny_model_dir, small_pool, tmp_path):
+    from coreselect.__main__ import main
+    from coreselect.train.command import is_trained
+
+    HeadSet("tiny", "gradient", 0.1, [(2, 1)], n_layers=4, n_heads=4).save(tmp_path / "heads.json")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(small_pool[0]), "--out", str(out),
+                 "--heads", str(tmp_path / "heads.json"), "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1",
+                 "--lr", "1e-3", "--device", "cpu", "--no-progress"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["mode"] == "heads" and info["steps"] == 2 and info["counts"]["trained"] == 8
+    assert (out / "heads_delta.safetensors").exists() and is_trained(out)
