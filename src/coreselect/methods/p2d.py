@@ -77,7 +77,14 @@ from coreselect.methods.trim_math import (
     token_saliency,
     token_scores,
 )
-from coreselect.models.runner import Batch, ModelRunner, _attention_module, _decoder_layers, token_budget_batches
+from coreselect.models.runner import (
+    Batch,
+    ModelRunner,
+    _attention_module,
+    _decoder_layers,
+    frozen_parameters,
+    token_budget_batches,
+)
 
 __all__ = [
     "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod", "attention_importance", "gradient_importance",
@@ -356,18 +363,6 @@ def per_example_loss(logits: Tensor, batch: Batch) -> Tensor:
     return ce.sum(-1) / keep.sum(-1).clamp(min=1).to(ce.dtype)
 
 
-@contextlib.contextmanager
-def _frozen(model: Any) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
 def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_tokens: int = 8192) -> np.ndarray:
     """``[L, H]`` ``sum_x |dL_x / d xi_{l,h}|`` at ``xi = 1`` (Michel et al., 2019; module doc)."""
     model = runner.model
@@ -376,7 +371,7 @@ def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_t
     was_training = model.training
     model.eval()
     try:
-        with _frozen(model), torch.enable_grad():
+        with frozen_parameters(model), torch.enable_grad():
             for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
                 batch = runner.collate(encoded, positions)
                 gates = torch.ones(geom.n_layers, len(positions), geom.n_heads, dtype=torch.float64,

@@ -101,6 +101,19 @@ def collate(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int, p
     )
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: Any) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter for the block, then restore the flags."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
 def _decoder_layers(base: Any) -> Any:
     """The ModuleList of decoder layers of a base model (``layers`` / ``h`` / ``blocks``)."""
     n = getattr(base.config, "num_hidden_layers", None)

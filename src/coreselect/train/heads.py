@@ -63,7 +63,7 @@ from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import atomic_path, write_json
 from coreselect.methods.p2d import HeadGeometry, HeadSet, decoder_layers
-from coreselect.models.runner import _attention_module, collate
+from coreselect.models.runner import _attention_module, collate, frozen_parameters
 from coreselect.progress import progress_bar
 from coreselect.train.lora import TrainArgs, _n_targets, _pad_id, _scheduler, make_labels, masked_lm_loss
 
@@ -271,7 +271,7 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     tokens = 0
     perm: list[int] = []
     model.train()
-    with _frozen_base(model), delta.attached(model), progress_bar(total=total, desc="train heads",
+    with frozen_parameters(model), delta.attached(model), progress_bar(total=total, desc="train heads",
                                                                   enabled=progress) as bar:
         for step in range(total):
             epoch, g = divmod(step, steps_per_epoch)
@@ -328,18 +328,6 @@ def train_heads_from_file(model: Any, tokenizer: Any, records: Sequence[Record],
     """The hook for ``coreselect train --heads heads.json``: load ``H_T`` and call :func:`train_heads`."""
     return train_heads(model, tokenizer, records, HeadSet.load(heads_json), args, out_dir, progress=progress,
                        formatter=formatter)
-
-
-@contextlib.contextmanager
-def _frozen_base(model: Any) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 # ------------------------------------------------------------------------------ AER estimate
