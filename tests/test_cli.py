@@ -136,3 +136,16 @@ def test_baselines_share_the_outputs(small_pool, tmp_path, method):
                  "--budget", "2", "--no-progress"]) == 0
     assert len((out / "coreset.jsonl").read_text().splitlines()) == 2
     assert pq.read_table(out / "scores.parquet").num_rows == 8
+
+
+def test_every_command_has_working_help(capsys):
+    from coreselect.__main__ import parser
+
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    assert {"select", "fingerprint", "score", "compare", "demo", "merge", "train", "eval", "experiment",
+            "heads", "report", "explain"} <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: coreselect " + name in capsys.readouterr().out

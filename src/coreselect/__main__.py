@@ -83,6 +83,15 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _heads(ns: argparse.Namespace) -> int:
+    from coreselect.methods.p2d import HeadsArgs, heads_command
+
+    args = build_args(HeadsArgs, ns)
+    hs = heads_command(args)
+    print(f"{hs.proxy}: {len(hs.heads)} of {hs.n_layers * hs.n_heads} heads -> {args.out}/heads.json, heads.png")
+    return 0
+
+
 def _eval(ns: argparse.Namespace) -> int:
     from coreselect.eval.command import EvalCommandArgs, evaluate_command, headline
 
@@ -149,6 +158,10 @@ def parser() -> argparse.ArgumentParser:
     cmd("demo", "run TRIM on the packaged default (SmolLM2-135M + a small real pool), offline", _demo, DemoArgs)
     cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train,
         TrainCommandArgs)
+    from coreselect.methods.p2d import HeadsArgs
+
+    cmd("heads", "P2D stage 1: locate the task-sensitive attention heads on the target (heads.json + heat map)",
+        _heads, HeadsArgs)
     cmd("eval", "evaluate a model (optionally with a LoRA adapter) on a task, write eval.json", _eval,
         EvalCommandArgs)
     cmd("experiment", "select, fine-tune and evaluate every method; write the Table 1 results", _experiment,

@@ -72,6 +72,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
         h = helps.get(f.name, "")
         if default not in (None, [], {}, ""):
             h += f" (default: {default})"
+        h = h.replace("%", "%%")  # argparse %-formats help strings
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": h.replace("%", "%%")}
         origin = typing.get_origin(tp)
         if tp is bool:

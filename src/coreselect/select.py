@@ -2,7 +2,10 @@
 
 Output folder layout::
 
-    DIR/shards/scores-00000.parquet   one per scored chunk, written as it finishes (resume)
+    DIR/shards/scores-00000.parquet   one per scored chunk, written as it finishes (resume);
+                                      shard ``j`` holds pool positions ``[j*S, (j+1)*S)``
+                                      (``S`` = ``--shard-records``) for streaming methods
+    DIR/run-shard-I.json              with ``--num-shards N --shard-index I`` (no merge yet)
     DIR/scores.parquet                index, id, source, n_tokens, n_scored, score, rank, selected
     DIR/coreset.jsonl                 the selected records verbatim, best first
     DIR/run.json                      settings, versions, counts, per-stage wall time
@@ -110,6 +113,57 @@ def existing_shards(out_dir: Path) -> dict[int, Path]:
     return found
 
 
+def owns_shard(j: int, num_shards: int = 1, shard_index: int = 0) -> bool:
+    """Whether shard chunk ``j`` belongs to process ``shard_index`` of ``num_shards``."""
+    return j % num_shards == shard_index
+
+
+def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int = 1, shard_index: int = 0,
+                *, resume: bool = False) -> tuple[list[int], list[int]]:
+    """``(done, todo)``: this process's shard chunks already complete on disk, and those left.
+
+    A complete shard ``j`` must hold exactly pool positions ``[j*S, min((j+1)*S, n_pool))``;
+    anything else means the pool or ``--shard-records`` changed since it was written.
+    """
+    n_chunks = -(-n_pool // shard_records)
+    mine = [j for j in range(n_chunks) if owns_shard(j, num_shards, shard_index)]
+    found = existing_shards(out_dir) if resume else {}
+    done = []
+    for j in mine:
+        if j not in found:
+            continue
+        lo, hi = j * shard_records, min((j + 1) * shard_records, n_pool)
+        try:
+            idx = pq.read_table(found[j], columns=["index"]).column(0).to_numpy()
+        except (OSError, pa.ArrowException) as e:
+            raise CoreselectError(f"{found[j]}: unreadable score shard ({e}); use --overwrite") from None
+        if len(idx) != hi - lo or (len(idx) and (idx.min() != lo or idx.max() != hi - 1)):
+            raise CoreselectError(f"{found[j]}: holds other pool positions than [{lo}, {hi}) (the pool or "
+                                  "--shard-records changed since the interrupted run; use --overwrite)")
+        done.append(j)
+    todo = [j for j in mine if j not in found]
+    return done, todo
+
+
+def check_coverage(table: pa.Table, n_pool: int, where: str = "scores") -> None:
+    """Every pool position ``0..n_pool-1`` must be scored exactly once."""
+    idx = np.sort(table.column("index").to_numpy())
+    if len(idx) == n_pool and (n_pool == 0 or (idx[0] == 0 and idx[-1] == n_pool - 1)) and \
+            (len(idx) < 2 or bool((np.diff(idx) == 1).all())):
+        return
+    dup = idx[1:][idx[1:] == idx[:-1]]
+    if dup.size:
+        raise CoreselectError(f"{where}: pool record index {int(dup[0])} is scored more than once "
+                              "(overlapping shards or mixed runs)")
+    beyond = idx[(idx < 0) | (idx >= n_pool)]
+    if beyond.size:
+        raise CoreselectError(f"{where}: score for index {int(beyond[0])} but the pool has {n_pool} records "
+                              "(the pool changed since scoring)")
+    missing = np.setdiff1d(np.arange(n_pool), idx)
+    raise CoreselectError(f"{where}: {missing.size} of {n_pool} pool records have no score "
+                          f"(first: index {int(missing[0])}; a shard process has not finished?)")
+
+
 def read_scores(paths: Sequence[Path]) -> pa.Table:
     tables = [pq.read_table(p, schema=SCORE_SCHEMA) for p in paths]
     if not tables:
@@ -165,10 +219,44 @@ def check_out_dir(out_dir: Path, *, overwrite: bool, resume: bool) -> None:
         raise CoreselectError(f"{out_dir}: output folder exists and is not empty (use --overwrite or --resume)")
 
 
-def clear_outputs(out_dir: Path) -> None:
-    """With ``--overwrite``: remove what a previous run in this folder left (score shards)."""
-    for p in (out_dir / "shards").glob("scores-*.parquet"):
-        p.unlink()
+def check_shard_out_dir(out_dir: Path, num_shards: int, shard_index: int, *, overwrite: bool,
+                        resume: bool) -> None:
+    """``check_out_dir`` for one of several shard processes sharing ``out_dir``: only this
+    process's own shards (or its ``run-shard-I.json``) count as a previous run."""
+    if resume or overwrite or not out_dir.exists():
+        return
+    own = [p for j, p in existing_shards(out_dir).items() if owns_shard(j, num_shards, shard_index)]
+    if own or (out_dir / f"run-shard-{shard_index}.json").exists():
+        raise CoreselectError(f"{out_dir}: holds shards of a previous shard-{shard_index} run "
+                              "(use --overwrite or --resume)")
+
+
+def clear_outputs(out_dir: Path, num_shards: int = 1, shard_index: int = 0) -> None:
+    """With ``--overwrite``: remove what a previous run in this folder left (score shards;
+    with several shard processes, only this one's)."""
+    for j, p in existing_shards(out_dir).items():
+        if owns_shard(j, num_shards, shard_index):
+            p.unlink()
+
+
+_SHARD_TMP = re.compile(r"\.scores-(\d+)\.parquet\..*\.tmp")
+
+
+def remove_stale_temp(out_dir: Path, num_shards: int = 1, shard_index: int = 0) -> int:
+    """Delete the temp files (``.NAME.XXXX.tmp``, see :func:`coreselect.io.atomic_path`) a killed
+    run left behind. With several shard processes sharing ``out_dir`` only this process's shard
+    temp files are touched (the others may be writing theirs right now)."""
+    n = 0
+    stale = list((out_dir / "shards").glob(".scores-*.tmp"))
+    if num_shards == 1:
+        stale += list(out_dir.glob(".*.tmp"))
+    for p in stale:
+        m = _SHARD_TMP.fullmatch(p.name)
+        if m and not owns_shard(int(m.group(1)), num_shards, shard_index):
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 def run_json(out_dir: Path) -> dict[str, Any]:

