@@ -1,0 +1,132 @@
+"""``coreselect experiment`` end to end on a tiny random-init Llama and a tiny user task, and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from coreselect import experiment as exp
+from coreselect.__main__ import main
+from coreselect.errors import ConfigError
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def config(tiny_model_dir, small_pool, tmp_path) -> Path:
+    pool, target = small_pool
+    qs = ["Where would you find a fox in the wild?", "What do people use to cut paper?",
+          "Which animal lives in the ocean?", "What do you wear on your feet?", "Where would you keep milk cold?"]
+    _write(tmp_path / "mc.jsonl", [{"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"],
+                                     "answer": i % 3} for i, q in enumerate(qs)])
+    (tmp_path / "toy.yaml").write_text("path: mc.jsonl\nkind: mc\nquestion_field: question\nchoices_field: choices\n"
+                                       "answer_field: answer\nshots_from_head: 1\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"""
+model: {tiny_model_dir}
+pool: [{pool}]
+targets: {{{tmp_path / 'toy.yaml'}: {target}}}
+methods: [trim, random]
+budgets: ["50%"]
+seeds: [0, 1]
+shots: {{toy: 1}}
+warmup_fraction: 0.25
+warmup_epochs: 1
+warmup_batch_size: 2
+warmup_grad_accum: 1
+select: {{layers: 2, max_length: 128}}
+train: {{lora_r: 4, lora_alpha: 8, epochs: 1, batch_size: 2, grad_accum: 1, max_length: 128, lr: 0.01}}
+out: {tmp_path / 'out'}
+progress: false
+""")
+    return cfg
+
+
+def _count(monkeypatch) -> dict[str, int]:
+    calls = {"warmup": 0, "select": 0, "train": 0, "eval": 0}
+    for name, attr in (("warmup", "warmup_model"), ("select", "select"), ("train", "train"),
+                       ("eval", "evaluate_command")):
+        real = getattr(exp, attr)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(exp, attr, wrapped)
+    return calls
+
+
+def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    calls = _count(monkeypatch)
+    assert main(["experiment", "--config", str(config)]) == 0
+    # one warmup shared by trim; 2 selections; 2 full-data + 2 x 2 coreset trainings; 1 + 2 + 4 evaluations
+    assert calls == {"warmup": 1, "select": 2, "train": 6, "eval": 7}
+    assert (out / "warmup" / "adapter" / "adapter_config.json").is_file()
+    for m in ("trim", "random"):
+        assert (out / "toy" / "select" / f"{m}-50pct" / "coreset.jsonl").is_file()
+        for s in (0, 1):
+            assert (out / "toy" / "train" / f"{m}-50pct-s{s}" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "toy" / "select" / "trim-50pct" / "run.json").read_text())["settings"]["warmup"] == \
+        str(out / "warmup" / "adapter")
+
+    md = (out / "results.md").read_text()
+    assert "| Method | toy | Average | Select (s) | Train (s) |" in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
+    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d\d \| – \| – \|", table[0])
+    for line in table[1:]:
+        assert re.match(r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| (–|\d+) \| \d+ \|", line), line
+    # the cell is the mean (population std) over the seeds of eval.json's accuracy, in %
+    accs = [100 * json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["acc"]
+            for s in (0, 1)]
+    assert f"| random | {statistics.fmean(accs):.2f} ({statistics.pstdev(accs):.2f}) |" in md
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["row"] for r in rows] == ["Pretrained", "Full-data", "trim", "random"]
+    assert rows[3]["n_seeds"] == "2" and float(rows[3]["toy_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-3)
+    assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
+
+    # a re-run does nothing but rebuild the table
+    calls.update(dict.fromkeys(calls, 0))
+    assert main(["experiment", "--config", str(config)]) == 0
+    assert calls == {"warmup": 1, "select": 0, "train": 0, "eval": 0}  # warmup_model returns the cached adapter
+
+    # lose one evaluation and one finished training: only those (and the stale evaluation) are redone
+    (out / "toy" / "eval" / "random-50pct-s1" / "eval.json").unlink()
+    shutil.rmtree(out / "toy" / "train" / "trim-50pct-s0" / "adapter")
+    calls.update(dict.fromkeys(calls, 0))
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(config)]) == 0
+    assert calls == {"warmup": 1, "select": 0, "train": 1, "eval": 2}
+    log = capsys.readouterr().out
+    assert "train toy/train/trim-50pct-s0: 4 records" in log and "select toy/trim-50pct: cached" in log
+
+    # a re-selected coreset makes its trainings and evaluations stale
+    shutil.rmtree(out / "toy" / "select" / "random-50pct")
+    calls.update(dict.fromkeys(calls, 0))
+    assert main(["experiment", "--config", str(config)]) == 0
+    assert calls == {"warmup": 1, "select": 1, "train": 2, "eval": 2}
+
+
+def test_bad_configs_fail_early(tmp_path, capsys):
+    args = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, methods=["nope"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown method"):
+        args.validate()
+    args = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, train={"model": "other"}, out=str(tmp_path))
+    with pytest.raises(ConfigError, match="train: unknown or experiment-owned key"):
+        args.validate()
+    with pytest.raises(ConfigError, match="targets must map"):
+        exp.ExperimentArgs(out=str(tmp_path)).validate()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("targets: {csqa: x.jsonl}\nmodles: [a]\n")
+    assert main(["experiment", "--config", str(cfg)]) == 2
+    assert "unknown key(s) modles" in capsys.readouterr().err
