@@ -8,8 +8,12 @@ b. padding efficiency (real / padded tokens) of token-budget batching vs fixed-s
    batches in pool order, on a mixed-length pool;
 c. peak RSS of a full ``select`` for pools of several sizes (one subprocess per size,
    ``resource.getrusage``), tiny model and short records;
-d. TRIM vs LESS cost ratio when ``coreselect.methods.baselines.model_based.LESSMethod``
-   exists (skipped otherwise).
+d. TRIM vs LESS total selection cost on one pool and model: one shared LoRA warmup
+   (>= 2 epoch-end checkpoints), then ``select`` with ``trim`` and with ``less`` reusing it;
+   wall times and forward / backward passes from each ``run.json``, and LESS / TRIM ratios
+   (scoring only, with the shared warmup, end to end). ``--less-records 0`` skips it.
+
+``--records 0`` skips (a) and (b); ``--rss-sizes ''`` skips (c).
 
 ``--model tiny`` (default) builds a random-init Llama + trained BPE tokenizer in a temp
 folder; ``--model smollm2`` uses the packaged SmolLM2-135M; any other value is passed to
@@ -182,12 +186,69 @@ def rss_sweep(sizes: list[int], model: str, batch_tokens: int, tmp: Path) -> lis
 # ----------------------------------------------------------------------------- (d)
 
 
-def less_ratio() -> str:
-    try:
-        from coreselect.methods.baselines.model_based import LESSMethod  # noqa: F401
-    except ImportError:
-        return "skipped (no coreselect.methods.baselines.model_based.LESSMethod)"
-    return "LESSMethod present; hook not wired yet"
+def less_vs_trim(model: str, n_records: int, device: str, batch_tokens: int, tmp: Path, *,
+                 warmup_fraction: float = 0.25, warmup_epochs: float = 2.0, lora_r: int = 8,
+                 short: bool = False, max_length: int = 2048, layers: int = 6) -> dict:
+    """TRIM vs LESS total selection cost on the same pool, model and warmup.
+
+    One shared LoRA warmup (``warmup_model``: ``warmup_fraction`` of the pool, ``warmup_epochs``
+    epochs, a checkpoint at every epoch end, so >= 2 checkpoints for LESS), then
+    ``select(method="trim")`` and ``select(method="less")`` both with
+    ``warmup=<tmp>/less-warm/warmup/adapter``; LESS finds the ``checkpoint-*`` folders beside it.
+    Figures come from each run's ``run.json`` (``timings``, ``cost``).
+    """
+    from coreselect.api import SelectArgs, scan_pool, select, warmup_model
+
+    pool = write_jsonl(tmp / "less-pool.jsonl", synth_records(n_records, seed=2, short=short))
+    target = write_jsonl(tmp / "less-target.jsonl", synth_records(8, seed=3, short=short))
+    common = dict(pool=[str(pool)], target=[str(target)], model=model, device=device, batch_tokens=batch_tokens,
+                  max_length=max_length, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
+                  warmup_lora_r=lora_r, warmup_lora_alpha=4 * lora_r, warmup_lr=1e-4, warmup_batch_size=2,
+                  warmup_grad_accum=2, budget="10%", layers=layers, progress=False)
+    wargs = SelectArgs(out=str(tmp / "less-warm"), warmup="auto", **common)
+    n_pool, _ = scan_pool(wargs)
+    t = time.perf_counter()
+    adapter, winfo = warmup_model(wargs, tmp / "less-warm", n_pool)
+    w_wall = time.perf_counter() - t
+    runs = {}
+    for method in ("trim", "less"):
+        info = select(SelectArgs(out=str(tmp / f"less-{method}"), method=method, warmup=str(adapter), **common))
+        tm, cost = info["timings"], info["cost"]
+        runs[method] = {"fit_s": tm["fit_s"], "score_s": tm["score_s"], "scoring_s": tm["fit_s"] + tm["score_s"],
+                        "total_s": tm["total_s"], "forward_passes": cost["forward_passes"],
+                        "backward_passes": cost["backward_passes"], "peak_memory_mb": cost["peak_memory_mb"]}
+        if method == "less":
+            runs[method]["checkpoints"] = len(info["method_settings"]["checkpoints"])
+            runs[method]["feature_dim"] = info["method_settings"]["feature_dim"]
+            runs[method]["pool_gradient"] = info["method_settings"]["pool_gradient"]
+        print(f"  (d) {method}: {runs[method]}", file=sys.stderr)
+    n_w = int(winfo.get("n_records", 0))
+    warm = {"wall_s": w_wall, "records": n_w, "epochs": warmup_epochs, "steps": winfo.get("steps"),
+            "checkpoints": len(winfo.get("checkpoints", [])), "lora_r": lora_r,
+            # every warmup record is one forward + one backward per epoch (micro-batches of 2)
+            "record_fwd_bwd": int(round(n_w * warmup_epochs))}
+    tr, le = runs["trim"], runs["less"]
+    return {"model": model, "records": n_records, "trim_layers": layers, "target": 8, "short": short,
+            "warmup": warm, "trim": tr, "less": le, "ratio_scoring": le["scoring_s"] / tr["scoring_s"],
+            "ratio_with_warmup": (w_wall + le["scoring_s"]) / (w_wall + tr["scoring_s"]),
+            "ratio_end_to_end": (w_wall + le["total_s"]) / (w_wall + tr["total_s"])}
+
+
+def less_rows(d: dict) -> list[tuple[str, str]]:
+    w, tr, le = d["warmup"], d["trim"], d["less"]
+    tag = f"[{d['model'] if len(d['model']) < 12 else 'model'}, {d['records']} rec]"
+    return [
+        (f"(d) {tag} shared warmup wall (s)", f"{w['wall_s']:.1f}"),
+        ("(d)   warmup: records x epochs, steps, ckpts",
+         f"{w['records']}x{w['epochs']:g},{w['steps']},{w['checkpoints']}"),
+        ("(d)   TRIM Stage I+II wall (s)", f"{tr['scoring_s']:.2f}"),
+        ("(d)   TRIM fwd / bwd passes", f"{tr['forward_passes']}/{tr['backward_passes']}"),
+        ("(d)   LESS scoring wall (fit+score) (s)", f"{le['scoring_s']:.2f}"),
+        (f"(d)   LESS fwd / bwd passes ({le['checkpoints']} ckpts)", f"{le['forward_passes']}/{le['backward_passes']}"),
+        ("(d)   LESS / TRIM, scoring only", f"{d['ratio_scoring']:.1f}x"),
+        ("(d)   LESS / TRIM, incl. shared warmup", f"{d['ratio_with_warmup']:.2f}x"),
+        ("(d)   LESS / TRIM, end to end (+ loads, I/O)", f"{d['ratio_end_to_end']:.2f}x"),
+    ]
 
 
 def main() -> None:
@@ -197,6 +258,10 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--rss-sizes", default="1000,10000,100000", help="pool sizes for (c); empty to skip")
+    p.add_argument("--less-records", type=int, default=60, help="pool size for (d) TRIM vs LESS; 0 to skip")
+    p.add_argument("--less-model", help="model for (d) (default: --model)")
+    p.add_argument("--less-short", action="store_true", help="(d) on short records (3-8 words per turn)")
+    p.add_argument("--less-max-length", type=int, default=2048, help="(d) truncate records to this many tokens")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--_rss-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_tmp", help=argparse.SUPPRESS)
@@ -209,30 +274,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="coreselect-bench-") as d:
         tmp = Path(d)
         model = resolve_model(a.model, tmp)
-        res = {"model": a.model, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
-        res["throughput"] = throughput(model, a.records, a.device, a.batch_tokens, tmp)
+        res = {"model": a.model, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+               "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
+        res["throughput"] = throughput(model, a.records, a.device, a.batch_tokens, tmp) if a.records > 0 else None
         sizes = [int(s) for s in a.rss_sizes.split(",") if s.strip()]
-        tiny = model if a.model == "tiny" else str(build_tiny(tmp / "tiny-rss", hidden=32, layers=1))
-        res["rss"] = rss_sweep(sizes, tiny if a.model == "tiny" else tiny, a.batch_tokens, tmp) if sizes else []
-        res["less"] = less_ratio()
+        tiny = model if a.model == "tiny" else str(build_tiny(tmp / "tiny-rss", hidden=32, layers=1)) if sizes else ""
+        res["rss"] = rss_sweep(sizes, tiny, a.batch_tokens, tmp) if sizes else []
+        if a.less_records > 0:
+            lm = a.less_model or a.model
+            lpath = model if lm == a.model else resolve_model(lm, tmp)
+            res["less"] = less_vs_trim(lpath, a.less_records, a.device, a.batch_tokens, tmp, short=a.less_short,
+                                       max_length=a.less_max_length, layers=2 if lm == "tiny" else 6)
+            res["less"]["model"] = lm
+        else:
+            res["less"] = None
+        res["loadavg_end"] = os.getloadavg()
+    print(f"\nmodel={a.model} torch_threads={res['torch_threads']} cpus={res['cpu_count']} "
+          f"cuda={res['cuda']} batch_tokens={a.batch_tokens} loadavg start={res['loadavg_start'][0]:.2f} "
+          f"end={res['loadavg_end'][0]:.2f}")
+    rows: list[tuple[str, str]] = []
     t = res["throughput"]
-    print(f"\nmodel={a.model} device={t['device']} dtype={t['dtype']} torch_threads={t['torch_threads']} "
-          f"cpus={res['cpu_count']} records={t['records']} tokens={t['tokens']} batch_tokens={a.batch_tokens}")
-    print(f"{'measure':48s} {'value':>12s}")
-    rows = [
-        ("(a) bare forward tokens/s", f"{t['bare_tokens_per_s']:.0f}"),
-        ("(a) TRIM Stage II tokens/s", f"{t['trim_tokens_per_s']:.0f}"),
-        ("(a) TRIM / bare throughput ratio (target >= 0.9)", f"{t['ratio']:.3f}"),
-        ("(b) padding eff., token-budget batches", f"{t['pad_eff_token_budget']:.3f}"),
-        (f"(b) padding eff., fixed {t['fixed_batch_size']}-record batches", f"{t['pad_eff_fixed']:.3f}"),
-        ("(b) ratio token-budget / fixed", f"{t['pad_eff_token_budget'] / t['pad_eff_fixed']:.2f}x"),
-    ]
+    if t:
+        print(f"(a)/(b): device={t['device']} dtype={t['dtype']} records={t['records']} tokens={t['tokens']}")
+        rows += [
+            ("(a) bare forward tokens/s", f"{t['bare_tokens_per_s']:.0f}"),
+            ("(a) TRIM Stage II tokens/s", f"{t['trim_tokens_per_s']:.0f}"),
+            ("(a) TRIM / bare throughput ratio (target >= 0.9)", f"{t['ratio']:.3f}"),
+            ("(b) padding eff., token-budget batches", f"{t['pad_eff_token_budget']:.3f}"),
+            (f"(b) padding eff., fixed {t['fixed_batch_size']}-record batches", f"{t['pad_eff_fixed']:.3f}"),
+            ("(b) ratio token-budget / fixed", f"{t['pad_eff_token_budget'] / t['pad_eff_fixed']:.2f}x"),
+        ]
     rows += [(f"(c) peak RSS, {r['records']} records (MiB)", f"{r['peak_rss_mib']:.0f}") for r in res["rss"]]
-    rows += [("(d) TRIM vs LESS cost", res["less"])]
+    if res["less"]:
+        rows += less_rows(res["less"])
+    print(f"{'measure':52s} {'value':>14s}")
     for k, v in rows:
-        print(f"{k:48s} {v:>12s}")
+        print(f"{k:52s} {v:>14s}")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        Path(a.json).write_text(json.dumps(res, indent=2, default=str))
 
 
 if __name__ == "__main__":

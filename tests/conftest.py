@@ -64,6 +64,17 @@ def make_tiny_model(out: Path, *, layers: int = 4, hidden: int = 64, seed: int =
     return out
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models run far faster single-threaded on a small, shared CPU (no OpenMP spin-waits)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -31,15 +31,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The test machine is small and shared: OpenMP spin-waiting on 2 busy cores is 50x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pool(tmp_path: Path) -> tuple[Path, Path]:

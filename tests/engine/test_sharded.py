@@ -11,14 +11,7 @@ from coreselect.__main__ import main
 from conftest import chat, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

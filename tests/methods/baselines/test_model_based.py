@@ -56,13 +56,7 @@ def pool() -> list[Record]:
     return recs + [rec(6, t[0].content, t[1].content), rec(7, *QA[1])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(model_dir: Path):
