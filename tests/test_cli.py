@@ -36,6 +36,8 @@ def test_select_writes_every_output(tiny_model_dir, small_pool, tmp_path):
     assert run["counts"]["pool"] == 8 and run["counts"]["selected"] == 3
     assert run["settings"]["layers"] == 2 and "torch" in run["versions"]
     assert run["stats"]["stage2"]["tokens_per_s"] > 0
+    assert run["cost"]["forward_passes"] == 8 + 2 and run["cost"]["backward_passes"] == 0
+    assert run["cost"]["peak_memory_mb"] > 0 and run["cost"]["wall_s"] > 0
 
 
 def test_fingerprint_then_score_equals_select(tiny_model_dir, small_pool, tmp_path):

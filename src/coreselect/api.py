@@ -19,7 +19,7 @@ from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
 from coreselect.methods import MODEL_BASED
-from coreselect.methods.base import SelectionMethod
+from coreselect.methods.base import SelectionMethod, peak_memory_mb
 from coreselect.select import (
     check_coverage,
     check_out_dir,
@@ -425,6 +425,8 @@ def select(args: SelectArgs) -> dict[str, Any]:
                          "dtype": str(next(ctx.model.parameters()).dtype), "device": str(ctx.runner.device),
                          "warmup": ctx.warmup}
     method.cost.wall_s = timings["fit_s"] + timings["score_s"]
+    method.cost.peak_memory_mb = max(method.cost.peak_memory_mb,
+                                     peak_memory_mb(ctx.runner.device if ctx is not None else "cpu"))
     info["cost"] = asdict(method.cost)
     if hasattr(method, "run_info"):  # method-specific run.json keys (P2D: "aer")
         info.update(method.run_info(table, info))  # type: ignore[attr-defined]

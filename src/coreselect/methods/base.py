@@ -29,6 +29,17 @@ class Cost:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def peak_memory_mb(device: Any = "cpu") -> float:
+    """Peak memory: CUDA max allocated on a GPU, else the process's max RSS (Linux reports KiB)."""
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class SelectionMethod(ABC):
     """Base class. Subclasses set ``name`` and implement ``fit`` and ``score``."""
 

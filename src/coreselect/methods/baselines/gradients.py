@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,8 +276,3 @@ def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[En
     return torch.cat(feats) if feats else torch.zeros(0, k)
 
 
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory: CUDA max allocated on a GPU, else the process's max RSS (Linux: KiB)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -22,7 +22,7 @@ import torch
 
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod
+from coreselect.methods.base import ScoreChunk, SelectionMethod, peak_memory_mb
 from coreselect.methods.baselines.gradients import (
     AdapterSwitcher,
     FeatureStats,
@@ -30,7 +30,6 @@ from coreselect.methods.baselines.gradients import (
     adam_moments,
     gradient_features,
     load_checkpoints,
-    peak_memory_mb,
     per_example_losses,
     warmup_checkpoints,
 )
