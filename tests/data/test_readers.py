@@ -368,3 +368,16 @@ def test_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CoreselectError) as info:
         list(read_records(["org/other"]))
     assert "org/other" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_path_under_a_local_folder_is_not_a_hub_name(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("tried the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CoreselectError, match="no such file"):
+        list(read_records(["data/pool"]))

@@ -273,7 +273,10 @@ def _open_source(p: str | os.PathLike[str]) -> _Source:
     file = file.decode() if isinstance(file, bytes) else file
     path = Path(file)
     hub = _HUB_RE.match(file)
-    if file.startswith("hf:") or (hub and not path.exists() and not file.lower().endswith(_KNOWN_SUFFIXES)):
+    # "org/name" that does not exist is a hub name, unless "org/" is a local folder (then it is a missing path)
+    local_parent = hub is not None and not file.startswith("hf:") and path.parent.is_dir() and str(path.parent) != "."
+    if file.startswith("hf:") or (hub and not path.exists() and not local_parent
+                                  and not file.lower().endswith(_KNOWN_SUFFIXES)):
         if hub is None:
             raise CoreselectError(f"{file}: not a Hub dataset name (expected hf:org/name[:split])")
         name, split = hub["name"], hub["split"]
