@@ -60,3 +60,17 @@ def test_select_with_auto_warmup_trains_and_reuses_adapter(tiny_model_dir, small
     assert main([*args, "--warmup", "none", "--out", str(tmp_path / "w3")]) == 0
     base = pq.read_table(tmp_path / "w3" / "scores.parquet").column("score").to_pylist()
     assert base != first
+
+
+def test_compare_aer_column_only_for_methods_that_report_it(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "p2d,random", "--model", str(tiny_model_dir), "--pool", str(pool),
+                 "--target", str(target), "--budget", "3", "--out", str(out), "--no-progress", "--warmup", "none",
+                 "--max-length", "128"]) == 0
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    aer = json.loads((out / "p2d" / "run.json").read_text())["aer"]["aer"]
+    assert float(rows[0]["aer"]) == round(aer, 4) and aer > 0 and rows[1]["aer"] == ""
+    md = (out / "comparison.md").read_text()
+    assert "| median len | AER |" in md and "lower is better" in md
+    assert f"| {round(aer, 4):.3f} |" in md.splitlines()[4] and md.splitlines()[5].endswith("| |")

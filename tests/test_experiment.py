@@ -83,7 +83,7 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     assert "| Method | toy | Average | Select (s) | Train (s) |" in md
     table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
     assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
-    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d\d \| – \| – \|", table[0])
+    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d\d \| – \| – \| – \|", table[0])
     for line in table[1:]:
         assert re.match(r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| (–|\d+) \| \d+ \|", line), line
     # the cell is the mean (population std) over the seeds of eval.json's accuracy, in %
@@ -115,6 +115,48 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(config)]) == 0
     assert calls == {"warmup": 1, "select": 1, "train": 2, "eval": 2}
+
+
+def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
+    """P2D / P2D-dagger / P2D-double-dagger rows next to Random, each with an AER."""
+    text = config.read_text().replace("methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random]")
+    config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "include_full_data: false\n")
+    out = tmp_path / "out"
+    calls = _count(monkeypatch)
+    assert main(["experiment", "--config", str(config)]) == 0
+    # no warmup (P2D scores with the base model); p2d and random selected once each, shared by the rows
+    assert calls == {"warmup": 0, "select": 2, "train": 4, "eval": 5}
+    p2d_sel = out / "toy" / "select" / "p2d-50pct"
+    assert json.loads((p2d_sel / "run.json").read_text())["settings"]["warmup"] == "none"
+    for m in ("p2d", "p2d_train"):  # heads-only: a head delta trained on the task's heads, no LoRA adapter
+        run = json.loads((out / "toy" / "train" / f"{m}-50pct-s0" / "run.json").read_text())
+        assert run["mode"] == "heads" and run["settings"]["heads"] == str(p2d_sel / "heads.json")
+        assert json.loads((out / "toy" / "eval" / f"{m}-50pct-s0" / "eval.json").read_text())["adapter"] \
+            .endswith("heads_delta.safetensors")
+    assert json.loads((out / "toy" / "train" / "p2d_train-50pct-s0" / "run.json").read_text())["settings"]["data"] \
+        == [str(out / "toy" / "select" / "random-50pct" / "coreset.jsonl")]
+    assert (out / "toy" / "train" / "p2d_select-50pct-s0" / "adapter" / "adapter_config.json").is_file()
+
+    md = (out / "results.md").read_text()
+    assert "| Method | toy | Average | Select (s) | Train (s) | AER |" in md and "lower is better" in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert [line.split(" | ")[0][2:] for line in table] == \
+        ["Pretrained", "P2D", "P2D† (select only)", "P2D‡ (heads only, random data)", "random"]
+    for line in table[1:]:
+        assert re.fullmatch(r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+\.\d{3} \|", line), line
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["aer"] == "" and all(float(r["aer"]) > 0 for r in rows[1:])
+    info = json.loads((out / "experiment.json").read_text())
+    assert info["full_sft"]["measured"] is False and "estimated" in info["full_sft"]["how"]
+    assert info["full_sft"]["full_sft_s"] > 0
+    # AER = (selection / tasks + training) / full SFT
+    p2d = next(r for r in info["rows"] if r["method"] == "p2d")
+    assert p2d["aer"] == pytest.approx((p2d["select_s"] + p2d["train_s"]) / info["full_sft"]["full_sft_s"])
+
+    calls.update(dict.fromkeys(calls, 0))  # a re-run reuses everything, the AER denominator included
+    assert main(["experiment", "--config", str(config)]) == 0
+    assert calls == {"warmup": 0, "select": 0, "train": 0, "eval": 0}
+    assert json.loads((out / "experiment.json").read_text())["full_sft"] == info["full_sft"]
 
 
 def test_bad_configs_fail_early(tmp_path, capsys):

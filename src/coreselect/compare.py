@@ -5,7 +5,9 @@ run lands in ``DIR/<method>/`` (the usual coreset.jsonl / scores.parquet / run.j
 ``DIR/comparison.md`` / ``comparison.csv`` hold, per method: selection wall time, forward
 and backward passes, peak memory, the coreset's source mix, mean / median token length of
 the coreset vs the pool (the paper's length-bias analysis, Fig. 3), and the pairwise
-Jaccard overlap of the coresets; ``source_mix.png`` and ``lengths.png`` plot them.
+Jaccard overlap of the coresets; ``source_mix.png`` and ``lengths.png`` plot them. When a
+method's run.json carries an ``aer`` (P2D's estimated Alignment Efficiency Ratio), an
+``aer`` column is added, blank for the methods without one (no cost is estimated for them).
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
     pool_len = np.array([lengths[int(i)] for i in index])
     pool_mix = collections.Counter(sources)
     chosen = {m: set(t.filter(t.column("selected")).column("index").to_pylist()) for m, t in tables.items()}
+    aers = {m: _aer(runs[m]) for m in methods}
+    has_aer = any("aer" in runs[m] for m in methods)
     rows = []
     for m in methods:
         cost = runs[m].get("cost", {})
@@ -122,6 +126,7 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
             "forward_passes": int(cost.get("forward_passes", 0)),
             "backward_passes": int(cost.get("backward_passes", 0)),
             "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
+            **({"aer": None if aers[m] is None else round(aers[m], 4)} if has_aer else {}),
             "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
             "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
             "pool_mean_len": round(float(pool_len.mean()), 1),
@@ -133,6 +138,13 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
     _write_md(out / "comparison.md", rows, overlap, pool_mix, args)
     _plots(out, methods, rows, pool_mix, chosen, lengths, pool_len)
     return rows
+
+
+def _aer(run: dict[str, Any]) -> float | None:
+    """The AER in a run.json (``{"aer": {"aer": x, ...}}`` as P2D writes it, or a bare number)."""
+    v = run.get("aer")
+    v = v.get("aer") if isinstance(v, dict) else v
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -153,13 +165,20 @@ def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[st
               pool_mix: collections.Counter, args: SelectArgs) -> None:
     n_pool = sum(pool_mix.values())
     srcs = sorted(pool_mix)
+    has_aer = "aer" in rows[0]
     lines = [f"# Comparison: budget {args.budget} of {n_pool} records, model `{args.model}`", "",
-             "| method | wall s | fwd | bwd | peak MB | mean len | median len |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | wall s | fwd | bwd | peak MB | mean len | median len |" + (" AER |" if has_aer else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_aer else "")]
     for r in rows:
+        aer = (f" {r['aer']:.3f} |" if r["aer"] is not None else " |") if has_aer else ""
         lines.append(f"| {r['method']} | {r['wall_s']:.1f} | {r['forward_passes']} | {r['backward_passes']} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |")
-    lines.append(f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |")
+                     f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |" + aer)
+    lines.append(f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |"
+                 + (" |" if has_aer else ""))
+    if has_aer:
+        lines += ["", "AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
+                  "full-data full-parameter SFT time; P2D estimates it for heads-only training of its coreset "
+                  "(coreselect.train.heads.estimate_aer). Blank: the method reports none."]
     lines += ["", "## Source mix (% of the coreset)", "", "| method | " + " | ".join(srcs) + " |",
               "| --- |" + " ---: |" * len(srcs)]
     for r in rows:

@@ -5,6 +5,25 @@ copy of the base model with LoRA on it once per seed, evaluate it on the task, a
 accuracy as "mean (std)" over seeds with a macro average, plus the rows *Pretrained* (no
 fine-tuning) and *Full-data* (fine-tuned on the whole pool).
 
+P2D rows (paper 003; ``methods:`` keys of :data:`P2D_ROWS`): ``p2d`` selects with
+``--method p2d`` and trains only the task-sensitive heads ``H_T`` (``train --heads``);
+``p2d_select`` (P2D-dagger) trains LoRA on the p2d coreset; ``p2d_train``
+(P2D-double-dagger) trains the heads on the Random row's coreset (same budget and seed,
+so it differs from Random by the training only). P2D selections always score with the
+base model (``warmup: none``: the paper locates heads on the base model). The heads of a
+heads-only run are the ``heads.json`` that the p2d selection of the same task and budget
+saved (for ``p2d_train`` that selection is run too, cached like any other), so P2D-double-
+dagger is exactly P2D with its data swapped for random data. Heads-only runs are
+evaluated by adding ``heads_delta.safetensors`` onto a fresh base model.
+
+Every fine-tuned row gets an AER (paper 003's Alignment Efficiency Ratio, lower is better)::
+
+    AER = (Select (s) / n_tasks + Train (s)) / full-data full-parameter SFT wall time
+
+i.e. one task's selection (the shared warmup amortized over the tasks) plus one training
+run. The Full-data row trains LoRA, so the denominator is estimated once per experiment
+(:func:`estimate_full_sft`, cached in ``full_sft.json`` and recorded in ``experiment.json``).
+
 Layout of ``out`` (every stage is skipped when its output is complete and newer than its
 input: a training is redone when its coreset was rewritten, an evaluation when its adapter
 was; so a re-run resumes where the previous one stopped, and interrupted selections and
@@ -14,8 +33,9 @@ trainings continue from their own shards / checkpoints)::
     warmup/adapter/                        ONE LoRA warmup (model-based methods), shared by all tasks
     full/train/full-s{seed}/               full-data fine-tuning (task independent)
     {task}/select/{method}-{budget}/       coreset.jsonl, scores.parquet, run.json
-    {task}/train/{method}-{budget}-s{seed}/adapter/, run.json
+    {task}/train/{method}-{budget}-s{seed}/adapter/ (or heads_delta.safetensors), run.json
     {task}/eval/{name}/eval.json           name: pretrained, full-s{seed}, {method}-{budget}-s{seed}
+    full_sft.json                          the estimated full-parameter SFT time (AER denominator)
     results.md, results.csv, experiment.json
 """
 
@@ -26,6 +46,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -46,7 +67,28 @@ __all__ = ["ExperimentArgs", "experiment", "collect_results", "write_results"]
 _SELECT_OWN = {"pool", "target", "out", "method", "model", "budget", "warmup", "dtype", "device", "progress",
                "overwrite", "resume"}
 #: ``TrainCommandArgs`` fields the experiment sets itself (not allowed under ``train:``).
-_TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume"}
+_TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume", "heads"}
+
+#: P2D rows: ``methods:`` key -> (selection method, heads-only training?, row label).
+P2D_ROWS: dict[str, tuple[str, bool, str]] = {
+    "p2d": ("p2d", True, "P2D"),
+    "p2d_select": ("p2d", False, "P2D† (select only)"),
+    "p2d_train": ("random", True, "P2D‡ (heads only, random data)"),
+}
+#: Pool records whose full-parameter forward+backward is timed for the AER denominator
+#: (``batches`` micro-batches of the training batch size, after one untimed one).
+AER_SAMPLE_BATCHES = 3
+
+
+def row_plan(method: str) -> tuple[str, bool, str]:
+    """``(selection method, heads-only training?, row label)`` of a ``methods:`` entry."""
+    return P2D_ROWS.get(method, (method, False, method))
+
+
+def _uses_warmup(method: str) -> bool:
+    """Whether a row's selection scores with the shared warmup (P2D never does)."""
+    sel = row_plan(method)[0]
+    return sel in MODEL_METHODS and sel != "p2d"
 
 
 @dataclass
@@ -59,7 +101,8 @@ class ExperimentArgs:
         pool_per_source: records per source for ``pool: embedded`` (8 sources).
         targets: mapping task -> target file (``embedded`` = the packaged 5 targets); the task
             is a packaged name (csqa, siqa, hellaswag, gsm8k, ...) or a user task ``.yaml``.
-        methods: selection methods (trim, random, bm25, dsir, ...).
+        methods: selection methods (trim, random, bm25, dsir, ...), and the P2D rows
+            ``p2d`` / ``p2d_select`` / ``p2d_train`` (:data:`P2D_ROWS`).
         budgets: coreset sizes (``5%`` or counts).
         seeds: fine-tuning seeds; one fresh model per (task, method, budget, seed).
         shots: mapping task -> in-context exemplars (default: the paper's Table 6).
@@ -131,9 +174,10 @@ class ExperimentArgs:
             raise ConfigError("targets must map each task to its target file, e.g. {csqa: target_csqa.jsonl}")
         if not self.methods or not self.budgets or not self.seeds:
             raise ConfigError("methods, budgets and seeds must each list at least one value")
-        unknown = [m for m in self.methods if m not in known_methods()]
+        unknown = [m for m in self.methods if m not in known_methods() and m not in P2D_ROWS]
         if unknown:
-            raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(known_methods())})")
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted({*known_methods(), *P2D_ROWS}))})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         if not self.out:
@@ -202,7 +246,7 @@ def _newer(src: Path, done: Path) -> bool:
 
 def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
     """The shared scorer warmup (``out/warmup/adapter``), trained once; ``None`` = base model."""
-    if not any(m in MODEL_METHODS for m in args.methods) or args.warmup == "none":
+    if not any(_uses_warmup(m) for m in args.methods) or args.warmup == "none":
         return None
     if args.warmup != "auto":
         return args.warmup
@@ -237,26 +281,37 @@ def run_select(args: ExperimentArgs, pool: list[str], target: str, method: str, 
     return out
 
 
-def run_train(args: ExperimentArgs, data: str, seed: int, out: Path) -> Path:
-    """One fine-tuning run of a fresh base model (cached when ``adapter/`` and ``run.json`` exist)."""
-    if is_trained(out) and not _newer(Path(data), out / "run.json"):
+def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path | None = None) -> Path:
+    """One fine-tuning run of a fresh base model (cached when ``adapter/`` and ``run.json`` exist).
+
+    With ``heads`` (a ``heads.json``) only those heads are trained (``train --heads``) and
+    the returned path is ``heads_delta.safetensors``; the run is redone when the coreset
+    or the heads were rewritten after it. Heads-only runs have no checkpoints, so an
+    interrupted one starts over.
+    """
+    result = out / ("heads_delta.safetensors" if heads else "adapter")
+    inputs = [Path(data), *([heads] if heads else [])]
+    if is_trained(out) and not any(_newer(p, out / "run.json") for p in inputs):
         _say(f"train {out.relative_to(Path(args.out))}: cached")
-        return out / "adapter"
-    if is_trained(out):  # the coreset was re-selected after this run: start over
+        return result
+    if is_trained(out):  # the coreset (or heads) was re-selected after this run: start over
         import shutil
 
         shutil.rmtree(out)
     targs = TrainCommandArgs(model=args.model, data=[data], out=str(out), seed=seed, dtype=args.dtype,
-                             device=args.device, progress=args.progress, resume=out.exists(), **args.train)
+                             device=args.device, progress=args.progress, resume=out.exists() and heads is None,
+                             overwrite=out.exists() and heads is not None, heads=str(heads) if heads else None,
+                             **args.train)
     info = train(targs)
     _say(f"train {out.relative_to(Path(args.out))}: {info['counts']['trained']} records, {info['steps']} steps, "
-         f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)")
-    return out / "adapter"
+         f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)"
+         + (" [heads only]" if heads else ""))
+    return result
 
 
 def run_eval(args: ExperimentArgs, task: str, task_obj: Any, adapter: Path | None, out: Path,
              loaded: dict[str, Any]) -> dict[str, Any]:
-    """One evaluation (cached when ``eval.json`` exists)."""
+    """One evaluation (cached when ``eval.json`` exists); ``adapter``: a LoRA folder or a head delta file."""
     path = out / "eval.json"
     if path.is_file() and not (adapter is not None and _newer(adapter.parent / "run.json", path)):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
@@ -268,16 +323,76 @@ def run_eval(args: ExperimentArgs, task: str, task_obj: Any, adapter: Path | Non
                             progress=args.progress)
     model = tok = None
     if adapter is None:  # the base model is loaded once and reused by every task
-        if "base" not in loaded:
-            from coreselect.models.loading import load_model
-
-            loaded["base"] = load_model(args.model, dtype=args.dtype, device=args.device)
-        model, tok = loaded["base"]
+        model, tok = base_model(args, loaded)
     res = evaluate_command(eargs, model=model, tokenizer=tok, task=task_obj)
     m = metric_name(res)
     _say(f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items "
          f"({res['timings']['eval_s']:.0f} s)")
     return res
+
+
+def base_model(args: ExperimentArgs, loaded: dict[str, Any]) -> tuple[Any, Any]:
+    """The base model and tokenizer, loaded once per invocation (never modified)."""
+    if "base" not in loaded:
+        from coreselect.models.loading import load_model
+
+        loaded["base"] = load_model(args.model, dtype=args.dtype, device=args.device)
+    return loaded["base"]
+
+
+def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: dict[str, Any]) -> dict[str, Any]:
+    """The AER denominator: full-data full-parameter SFT wall time on this hardware, estimated.
+
+    The Full-data row trains LoRA, so full-parameter SFT is never run; instead
+    :func:`coreselect.train.heads.seconds_per_token` times full-parameter forward+backward
+    passes on a seeded sample of pool records (formatted as for training), and
+    ``full_sft_s = s/token x pool tokens x train epochs``. The optimizer step is not timed,
+    which under-estimates the denominator (AERs come out conservative, i.e. too high).
+    Cached in ``out/full_sft.json`` and reused while the model, pool, training recipe,
+    dtype/device and hardware are the same; a failed estimate (e.g. out of memory) is not
+    cached and leaves the AER column empty.
+    """
+    from coreselect.data.formatting import Formatter
+    from coreselect.data.readers import read_records
+    from coreselect.train.heads import seconds_per_token
+    from coreselect.train.lora import _pad_id
+
+    targs = TrainCommandArgs(model=args.model, **args.train)
+    key = {"model": args.model, "pool": pool, "dtype": args.dtype, "device": args.device, "epochs": targs.epochs,
+           "max_length": targs.max_length, "template": targs.template, "batch_size": targs.batch_size,
+           "hardware": hardware()}
+    old = _read(out / "full_sft.json")
+    if old is not None and old.get("key") == key:
+        return old
+    model, tok = base_model(args, loaded)
+    fmt = Formatter(tok, targs.max_length, targs.template)  # type: ignore[arg-type]
+    n_sample = targs.batch_size * (AER_SAMPLE_BATCHES + 1)
+    rng = random.Random(0)
+    sample: list[Any] = []
+    tokens = n_records = 0
+    for r in read_records(pool, on_bad_record="skip", check_duplicate_ids=False):
+        enc = fmt.encode(r)
+        tokens += len(enc)
+        n_records += 1
+        if len(sample) < n_sample:  # reservoir sample (seeded)
+            sample.append(enc)
+        elif (j := rng.randrange(n_records)) < n_sample:
+            sample[j] = enc
+    try:
+        s_tok = seconds_per_token(model, _pad_id(tok), sample, None, batch_size=targs.batch_size,
+                                  batches=AER_SAMPLE_BATCHES)
+    except (RuntimeError, CoreselectError) as e:
+        _say(f"AER: full-parameter SFT time could not be estimated ({str(e).splitlines()[0]})")
+        return {"full_sft_s": None, "error": str(e).splitlines()[0], "key": key}
+    info = {"full_sft_s": s_tok * tokens * targs.epochs, "measured": False, "key": key,
+            "how": "estimated (the Full-data row trains LoRA): full-parameter forward+backward seconds per token "
+                   f"timed on {min(n_sample, n_records)} sampled pool records ({AER_SAMPLE_BATCHES} micro-batches "
+                   f"of {targs.batch_size} after 1 untimed) x pool tokens x epochs; optimizer step not timed "
+                   "(AER conservative)",
+            "s_per_token_full": s_tok, "tokens_pool": tokens, "records_pool": n_records, "epochs": targs.epochs}
+    write_json(out / "full_sft.json", info)
+    _say(f"AER: full-parameter SFT on the pool estimated at {info['full_sft_s']:.0f} s")
+    return info
 
 
 def load_eval_task(args: ExperimentArgs, task: str, target: str, pool: list[str]) -> Any:
@@ -328,17 +443,28 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
         for seed, adapter in full.items():
             run_eval(args, task, task_obj, adapter, out / name / "eval" / f"full-s{seed}", loaded)
         for method in args.methods:
+            sel_method, heads_only, _ = row_plan(method)
             for budget in args.budgets:
-                run_name = f"{method}-{budget_tag(budget)}"
-                sel = run_select(args, pool, target, method, budget, warmup, out / name / "select" / run_name)
+                tag = budget_tag(budget)
+                run_name = f"{method}-{tag}"
+                sel_dir = out / name / "select"
+                sel = run_select(args, pool, target, sel_method, budget, None if sel_method == "p2d" else warmup,
+                                 sel_dir / f"{sel_method}-{tag}")
+                heads = None
+                if heads_only:  # H_T: saved by the p2d selection of this task and budget
+                    p2d = sel if sel_method == "p2d" else run_select(args, pool, target, "p2d", budget, None,
+                                                                    sel_dir / f"p2d-{tag}")
+                    heads = p2d / "heads.json"
                 for seed in args.seeds:
                     adapter = run_train(args, str(sel / "coreset.jsonl"), seed,
-                                        out / name / "train" / f"{run_name}-s{seed}")
+                                        out / name / "train" / f"{run_name}-s{seed}", heads)
                     run_eval(args, task, task_obj, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded)
+    full_sft = estimate_full_sft(args, pool, out, loaded)
     rows = collect_results(args, list(targets))
     wall = time.perf_counter() - t0
     info = {"command": "experiment", "settings": cfg, "pool": pool, "targets": targets, "versions": versions(),
-            "hardware": hardware(), "wall_s": wall, "rows": rows}
+            "hardware": hardware(), "wall_s": wall, "full_sft": {k: v for k, v in full_sft.items() if k != "key"},
+            "rows": rows}
     write_results(out, args, list(targets), rows, info)
     write_json(out / "experiment.json", info)
     _say(f"done in {wall:.0f} s -> {out / 'results.md'}")
@@ -413,14 +539,32 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
                         [out / "full" / "train" / f"full-s{s}" for s in args.seeds], []))
     warm = _read(out / "warmup" / "info.json") or {}
     for method in args.methods:
+        sel_method, _, name = row_plan(method)
         for budget in args.budgets:
-            rn = f"{method}-{budget_tag(budget)}"
-            label = method if len(args.budgets) == 1 else f"{method} ({budget})"
-            extra = float(warm.get("wall_s") or 0.0) if method in MODEL_METHODS else 0.0
+            tag = budget_tag(budget)
+            rn = f"{method}-{tag}"
+            label = name if len(args.budgets) == 1 else f"{name} ({budget})"
+            extra = float(warm.get("wall_s") or 0.0) if _uses_warmup(method) else 0.0
+            if method == "p2d_train":  # locating H_T is part of its cost (the p2d selection's stage 1)
+                extra += sum(float(((_read(out / n / "select" / f"p2d-{tag}" / "run.json") or {}).get("stats")
+                                    or {}).get("localize_s") or 0.0) for n in names)
             rows.append(row(label, method, budget, [f"{rn}-s{s}" for s in args.seeds],
                             [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
-                            [out / n / "select" / rn for n in names], extra))
+                            [out / n / "select" / f"{sel_method}-{tag}" for n in names], extra))
+    full_sft_s = (_read(out / "full_sft.json") or {}).get("full_sft_s")
+    for r in rows:
+        r["aer"] = _aer(r, len(names), full_sft_s)
     return rows
+
+
+def _aer(r: dict[str, Any], n_tasks: int, full_sft_s: float | None) -> float | None:
+    """``(select_s / n_tasks + train_s) / full_sft_s`` of a fine-tuned row (Full-data: no selection)."""
+    from coreselect.train.heads import alignment_efficiency_ratio
+
+    sel = 0.0 if r["method"] == "full" else r["select_s"]
+    if r["method"] == "pretrained" or not full_sft_s or r["train_s"] is None or sel is None:
+        return None
+    return alignment_efficiency_ratio(sel / max(n_tasks, 1), r["train_s"], full_sft_s)
 
 
 def _cell(t: dict[str, Any], with_std: bool) -> str:
@@ -439,18 +583,20 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
     from coreselect.io import atomic_path
 
     names = [task_label(t) for t in tasks]
-    header = ["Method", *names, "Average", "Select (s)", "Train (s)"]
+    header = ["Method", *names, "Average", "Select (s)", "Train (s)", "AER"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         std = r["method"] != "pretrained"
         cells = [r["row"], *(_cell(r["tasks"][n], std) for n in names),
-                 "–" if r["average"] is None else f"{r['average']:.2f}", _secs(r["select_s"]), _secs(r["train_s"])]
+                 "–" if r["average"] is None else f"{r['average']:.2f}", _secs(r["select_s"]), _secs(r["train_s"]),
+                 "–" if r.get("aer") is None else f"{r['aer']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n_items = {n: next((r["tasks"][n]["n_items"] for r in rows if r["tasks"][n]["n_items"]), None) for n in names}
     budgets = ", ".join(args.budgets)
     notes = [
         "",
-        f"Accuracy (%) of a fresh `{args.model}` fine-tuned with LoRA on each method's {budgets} coreset; "
+        f"Accuracy (%) of a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention "
+        f"heads) on each method's {budgets} coreset; "
         f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
         "Multiple-choice tasks: `acc`; generation tasks (GSM8K): exact match on the final number. "
         "Average: macro average over the tasks.",
@@ -458,7 +604,10 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
         + ", ".join(f"{task_label(t)} {args.shots.get(t, args.shots.get(task_label(t), default_shots(task_label(t))))}"
                     for t in tasks) + ".",
         "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
-        "warmup). Train (s): mean wall time of one fine-tuning run.",
+        "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run.",
+        "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
+        "full-data full-parameter SFT wall time on the same hardware; "
+        + _full_sft_note(_read(out / "full_sft.json")),
     ]
     if info is not None:
         hw = info["hardware"]
@@ -469,14 +618,22 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["row", "method", "budget", "n_seeds", *(f"{n}_{k}" for n in names for k in ("mean", "std")),
-                    "average", "select_s", "train_s"])
+                    "average", "select_s", "train_s", "aer"])
         for r in rows:
             vals: list[Any] = []
             for n in names:
                 t = r["tasks"][n]
                 vals += [_fmt(t.get("mean")), _fmt(t.get("std"))]
             w.writerow([r["row"], r["method"], r["budget"], max(len(r["tasks"][n]["scores"]) for n in names), *vals,
-                        _fmt(r["average"]), _fmt(r["select_s"]), _fmt(r["train_s"])])
+                        _fmt(r["average"]), _fmt(r["select_s"]), _fmt(r["train_s"]), _fmt(r.get("aer"))])
+
+
+def _full_sft_note(fs: dict[str, Any] | None) -> str:
+    if not fs or not fs.get("full_sft_s"):
+        why = f" ({fs['error']})" if fs and fs.get("error") else ""
+        return f"its denominator could not be estimated{why}."
+    return (f"denominator {fs['full_sft_s']:.3g} s, {fs['how']}: {fs['s_per_token_full']:.3g} s/token x "
+            f"{fs['tokens_pool']} tokens x {fs['epochs']:g} epochs.")
 
 
 def _fmt(x: float | None) -> str:

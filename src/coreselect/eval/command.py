@@ -28,7 +28,9 @@ class EvalCommandArgs:
 
     Attributes:
         model: base causal LM: folder, ``.gguf`` file, hub id or ``smollm2``.
-        adapter: a LoRA adapter folder to apply (``coreselect train``'s ``OUT/adapter``).
+        adapter: a LoRA adapter folder to apply (``coreselect train``'s ``OUT/adapter``), or
+            a P2D ``heads_delta.safetensors`` (``coreselect train --heads``), added onto a
+            freshly loaded base with :func:`coreselect.train.heads.apply_head_delta`.
         task: a packaged task name (csqa, siqa, hellaswag, arc_easy, arc_challenge, gsm8k)
             or a user task ``.yaml``.
         shots: in-context exemplars (default: the paper's Table 6 for packaged tasks, else 0).
@@ -115,14 +117,23 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
     for p in args.exclude:
         if not Path(p).expanduser().exists():
             raise CoreselectError(f"{p}: no such file")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise CoreselectError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    heads_delta = bool(args.adapter) and Path(str(args.adapter)).suffix == ".safetensors"
+    if heads_delta and not Path(str(args.adapter)).is_file():
+        raise CoreselectError(f"{args.adapter}: no such head delta file")
+    if args.adapter and not heads_delta and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise CoreselectError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json) "
+                              "nor a heads_delta.safetensors file")
     if task is None:
         task = load_task(args.task, exclude=exclude_texts(args.exclude))
     shots = default_shots(task.name) if args.shots is None else args.shots
     if model is None:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
-                                      trust_remote_code=args.trust_remote_code, adapter=args.adapter)
+                                      trust_remote_code=args.trust_remote_code,
+                                      adapter=None if heads_delta else args.adapter)
+        if heads_delta:
+            from coreselect.train.heads import apply_head_delta
+
+            apply_head_delta(model, str(args.adapter))
     t_eval = time.perf_counter()
     res = evaluate(model, tokenizer, task, shots=shots, limit=args.limit, batch_size=args.batch_size,
                    seed=args.seed, progress=args.progress, max_new_tokens=args.max_new_tokens)
