@@ -74,3 +74,24 @@ def test_compare_aer_column_only_for_methods_that_report_it(tiny_model_dir, smal
     md = (out / "comparison.md").read_text()
     assert "| median len | AER |" in md and "lower is better" in md
     assert f"| {round(aer, 4):.3f} |" in md.splitlines()[4] and md.splitlines()[5].endswith("| |")
+
+
+def test_overwrite_retrains_the_warmup_and_clears_old_rejects(tiny_model_dir, small_pool, tmp_path):
+    pool, target = small_pool
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(pool.read_text() + '{"id": "x", "messages": []}\n')
+    common = ["select", "--model", str(tiny_model_dir), "--target", str(target), "--budget", "2", "--out", str(out),
+              "--layers", "2", "--no-progress", "--warmup-fraction", "0.5", "--warmup-epochs", "1",
+              "--warmup-lora-r", "4", "--warmup-lora-alpha", "8", "--warmup-grad-accum", "1"]
+    assert main([*common, "--pool", str(bad), "--on-bad-record", "skip"]) == 0
+    assert (out / "rejects.jsonl").exists()
+    first = (out / "warmup" / "adapter" / "adapter_config.json").stat().st_mtime_ns
+    assert main([*common, "--pool", str(pool), "--overwrite"]) == 0
+    assert not (out / "rejects.jsonl").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert "reused_from_previous_run" not in run["model"]["warmup"]
+    assert (out / "warmup" / "adapter" / "adapter_config.json").stat().st_mtime_ns != first
+    # --resume does reuse the finished warmup
+    assert main([*common, "--pool", str(pool), "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["model"]["warmup"]["reused_from_previous_run"] is True

@@ -124,12 +124,14 @@ def _summary(info: dict) -> None:
 def parser() -> argparse.ArgumentParser:
     from coreselect import __version__
     from coreselect.api import SelectArgs
+    from coreselect.compare import CompareArgs
     from coreselect.demo import DemoArgs
-    from coreselect.report.build import ReportArgs
-    from coreselect.report.terminal import ExplainArgs
     from coreselect.engine.merge import MergeArgs
     from coreselect.eval.command import EvalCommandArgs
     from coreselect.experiment import ExperimentArgs
+    from coreselect.methods.p2d import HeadsArgs
+    from coreselect.report.build import ReportArgs
+    from coreselect.report.terminal import ExplainArgs
     from coreselect.train.command import TrainCommandArgs
 
     p = argparse.ArgumentParser(prog="coreselect", description="Pick the few instruction-tuning examples worth training on.")
@@ -151,15 +153,11 @@ def parser() -> argparse.ArgumentParser:
         skip=("method", "layers", "w_row", "w_col"))
     cmd("merge", "combine the score shards of --num-shards processes and write the selection", _merge,
         MergeArgs)
-    from coreselect.compare import CompareArgs
-
     cmd("compare", "run several methods on the same pool/target/budget and compare their coresets", _compare,
         CompareArgs, skip=("method", "fingerprints"))
     cmd("demo", "run TRIM on the packaged default (SmolLM2-135M + a small real pool), offline", _demo, DemoArgs)
     cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train,
         TrainCommandArgs)
-    from coreselect.methods.p2d import HeadsArgs
-
     cmd("heads", "P2D stage 1: locate the task-sensitive attention heads on the target (heads.json + heat map)",
         _heads, HeadsArgs)
     cmd("eval", "evaluate a model (optionally with a LoRA adapter) on a task, write eval.json", _eval,

@@ -24,6 +24,7 @@ from coreselect.select import (
     check_coverage,
     check_out_dir,
     check_shard_out_dir,
+    chunk_records,
     clear_outputs,
     existing_shards,
     finalize_scores,
@@ -40,7 +41,6 @@ log = logging.getLogger("coreselect")
 
 #: methods that need the scoring model (an alias of the registry's set)
 MODEL_METHODS = MODEL_BASED
-
 
 
 def known_methods() -> list[str]:
@@ -195,8 +195,7 @@ class SelectArgs:
 
 
 def read_target(args: SelectArgs) -> list[Record]:
-    recs = list(read_records(args.target, on_bad_record="error")) if args.target else []
-    return recs
+    return list(read_records(args.target, on_bad_record="error")) if args.target else []
 
 
 def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
@@ -247,7 +246,11 @@ def warmup_model(args: SelectArgs, out_dir: Path, n_pool: int) -> tuple[str | No
     if args.warmup != "auto":
         return args.warmup, {"mode": "reused", "adapter": args.warmup}
     adapter = out_dir / "warmup" / "adapter"
-    if adapter.exists() and (adapter / "adapter_config.json").exists():
+    if args.overwrite and (out_dir / "warmup").exists():
+        import shutil
+
+        shutil.rmtree(out_dir / "warmup")  # a previous run's warmup may be of another model or pool
+    elif args.resume and (adapter / "adapter_config.json").exists():
         return str(adapter), {"mode": "auto", "adapter": str(adapter), "reused_from_previous_run": True}
     from coreselect.data.formatting import Formatter
     from coreselect.models.loading import load_model
@@ -351,6 +354,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
     # Stage II (or the method's score), shard by shard
     t0 = time.perf_counter()
     n_done = 0
+    mine: list[int] = []  # this process's shard chunks (streaming methods)
     engine_info: dict[str, Any] = {"name": args.engine}
     if args.engine == "ray":
         from coreselect.engine.ray_engine import score_with_ray
@@ -360,11 +364,11 @@ def select(args: SelectArgs) -> dict[str, Any]:
         # shard j = pool positions [j*S, (j+1)*S): resume skips complete shards, wherever they are
         S = args.shard_records
         done, todo = plan_shards(out, n_pool, S, n_sh, i_sh, resume=args.resume)
-        n_done = len(done)
+        n_done, mine = len(done), sorted(done + todo)
         if todo:
             wanted = set(todo)
             remaining = (r for r in iter_pool(args, todo[0] * S) if r.index // S in wanted)
-            total = sum(min(S, n_pool - j * S) for j in todo)
+            total = chunk_records(todo, S, n_pool)
             chunks = method.score_chunks(remaining, total=total)  # type: ignore[call-arg]
             for j, chunk in zip(todo, chunks, strict=True):
                 if len(chunk.index) and int(chunk.index[0]) != j * S:
@@ -380,7 +384,7 @@ def select(args: SelectArgs) -> dict[str, Any]:
                 write_shard(out, j, chunk)
     timings["score_s"] = time.perf_counter() - t0
     if n_sh > 1:
-        return _write_shard_run(args, out, method, n_pool, n_done, timings, t_start)
+        return _write_shard_run(args, out, method, ctx, n_pool, mine, n_done, timings, t_start)
     if args.engine != "ray":
         all_shards = existing_shards(out)
         table = read_scores([all_shards[i] for i in sorted(all_shards)])
@@ -398,36 +402,22 @@ def select(args: SelectArgs) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - t_start
 
     scores = table.column("score").to_numpy()
-    info: dict[str, Any] = {
-        "command": "select",
-        "method": args.method,
-        "settings": asdict(args),
-        "method_settings": method.settings(),
-        "versions": versions(),
-        "counts": {
-            "pool": n_pool,
-            "target": len(target),
-            "selected": len(chosen),
-            "rejected": rejects.count,
-            "scored_minus_inf": int((scores == float("-inf")).sum()),
-            "truncated": int(getattr(method, "n_truncated", 0)),
-            "resumed_shards": n_done if args.resume else 0,
-        },
-        "timings": timings,
-        "cost": asdict(method.cost),
-        "stats": getattr(method, "stats", {}),
-        "engine": engine_info,
-    }
+    info = _run_info(args, method, ctx, timings, {
+        "pool": n_pool,
+        "target": len(target),
+        "selected": len(chosen),
+        "rejected": rejects.count,
+        "scored_minus_inf": int((scores == float("-inf")).sum()),
+        "truncated": int(getattr(method, "n_truncated", 0)),
+        "resumed_shards": n_done,
+    })
+    info["engine"] = engine_info
     if ctx is not None:
         from coreselect.models.loading import model_name
 
         info["model"] = {"name": args.model, "resolved": model_name(ctx.model),
                          "dtype": str(next(ctx.model.parameters()).dtype), "device": str(ctx.runner.device),
                          "warmup": ctx.warmup}
-    method.cost.wall_s = timings["fit_s"] + timings["score_s"]
-    method.cost.peak_memory_mb = max(method.cost.peak_memory_mb,
-                                     peak_memory_mb(ctx.runner.device if ctx is not None else "cpu"))
-    info["cost"] = asdict(method.cost)
     if hasattr(method, "run_info"):  # method-specific run.json keys (P2D: "aer")
         info.update(method.run_info(table, info))  # type: ignore[attr-defined]
     write_json(out / "run.json", info)
@@ -436,27 +426,26 @@ def select(args: SelectArgs) -> dict[str, Any]:
     return info
 
 
-def _write_shard_run(args: SelectArgs, out: Path, method: SelectionMethod, n_pool: int, n_done: int,
-                     timings: dict[str, float], t_start: float) -> dict[str, Any]:
-    """``--num-shards N > 1``: record what this process scored; ``coreselect merge`` finalizes."""
-    S = args.shard_records
-    mine = [j for j in range(-(-n_pool // S)) if j % args.num_shards == args.shard_index]
-    timings["total_s"] = time.perf_counter() - t_start
+def _run_info(args: SelectArgs, method: SelectionMethod, ctx: ModelContext | None, timings: dict[str, float],
+              counts: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The run.json keys of every ``select`` run (whole run or one shard process); settles the method's cost."""
     method.cost.wall_s = timings["fit_s"] + timings["score_s"]
-    info: dict[str, Any] = {
-        "command": "select",
-        "method": args.method,
-        "shard": {"num_shards": args.num_shards, "shard_index": args.shard_index, "chunks": mine,
-                  "records": sum(min(S, n_pool - j * S) for j in mine)},
-        "settings": asdict(args),
-        "method_settings": method.settings(),
-        "versions": versions(),
-        "counts": {"pool": n_pool, "selected": 0, "truncated": int(getattr(method, "n_truncated", 0)),
-                   "resumed_shards": n_done if args.resume else 0},
-        "timings": timings,
-        "cost": asdict(method.cost),
-        "stats": getattr(method, "stats", {}),
-    }
+    method.cost.peak_memory_mb = max(method.cost.peak_memory_mb,
+                                     peak_memory_mb(ctx.runner.device if ctx is not None else "cpu"))
+    return {"command": "select", "method": args.method, **extra, "settings": asdict(args),
+            "method_settings": method.settings(), "versions": versions(), "counts": counts, "timings": timings,
+            "cost": asdict(method.cost), "stats": getattr(method, "stats", {})}
+
+
+def _write_shard_run(args: SelectArgs, out: Path, method: SelectionMethod, ctx: ModelContext | None, n_pool: int,
+                     mine: list[int], n_done: int, timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    """``--num-shards N > 1``: record what this process scored; ``coreselect merge`` finalizes."""
+    timings["total_s"] = time.perf_counter() - t_start
+    shard = {"num_shards": args.num_shards, "shard_index": args.shard_index, "chunks": mine,
+             "records": chunk_records(mine, args.shard_records, n_pool)}
+    counts = {"pool": n_pool, "selected": 0, "truncated": int(getattr(method, "n_truncated", 0)),
+              "resumed_shards": n_done}
+    info = _run_info(args, method, ctx, timings, counts, shard=shard)
     write_json(out / f"run-shard-{args.shard_index}.json", info)
     return info
 
@@ -469,8 +458,6 @@ def _rows(path: Path) -> int:
 
 def fingerprint(args: SelectArgs) -> dict[str, Any]:
     """Stage I only: warmup (if asked), then write ``fingerprints.safetensors`` and ``run.json``."""
-    from coreselect.methods.trim import TrimConfig, TrimMethod
-
     args.method = "trim"
     args.validate(need_pool=args.warmup == "auto")
     out = Path(args.out)
@@ -479,7 +466,7 @@ def fingerprint(args: SelectArgs) -> dict[str, Any]:
     target = read_target(args)
     n_pool = scan_pool(args)[0] if args.warmup == "auto" else 0
     ctx = load_context(args, out, n_pool)
-    method = TrimMethod(ctx.runner, ctx.formatter, trim_config(args), progress=args.progress)
+    method = make_method(args, ctx)
     method.fit(target)
     assert method.fingerprints is not None
     method.fingerprints.save(out / "fingerprints.safetensors")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from coreselect.errors import CoreselectError
+from coreselect.io import atomic_path
 
 __all__ = ["CACHE_DIR", "smollm2_path", "build_embedded_data", "SMOLLM2_GGUF"]
 
@@ -329,17 +330,6 @@ def _dumps(records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached(out: Path, names: list[str], params: dict[str, Any]) -> bool:
     try:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -431,10 +421,12 @@ def build_embedded_data(
     digests = {}
     for key, records in contents.items():
         data = _dumps(records)
-        _write_atomic(paths[key], data)
+        with atomic_path(paths[key]) as tmp:
+            tmp.write_bytes(data)
         digests[names[key]] = hashlib.sha256(data).hexdigest()
     manifest = {"params": params, "files": dict(sorted(digests.items())), "counts": _counts(pool)}
-    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    with atomic_path(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
 
 

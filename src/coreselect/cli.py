@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from coreselect.errors import ConfigError, CoreselectError
+from coreselect.errors import CoreselectError
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -72,7 +72,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
         h = helps.get(f.name, "")
         if default not in (None, [], {}, ""):
             h += f" (default: {default})"
-        h = h.replace("%", "%%")  # argparse %-formats help strings
+        # argparse %-formats help strings: escape once
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": h.replace("%", "%%")}
         origin = typing.get_origin(tp)
         if tp is bool:
@@ -111,13 +111,8 @@ def build_args(cls: type, ns: argparse.Namespace) -> Any:
     from coreselect.api import args_from_dict
 
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
-    data: dict[str, Any] = {}
-    if getattr(ns, "config", None):
-        data.update(load_yaml(ns.config))
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{ns.config}: unknown key(s) {', '.join(unknown)}")
+    # unknown keys can only come from the YAML file; args_from_dict rejects them naming it
+    data: dict[str, Any] = load_yaml(ns.config) if getattr(ns, "config", None) else {}
     data.update(given)
     return args_from_dict(cls, data, source=getattr(ns, "config", None) or "flags")
 

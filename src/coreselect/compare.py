@@ -15,15 +15,24 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coreselect.api import SelectArgs, check_out_dir, known_methods, scan_pool, select, warmup_model
+from coreselect.api import (
+    SelectArgs,
+    check_out_dir,
+    known_methods,
+    scan_pool,
+    select,
+    warmup_model,
+)
 from coreselect.errors import ConfigError
 from coreselect.io import atomic_path, write_json
 
@@ -75,8 +84,6 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     for name in methods:
         sub = out / name
         if args.resume and (sub / "run.json").exists() and (sub / "coreset.jsonl").exists():
-            import json
-
             runs[name] = json.loads((sub / "run.json").read_text())
             continue
         margs = replace(args, method=name, out=str(sub), warmup=shared_warmup,
@@ -89,8 +96,16 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     return {"methods": methods, "summary": table, "warmup": warm_info}
 
 
-def _pool_lengths(args: SelectArgs) -> dict[int, int]:
-    """Token length of every pool record under the model's template (for the length analysis)."""
+def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, int]:
+    """Token length of every pool record under the model's template (for the length analysis).
+
+    A token-level method already stored it in its scores (``n_tokens``, same Formatter, > 0 for
+    every record); the pool is read and tokenized again only when no compared method tokenizes.
+    """
+    for t in tables.values():
+        n_tokens = t.column("n_tokens").to_numpy()
+        if len(n_tokens) and (n_tokens > 0).all():
+            return dict(zip(t.column("index").to_pylist(), n_tokens.tolist()))
     from coreselect.api import iter_pool
     from coreselect.data.formatting import Formatter
     from coreselect.models.loading import load_tokenizer, resolve_model
@@ -106,18 +121,19 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
     first = tables[methods[0]]
     sources = first.column("source").to_pylist()
     index = first.column("index").to_numpy()
-    lengths = _pool_lengths(args)
+    lengths = _pool_lengths(args, tables)
     pool_len = np.array([lengths[int(i)] for i in index])
     pool_mix = collections.Counter(sources)
+    src_of = dict(zip(index.tolist(), sources))
     chosen = {m: set(t.filter(t.column("selected")).column("index").to_pylist()) for m, t in tables.items()}
     aers = {m: _aer(runs[m]) for m in methods}
     has_aer = any("aer" in runs[m] for m in methods)
+    sel_lens = {m: np.array([lengths[i] for i in sorted(chosen[m])], dtype=np.int64) for m in methods}
     rows = []
     for m in methods:
         cost = runs[m].get("cost", {})
         sel = np.array(sorted(chosen[m]))
-        sel_len = np.array([lengths[int(i)] for i in sel]) if len(sel) else np.zeros(0)
-        src_of = dict(zip(index.tolist(), sources))
+        sel_len = sel_lens[m]
         mix = collections.Counter(src_of[int(i)] for i in sel)
         rows.append({
             "method": m,
@@ -136,7 +152,7 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
     overlap = {a: {b: jaccard(chosen[a], chosen[b]) for b in methods} for a in methods}
     _write_csv(out / "comparison.csv", rows)
     _write_md(out / "comparison.md", rows, overlap, pool_mix, args)
-    _plots(out, methods, rows, pool_mix, chosen, lengths, pool_len)
+    _plots(out, methods, rows, pool_mix, sel_lens, pool_len)
     return rows
 
 
@@ -194,7 +210,7 @@ def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[st
 
 
 def _plots(out: Path, methods: list[str], rows: list[dict[str, Any]], pool_mix: collections.Counter,
-           chosen: dict[str, set[int]], lengths: dict[int, int], pool_len: np.ndarray) -> None:
+           sel_lens: dict[str, np.ndarray], pool_len: np.ndarray) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +235,7 @@ def _plots(out: Path, methods: list[str], rows: list[dict[str, Any]], pool_mix: 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    data = [pool_len] + [np.array([lengths[i] for i in sorted(chosen[m])]) for m in methods]
+    data = [pool_len] + [sel_lens[m] for m in methods]
     ax.boxplot(data, showfliers=False)
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30)
     ax.set_ylabel("tokens per record")

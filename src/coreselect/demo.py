@@ -74,8 +74,8 @@ def print_top(out: Path, top: int) -> None:
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "scores.parquet").sort_by("rank")
-    rows = table.slice(0, top).to_pylist()
     coreset = [json.loads(line) for line in (out / "coreset.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = table.slice(0, min(top, len(coreset))).to_pylist()  # the coreset holds the selected records only
     print(f"\nTop {len(rows)} of {table.num_rows} (score = 0.5 mean + 0.5 max + 0.05 coverage):")
     for row, rec in zip(rows, coreset):
         prompt = _prompt(rec).replace("\n", " ")

@@ -315,7 +315,7 @@ def run_eval(args: ExperimentArgs, task: str, task_obj: Any, adapter: Path | Non
     path = out / "eval.json"
     if path.is_file() and not (adapter is not None and _newer(adapter.parent / "run.json", path)):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _read(path)  # type: ignore[return-value]
     eargs = EvalCommandArgs(model=args.model, adapter=str(adapter) if adapter else None, task=task,
                             shots=args.shots.get(task, args.shots.get(task_label(task))), limit=args.eval_limit,
                             out=str(out), batch_size=args.eval_batch_size,
@@ -395,13 +395,25 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     return info
 
 
-def load_eval_task(args: ExperimentArgs, task: str, target: str, pool: list[str]) -> Any:
-    """The task with its target questions excluded and (``decontaminate``) pool questions removed."""
+def pool_questions(pool: list[str]) -> set[str]:
+    """The normalized user turns of the pool (what ``decontaminate`` drops from test items and shots)."""
+    from coreselect.eval.tasks import normalize_question
+
+    return {normalize_question(t) for t in exclude_texts(pool)}
+
+
+def load_eval_task(args: ExperimentArgs, task: str, target: str, pool: list[str],
+                   seen: set[str] | None = None) -> Any:
+    """The task with its target questions excluded and (``decontaminate``) pool questions removed.
+
+    ``seen``: :func:`pool_questions` of ``pool`` when already computed (the pool is read once, not per task).
+    """
     from coreselect.eval.tasks import load_task, normalize_question
 
     task_obj = load_task(task, exclude=exclude_texts([target]))
     if args.decontaminate:
-        seen = {normalize_question(t) for t in exclude_texts(pool)}
+        if seen is None:
+            seen = pool_questions(pool)
         before = len(task_obj.items)
         task_obj.items = [it for it in task_obj.items if normalize_question(it.key) not in seen]
         task_obj.shots_pool = [it for it in task_obj.shots_pool if normalize_question(it.key) not in seen]
@@ -419,8 +431,8 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     cfg = asdict(args)
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    old = _read(cfg_path)
+    if old is not None:
         changed = sorted(k for k in cfg if old.get(k) != cfg[k] and k not in ("progress",))
         if changed:
             log.warning("settings changed since the previous run in %s (%s); cached stages keep their old "
@@ -431,13 +443,14 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     warmup = run_warmup(args, pool, out)
     full: dict[int, Path] = {}
     if args.include_full_data:
+        full_data = pool[0] if len(pool) == 1 else _concat(pool, out)
         for seed in args.seeds:
-            full[seed] = run_train(args, pool[0] if len(pool) == 1 else _concat(pool, out), seed,
-                                   out / "full" / "train" / f"full-s{seed}")
+            full[seed] = run_train(args, full_data, seed, out / "full" / "train" / f"full-s{seed}")
     loaded: dict[str, Any] = {}
+    seen = pool_questions(pool) if args.decontaminate else None
     for task, target in targets.items():
         name = task_label(task)
-        task_obj = load_eval_task(args, task, target, pool)
+        task_obj = load_eval_task(args, task, target, pool, seen)
         if args.include_pretrained:
             run_eval(args, task, task_obj, None, out / name / "eval" / "pretrained", loaded)
         for seed, adapter in full.items():
@@ -497,11 +510,17 @@ def hardware() -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A JSON file of a stage, or None when it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CoreselectError(f"{path}: not a valid JSON file ({e}); delete it to redo its stage") from None
 
 
-def _score(path: Path) -> float | None:
-    res = _read(path)
+def _score(res: dict[str, Any] | None) -> float | None:
+    """The headline metric of an ``eval.json`` in percent."""
     return None if res is None else 100.0 * float(res[res.get("metric") or metric_name(res)])
 
 
@@ -520,9 +539,10 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
             select_dirs: list[Path], extra_select_s: float = 0.0) -> dict[str, Any]:
         r: dict[str, Any] = {"row": label, "method": method, "budget": budget, "tasks": {}}
         for name in names:
-            scores = [s for e in eval_names if (s := _score(out / name / "eval" / e / "eval.json")) is not None]
-            n_items = [(_read(out / name / "eval" / e / "eval.json") or {}).get("n") for e in eval_names[:1]]
-            r["tasks"][name] = {"scores": scores, "n_items": n_items[0] if n_items else None,
+            evals = [_read(out / name / "eval" / e / "eval.json") for e in eval_names]
+            scores = [s for res in evals if (s := _score(res)) is not None]
+            n_items = (evals[0] or {}).get("n") if evals else None
+            r["tasks"][name] = {"scores": scores, "n_items": n_items,
                                 **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {})}
         complete = all(len(r["tasks"][n]["scores"]) == len(eval_names) for n in names)
         r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None

@@ -19,6 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes it 0600; outputs are ordinary files (as RejectLog.write does)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:

@@ -19,9 +19,9 @@ class _Bar:
                         dynamic_ncols=True, mininterval=0.5)
 
     def update(self, n: int, tokens: int = 0) -> None:
-        self.tokens += tokens
-        dt = max(time.perf_counter() - self.t0, 1e-9)
         if tokens:
+            self.tokens += tokens
+            dt = max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s", refresh=False)
         self.bar.update(n)
 

@@ -17,10 +17,9 @@ truncated output.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +117,16 @@ def owns_shard(j: int, num_shards: int = 1, shard_index: int = 0) -> bool:
     return j % num_shards == shard_index
 
 
+def chunk_span(j: int, shard_records: int, n_pool: int) -> tuple[int, int]:
+    """Pool positions ``[lo, hi)`` of shard chunk ``j``."""
+    return j * shard_records, min((j + 1) * shard_records, n_pool)
+
+
+def chunk_records(chunks: Iterable[int], shard_records: int, n_pool: int) -> int:
+    """Number of pool records the shard chunks ``chunks`` hold."""
+    return sum(hi - lo for lo, hi in (chunk_span(j, shard_records, n_pool) for j in chunks))
+
+
 def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int = 1, shard_index: int = 0,
                 *, resume: bool = False) -> tuple[list[int], list[int]]:
     """``(done, todo)``: this process's shard chunks already complete on disk, and those left.
@@ -132,7 +141,7 @@ def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int 
     for j in mine:
         if j not in found:
             continue
-        lo, hi = j * shard_records, min((j + 1) * shard_records, n_pool)
+        lo, hi = chunk_span(j, shard_records, n_pool)
         try:
             idx = pq.read_table(found[j], columns=["index"]).column(0).to_numpy()
         except (OSError, pa.ArrowException) as e:
@@ -175,10 +184,11 @@ def read_scores(paths: Sequence[Path]) -> pa.Table:
 
 
 def finalize_scores(table: pa.Table, k: int, out_dir: Path) -> pa.Table:
-    """Add ``rank`` (1 = best) and ``selected`` and write ``scores.parquet``."""
+    """Add ``rank`` (1 = best) and ``selected`` and write ``scores.parquet``.
+
+    ``table`` must have passed :func:`check_coverage` (every pool position exactly once).
+    """
     index = table.column("index").to_numpy()
-    if len(np.unique(index)) != len(index):
-        raise CoreselectError("duplicate pool indices in the score shards (mixed runs in one --out?)")
     scores = table.column("score").to_numpy()
     order = rank_order(scores, index)
     rank = np.empty(len(order), dtype=np.int64)
@@ -198,7 +208,7 @@ def selected_indices(table: pa.Table) -> list[int]:
 
 def write_coreset(records: Iterable[Record], chosen: Sequence[int], out_dir: Path) -> int:
     """Write the chosen records verbatim, in the given (rank) order, by streaming the pool once."""
-    want = {int(i): r for r, i in enumerate(chosen)}
+    want = {int(i) for i in chosen}
     got: dict[int, dict[str, Any]] = {}
     for rec in records:
         if rec.index in want:
@@ -232,11 +242,13 @@ def check_shard_out_dir(out_dir: Path, num_shards: int, shard_index: int, *, ove
 
 
 def clear_outputs(out_dir: Path, num_shards: int = 1, shard_index: int = 0) -> None:
-    """With ``--overwrite``: remove what a previous run in this folder left (score shards;
-    with several shard processes, only this one's)."""
+    """With ``--overwrite``: remove what a previous run in this folder left (score shards —
+    with several shard processes, only this one's — and its rejects log)."""
     for j, p in existing_shards(out_dir).items():
         if owns_shard(j, num_shards, shard_index):
             p.unlink()
+    if num_shards == 1:
+        (out_dir / "rejects.jsonl").unlink(missing_ok=True)
 
 
 _SHARD_TMP = re.compile(r"\.scores-(\d+)\.parquet\..*\.tmp")
@@ -257,12 +269,3 @@ def remove_stale_temp(out_dir: Path, num_shards: int = 1, shard_index: int = 0) 
         p.unlink(missing_ok=True)
         n += 1
     return n
-
-
-def run_json(out_dir: Path) -> dict[str, Any]:
-    p = out_dir / "run.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def iter_chunks(chunks: Iterator[ScoreChunk]) -> Iterator[ScoreChunk]:  # pragma: no cover - trivial
-    yield from chunks

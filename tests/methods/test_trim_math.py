@@ -195,3 +195,15 @@ def test_nearest_class_is_looked_up_only_for_ids_met():
     assert direct.tolist() == [True, False, False]
     assert rows.tolist() == [0, 0, 1]  # 3 ~ class 1 (row 0); 4 = [.2, 1] ~ class 2 (row 1)
     assert table._nearest[0].item() == -2  # id 0 never met: never computed
+
+
+def test_scored_token_outside_the_embedding_table_is_an_error_not_a_clamp():
+    from coreselect.errors import CoreselectError
+
+    fp, emb, hidden, _ = _score_case()
+    ids = torch.tensor([[1, 99, 2]])  # V = 5
+    with pytest.raises(CoreselectError, match="token id 99 is outside"):
+        score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb)
+    # an unscored (e.g. pad) position may hold any id
+    got = score_examples(fp, hidden, ids, torch.tensor([[True, False, True]]), torch.ones(1, 3), emb)
+    assert torch.isfinite(got).all()

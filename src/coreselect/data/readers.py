@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 from coreselect.data.records import Message, Record
 from coreselect.errors import BadRecordError, CoreselectError
+from coreselect.io import atomic_path
 
 __all__ = ["RejectLog", "iter_raw", "read_records"]
 
@@ -111,23 +111,13 @@ class RejectLog:
         return len(self.entries)
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Write ``rejects.jsonl`` atomically (temp file in the same folder, then ``os.replace``)."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                for entry in self.entries:
-                    fh.write(json.dumps(entry, default=str) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write ``rejects.jsonl`` atomically (:func:`coreselect.io.atomic_path`).
+
+        Raw values that are not JSON (e.g. Parquet timestamps) are written with ``str()``.
+        """
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            for entry in self.entries:
+                fh.write(json.dumps(entry, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- sources
@@ -216,11 +206,12 @@ def _iter_parquet(file: str, path: Path) -> Iterator[_Item]:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise CoreselectError(f"{file}: cannot read Parquet file: {_one_line(str(e))}") from e
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for item in batch.to_pylist():
-            yield row, item, None
-            row += 1
+    with pf:  # close the file handle even when the caller stops early
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for item in batch.to_pylist():
+                yield row, item, None
+                row += 1
 
 
 def _iter_arrow_dir(file: str, path: Path) -> Iterator[_Item]:

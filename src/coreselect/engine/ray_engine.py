@@ -119,14 +119,15 @@ def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -
     shutil.rmtree(work, ignore_errors=True)  # no partial resume: Stage II is rescored as a whole
     n = stage_pool(args, work / "input")
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     use_gpu = gpus > 0 and args.device != "cpu"
     actors = args.ray_actors or (gpus if use_gpu else 1)
     if use_gpu:
         res: dict[str, float] = {"num_gpus": 1}
     else:
         # leave one CPU for Ray Data's read / write tasks, or the actors starve them
-        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cpus = float(resources.get("CPU", 1))
         res = {"num_cpus": 1.0 if actors <= cpus - 1 else max(cpus - 1, cpus / 2) / actors}
     adapter = ctx.warmup.get("adapter") if ctx is not None else None
     cfg = method.settings()

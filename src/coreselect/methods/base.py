@@ -7,6 +7,7 @@ resample mode) returns scores whose top-k *is* the sample (e.g. seeded Gumbel ke
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -94,14 +95,29 @@ class ScoreChunk:
         return int(len(self.index))
 
 
-def chunk_from_scores(records: Sequence[Record], scores: np.ndarray) -> ScoreChunk:
-    """Wrap a plain score array (methods that see the whole pool at once)."""
+def chunk_from_scores(records: Sequence[Record], scores: np.ndarray, n_tokens: np.ndarray | None = None,
+                      n_scored: np.ndarray | None = None) -> ScoreChunk:
+    """Wrap a score array for ``records`` (token counts 0 where a method gives none)."""
     n = len(records)
+    zeros = np.zeros(n, dtype=np.int64)
     return ScoreChunk(
         index=np.array([r.index for r in records], dtype=np.int64),
         ids=[r.id for r in records],
         sources=[r.source for r in records],
         score=np.asarray(scores, dtype=np.float64),
-        n_tokens=np.zeros(n, dtype=np.int64),
-        n_scored=np.zeros(n, dtype=np.int64),
+        n_tokens=zeros if n_tokens is None else np.asarray(n_tokens, dtype=np.int64),
+        n_scored=zeros.copy() if n_scored is None else np.asarray(n_scored, dtype=np.int64),
     )
+
+
+def record_chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    """Consecutive lists of ``size`` records (the last may be shorter), read lazily."""
+    it = iter(records)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def scores_from_chunks(chunks: Iterable[ScoreChunk]) -> np.ndarray:
+    """All chunk scores concatenated (a streaming method's ``score``)."""
+    parts = [c.score for c in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0)

@@ -65,10 +65,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter, scope_mask
+from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod
+from coreselect.methods.base import ScoreChunk, SelectionMethod, chunk_from_scores, record_chunks, scores_from_chunks
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
@@ -82,9 +82,12 @@ from coreselect.models.runner import (
     ModelRunner,
     _attention_module,
     _decoder_layers,
+    attention_probs,
     frozen_parameters,
+    response_losses,
     token_budget_batches,
 )
+from coreselect.train.lora import _forward
 
 __all__ = [
     "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod", "attention_importance", "gradient_importance",
@@ -293,7 +296,11 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
                 raise _Stop
         return pre
 
-    handles = [o_proj_of(layers[l]).register_forward_pre_hook(make(l, torch.tensor(h))) for l, h in by_layer.items()]
+    handles = []
+    for l, h in by_layer.items():
+        o_proj = o_proj_of(layers[l])
+        idx = torch.tensor(h, device=o_proj.weight.device)  # made once, not copied to the device per batch
+        handles.append(o_proj.register_forward_pre_hook(make(l, idx)))
     try:
         yield
     finally:
@@ -332,10 +339,7 @@ def head_features_and_attention(runner: ModelRunner, batch: Batch,
 
     def make(layer: int) -> Any:
         def post(_mod: Any, _args: Any, out: Any) -> None:
-            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if w is None:
-                raise RuntimeError("attention module returned no probabilities (eager attention required)")
-            attns[layer] = w[:, by_layer[layer]]
+            attns[layer] = attention_probs(out)[:, by_layer[layer]]
         return post
 
     handles = [_attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
@@ -354,13 +358,8 @@ def head_features_and_attention(runner: ModelRunner, batch: Batch,
 # ------------------------------------------------------------------------------ localization
 def per_example_loss(logits: Tensor, batch: Batch) -> Tensor:
     """``[B]`` token-mean response loss (targets = ``loss_mask``, token ``t`` from ``t - 1``); 0 where none."""
-    lg = logits[:, :-1]
-    lg = lg if lg.dtype in (torch.float32, torch.float64) else lg.float()
-    lab = batch.input_ids[:, 1:]
-    keep = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
-    ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), lab, reduction="none")
-    ce = torch.where(keep, ce, torch.zeros_like(ce))
-    return ce.sum(-1) / keep.sum(-1).clamp(min=1).to(ce.dtype)
+    total, count = response_losses(logits, batch)
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_tokens: int = 8192) -> np.ndarray:
@@ -377,8 +376,7 @@ def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_t
                 gates = torch.ones(geom.n_layers, len(positions), geom.n_heads, dtype=torch.float64,
                                    device=runner.device, requires_grad=True)
                 with head_gates(model, gates):
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids, use_cache=False).logits
+                    logits = _forward(model, batch)
                 loss = per_example_loss(logits, batch)
                 (grad,) = torch.autograd.grad(loss.sum(), gates)
                 total += grad.abs().sum(1).cpu().numpy()
@@ -540,7 +538,7 @@ class P2DMethod(SelectionMethod):
         pooled: list[Tensor] = []
         for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
             batch = self.runner.collate(encoded, positions)
-            mask = self._mask(batch)
+            mask = batch.scope_mask(cfg.scope)  # type: ignore[arg-type]
             if cfg.feature == "fingerprint":
                 feats, attns = head_features_and_attention(self.runner, batch, by_layer)
                 alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
@@ -565,10 +563,6 @@ class P2DMethod(SelectionMethod):
                                "layers": sorted(by_layer), "feature_dim": len(hs.heads) * self.geom.head_dim}
         return self
 
-    def _mask(self, batch: Batch) -> Tensor:
-        m = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), self.config.scope)).to(batch.input_ids.device)
-        return m & batch.attention_mask.bool()
-
     # ------------------------------------------------------------ stage 2
     def _score_encoded(self, encoded: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
         assert self.head_set is not None
@@ -579,7 +573,7 @@ class P2DMethod(SelectionMethod):
         for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
             batch = self.runner.collate(encoded, positions)
             feats = head_features(self.runner, batch, by_layer)
-            mask = self._mask(batch)
+            mask = batch.scope_mask(cfg.scope)  # type: ignore[arg-type]
             if cfg.feature == "fingerprint":
                 assert self.fingerprints is not None
                 s, in_m, _ = token_scores(self.fingerprints, feats, batch.input_ids, mask,
@@ -602,9 +596,8 @@ class P2DMethod(SelectionMethod):
         from coreselect.progress import progress_bar
 
         t0 = time.perf_counter()
-        it = iter(pool)
         with progress_bar(total=total, desc="P2D: scoring", enabled=self.progress) as bar:
-            while chunk := [r for _, r in zip(range(self.config.chunk_records), it)]:
+            for chunk in record_chunks(pool, self.config.chunk_records):
                 encoded = [self.formatter.encode(r) for r in chunk]
                 self.n_truncated += sum(e.truncated for e in encoded)
                 scores, n_scored = self._score_encoded(encoded)
@@ -613,14 +606,11 @@ class P2DMethod(SelectionMethod):
                     raise CoreselectError(f"non-finite score for pool record id {bad}")
                 self.cost.forward_passes += len(chunk)
                 bar.update(len(chunk))
-                yield ScoreChunk(np.array([r.index for r in chunk], dtype=np.int64), [r.id for r in chunk],
-                                 [r.source for r in chunk], scores, np.array([len(e) for e in encoded], dtype=np.int64),
-                                 n_scored)
+                yield chunk_from_scores(chunk, scores, n_tokens=[len(e) for e in encoded], n_scored=n_scored)
         self.stats["score_s"] = self.stats.get("score_s", 0.0) + time.perf_counter() - t0
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
-        parts = [c.score for c in self.score_chunks(pool)]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return scores_from_chunks(self.score_chunks(pool))
 
     # ------------------------------------------------------------ run.json
     def run_info(self, table: Any, info: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ the contract names (``token_saliency``, ``build_fingerprints``, ``score_examples
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -17,10 +16,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from coreselect.data.formatting import Encoded, Formatter, Scope, scope_mask
+from coreselect.data.formatting import Encoded, Formatter, Scope
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod
+from coreselect.methods.base import ScoreChunk, SelectionMethod, chunk_from_scores, record_chunks, scores_from_chunks
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
@@ -122,9 +121,7 @@ class TrimMethod(SelectionMethod):
             attns, hidden = self.runner.attn_hidden(batch, cfg.layers)
             alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
             del attns
-            mask = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), cfg.scope)).to(hidden.device)
-            mask &= batch.attention_mask.bool()
-            builder.add(hidden, alpha, batch.input_ids, mask)
+            builder.add(hidden, alpha, batch.input_ids, batch.scope_mask(cfg.scope))
             n_tokens += batch.n_real_tokens
         ids = sorted(builder._sums)
         fp = builder.finalize(
@@ -165,9 +162,7 @@ class TrimMethod(SelectionMethod):
                 bad = positions[int((~torch.isfinite(hidden)).flatten(1).any(1).nonzero()[0])]
                 raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
                                       "(try --dtype float32)")
-            mask = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), cfg.scope)).to(hidden.device)
-            mask &= batch.attention_mask.bool()
-            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, mask,
+            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, batch.scope_mask(cfg.scope),
                                       oov_penalty=cfg.oov_penalty, table=self._table)
             sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
                                     coverage_weight=cfg.coverage_weight)
@@ -185,11 +180,10 @@ class TrimMethod(SelectionMethod):
 
         t0 = time.perf_counter()
         tokens0 = self.runner.tokens_seen
-        records = iter(pool)
-        size = self.config.chunk_records
+        chunks = record_chunks(pool, self.config.chunk_records)
 
         def read_and_encode() -> tuple[list[Record], list[Encoded]]:
-            chunk = list(itertools.islice(records, size))
+            chunk = next(chunks, [])
             return chunk, [self.formatter.encode(r) for r in chunk]
 
         # While the model scores chunk k, one background thread reads and tokenizes chunk
@@ -217,16 +211,8 @@ class TrimMethod(SelectionMethod):
         if nan.any():
             raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
         self.cost.forward_passes += len(records)
-        return ScoreChunk(
-            index=np.array([r.index for r in records], dtype=np.int64),
-            ids=[r.id for r in records],
-            sources=[r.source for r in records],
-            score=scores,
-            n_tokens=np.array([len(e) for e in encoded], dtype=np.int64),
-            n_scored=n_scored,
-        )
+        return chunk_from_scores(records, scores, n_tokens=[len(e) for e in encoded], n_scored=n_scored)
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         """All pool scores in pool order."""
-        parts = [c.score for c in self.score_chunks(pool)]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return scores_from_chunks(self.score_chunks(pool))

@@ -65,7 +65,8 @@ def row_saliency(attn: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
     entropy = -(a * torch.log(a + eps)).sum(-1)  # eq. 1, [B,H,T]
     n_keys = (a > 0).sum(-1)  # |{j : A_ij > 0}| over non-pad keys
     log_n = torch.log(n_keys.clamp(min=1).to(a.dtype))
-    q = torch.where(n_keys > 1, 1.0 - entropy / torch.where(n_keys > 1, log_n, torch.ones_like(log_n)), torch.ones_like(entropy))  # eq. 2
+    safe_log_n = torch.where(n_keys > 1, log_n, torch.ones_like(log_n))
+    q = torch.where(n_keys > 1, 1.0 - entropy / safe_log_n, torch.ones_like(entropy))  # eq. 2
     q = torch.where(n_keys > 0, q, torch.zeros_like(q))
     q = q.mean(1)  # heads
     return torch.where(mask, q, torch.zeros_like(q))
@@ -235,15 +236,17 @@ class FingerprintBuilder:
         sums.index_add_(0, inv, w[:, None] * h)
         wsum = torch.zeros(len(uniq), dtype=torch.float64, device=h.device).index_add_(0, inv, w)
         cnt = torch.bincount(inv, minlength=len(uniq))
+        # one device-to-host copy per batch, not one (and a sync) per class
+        sums_cpu, wsum_l, cnt_l = sums.cpu(), wsum.tolist(), cnt.tolist()
         for r, t in enumerate(uniq.tolist()):
             if t in self._sums:
-                self._sums[t] += sums[r].cpu()
-                self._weights[t] += float(wsum[r])
-                self._counts[t] += int(cnt[r])
+                self._sums[t] += sums_cpu[r]
+                self._weights[t] += wsum_l[r]
+                self._counts[t] += cnt_l[r]
             else:
-                self._sums[t] = sums[r].cpu().clone()
-                self._weights[t] = float(wsum[r])
-                self._counts[t] = int(cnt[r])
+                self._sums[t] = sums_cpu[r].clone()
+                self._weights[t] = wsum_l[r]
+                self._counts[t] = cnt_l[r]
 
     def finalize(self, tokens: Mapping[int, str] | None = None, settings: dict[str, Any] | None = None) -> Fingerprints:
         """Eq. 9: normalize each class sum; classes of zero total weight are dropped."""
@@ -305,6 +308,8 @@ class NearestClassTable:
         fe = embeddings[ids].float() if ids.numel() else embeddings[:0].float()
         self._fp_emb = fe / fe.norm(dim=-1, keepdim=True).clamp(min=1e-30)
         self.vocab = vocab
+        #: the fingerprint vectors on the embeddings' device, so scoring does not copy them per batch
+        self.vectors = fingerprints.vectors.to(device=device, dtype=torch.float32)
 
     def rows(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(row, is_direct)`` for each id: the fingerprint row used and whether it is the id's own."""
@@ -351,10 +356,18 @@ def token_scores(
         table = NearestClassTable(fingerprints, embeddings)
     scored = scored_mask.bool()
     ids = token_ids.to(table._direct.device)
-    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1))
+    outside = (ids < 0) | (ids >= table.vocab)
+    if bool((outside & scored.to(ids.device)).any()):
+        from coreselect.errors import CoreselectError
+
+        bad = int(ids[outside & scored.to(ids.device)][0])
+        raise CoreselectError(f"token id {bad} is outside the model's embedding table (V={table.vocab}): "
+                              "the tokenizer does not match the model")
+    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1))  # only unscored (pad) ids are clamped
     has_fp = rows >= 0
     in_m = scored & (direct | (has_fp & (oov_penalty is not None)))
-    vec = fingerprints.vectors.to(device=hidden.device, dtype=torch.float32)
+    vec = table.vectors if table.fingerprints is fingerprints else fingerprints.vectors
+    vec = vec.to(device=hidden.device, dtype=torch.float32)  # no-op when already there
     h = hidden.float()
     h_hat = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-30)
     safe_rows = torch.where(in_m, rows, torch.zeros_like(rows))

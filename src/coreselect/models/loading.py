@@ -129,12 +129,19 @@ def load_model(
     return m, tok
 
 
+def require_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a Path; CoreselectError unless it is a saved PEFT adapter folder."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise CoreselectError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    return p
+
+
 def apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
     """Apply a saved PEFT adapter; merged by default so scoring runs a plain model."""
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise CoreselectError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    require_adapter_dir(adapter)
     pm = PeftModel.from_pretrained(model, adapter)
     return pm.merge_and_unload() if merge else pm
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coreselect.data.formatting import Encoded
+from coreselect.data.formatting import Encoded, Scope, scope_mask
 from coreselect.errors import ConfigError
 
 
@@ -70,6 +70,29 @@ class Batch:
     @property
     def n_padded_tokens(self) -> int:
         return int(self.attention_mask.numel())
+
+    def scope_mask(self, scope: Scope) -> Tensor:
+        """``[B, T]`` bool on the batch's device: the non-pad tokens of ``scope`` (never template or
+        special tokens). :func:`coreselect.data.formatting.scope_mask` is a plain comparison on the
+        codes, so it runs on the tensor where it is, with no copy to the CPU and back."""
+        return scope_mask(self.codes, scope) & self.attention_mask.bool()  # type: ignore[arg-type]
+
+
+def response_losses(logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per-record summed response cross-entropy ``[B]`` and target count ``[B]``.
+
+    Targets are the ``loss_mask`` tokens (never pad), token ``t`` predicted from ``t - 1``, as in
+    :func:`coreselect.train.lora.masked_lm_loss` (which sums over the whole batch). Only the target
+    positions' logits are taken and upcast (float32; a float64 model stays float64), so no float copy
+    of the ``[B, T, V]`` logits is made. Differentiable.
+    """
+    keep = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+    picked = logits[:, :-1][keep]
+    if picked.dtype not in (torch.float32, torch.float64):
+        picked = picked.float()
+    ce = torch.nn.functional.cross_entropy(picked, batch.input_ids[:, 1:][keep], reduction="none")
+    per_pos = torch.zeros(keep.shape, dtype=ce.dtype, device=ce.device).masked_scatter(keep, ce)
+    return per_pos.sum(-1), keep.sum(-1)
 
 
 def collate(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int, padding_side: str = "right",
@@ -138,6 +161,14 @@ def _attention_module(layer: Any) -> Any:
     raise ConfigError(f"cannot find the attention module of {type(layer).__name__}")
 
 
+def attention_probs(out: Any) -> Tensor:
+    """The ``[B, H, T, T]`` probabilities an attention module returned (a forward hook's ``out``)."""
+    w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    if w is None:
+        raise RuntimeError("attention module returned no probabilities (eager attention required)")
+    return w
+
+
 class ModelRunner:
     """Holds a loaded causal LM and runs the forward passes the methods need.
 
@@ -202,10 +233,7 @@ class ModelRunner:
         captured: list[Tensor] = []
 
         def hook(_mod: Any, _args: Any, out: Any) -> None:
-            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if w is None:
-                raise RuntimeError("attention module returned no probabilities (eager attention required)")
-            captured.append(w)
+            captured.append(attention_probs(out))
 
         handles = [_attention_module(layer).register_forward_hook(hook) for layer in self.layers[-last_layers:]]
         try:

@@ -19,7 +19,7 @@ from coreselect.errors import CoreselectError
 from coreselect.io import atomic_path
 from coreselect.report import html as H
 from coreselect.report import plots
-from coreselect.report.tokens import load_run, read_by_index, run_args, warmup_adapter
+from coreselect.report.tokens import load_run, read_by_index, warmup_adapter
 
 log = logging.getLogger("coreselect")
 
@@ -167,7 +167,7 @@ def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
     from coreselect.report.tokens import Explainer
 
     ex = Explainer(r.dir)
-    settings = run_args(r.run)
+    settings = ex.args
     out = []
     targets = read_target(settings)
     if targets:

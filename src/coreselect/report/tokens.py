@@ -26,7 +26,10 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir) / "run.json"
     if not p.is_file():
         raise CoreselectError(f"{run_dir}: no run.json (not a coreselect run folder)")
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CoreselectError(f"{p}: not a valid run.json ({e})") from None
 
 
 def run_args(run: dict[str, Any]) -> Any:

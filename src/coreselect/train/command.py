@@ -153,44 +153,38 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     t_load = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t_load
-    base = model_name(model)
+    spec = resolve_model(args.model)
+    model_info = {"name": args.model, "resolved": model_name(model), "path": spec.path,
+                  "dtype": str(next(model.parameters()).dtype)}
+    common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
+                              "versions": versions(), "model": model_info}
     fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
     if args.heads:  # P2D sparse head adaptation instead of LoRA (coreselect.train.heads)
         from coreselect.train.heads import train_heads_run
 
         hinfo = train_heads_run(args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress)
         hinfo["counts"]["rejected"] = rejects.count
-        info_h: dict[str, Any] = {
-            "command": "train", "settings": asdict(args), "train_args": asdict(targs), "versions": versions(),
-            "model": {"name": args.model, "resolved": base, "path": resolve_model(args.model).path,
-                      "dtype": str(next(model.parameters()).dtype)},
-            **hinfo, "adapter": hinfo["delta"],
+        info: dict[str, Any] = {
+            **common, **hinfo, "adapter": hinfo["delta"],
             "timings": {"model_load_s": load_s, "train_s": hinfo["train_s"], "total_s": time.perf_counter() - t0},
         }
-        write_json(out / "run.json", info_h)
-        return info_h
-    res = train_lora(model, tok, records, targs, out, progress=args.progress, resume=args.resume, formatter=fmt)
-    dtype = str(next(model.parameters()).dtype)
-    device = str(next(model.parameters()).device)
-    del model
-    spec = resolve_model(args.model)
-    adapter = res.adapter_dir.resolve()
-    info: dict[str, Any] = {
-        "command": "train",
-        "settings": asdict(args),
-        "train_args": asdict(targs),
-        "versions": versions(),
-        "model": {"name": args.model, "resolved": base, "path": spec.path, "dtype": dtype, "device": device},
-        "counts": {"records": len(records), "trained": len(records) - res.skipped, "skipped": res.skipped,
-                   "rejected": rejects.count},
-        "steps": res.steps,
-        "final_loss": res.losses[-1] if res.losses else None,
-        "first_loss": res.losses[0] if res.losses else None,
-        "tokens": res.tokens,
-        "adapter": str(adapter),
-        "checkpoints": [c.path.name for c in res.checkpoints],
-        "timings": {"model_load_s": load_s, "train_s": res.wall_s, "total_s": time.perf_counter() - t0},
-        "lm_eval": f"lm_eval --model hf --model_args pretrained={spec.path},peft={adapter}",
-    }
+    else:
+        res = train_lora(model, tok, records, targs, out, progress=args.progress, resume=args.resume, formatter=fmt)
+        model_info["device"] = str(next(model.parameters()).device)
+        del model
+        adapter = res.adapter_dir.resolve()
+        info = {
+            **common,
+            "counts": {"records": len(records), "trained": len(records) - res.skipped, "skipped": res.skipped,
+                       "rejected": rejects.count},
+            "steps": res.steps,
+            "final_loss": res.losses[-1] if res.losses else None,
+            "first_loss": res.losses[0] if res.losses else None,
+            "tokens": res.tokens,
+            "adapter": str(adapter),
+            "checkpoints": [c.path.name for c in res.checkpoints],
+            "timings": {"model_load_s": load_s, "train_s": res.wall_s, "total_s": time.perf_counter() - t0},
+            "lm_eval": f"lm_eval --model hf --model_args pretrained={spec.path},peft={adapter}",
+        }
     write_json(out / "run.json", info)
     return info

@@ -65,7 +65,21 @@ from coreselect.io import atomic_path, write_json
 from coreselect.methods.p2d import HeadGeometry, HeadSet, decoder_layers
 from coreselect.models.runner import _attention_module, collate, frozen_parameters
 from coreselect.progress import progress_bar
-from coreselect.train.lora import TrainArgs, _n_targets, _pad_id, _scheduler, make_labels, masked_lm_loss
+from coreselect.train.lora import (
+    IGNORE,
+    TrainArgs,
+    _accumulate,
+    _device,
+    _encode_for_training,
+    _epoch_order,
+    _forward,
+    _micro_batches,
+    _n_targets,
+    _pad_id,
+    _plan_steps,
+    _scheduler,
+    masked_lm_loss,
+)
 
 __all__ = ["HeadDelta", "HeadTrainResult", "KV_POLICY", "alignment_efficiency_ratio", "apply_head_delta",
            "estimate_aer", "head_slices", "train_heads", "train_heads_from_file", "train_heads_run"]
@@ -248,17 +262,10 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     hs.check(geom)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fmt = formatter or Formatter(tokenizer, args.max_length)
-    enc_all = [fmt.encode(r) for r in records]
-    encoded = [e for e in enc_all if _n_targets(e) > 0]
-    if not encoded:
-        raise CoreselectError("no record has a target token to train on")
+    encoded, skipped = _encode_for_training(formatter or Formatter(tokenizer, args.max_length), records)
     n = len(encoded)
     n_targets = [_n_targets(e) for e in encoded]
-    steps_per_epoch = math.ceil(math.ceil(n / args.batch_size) / args.grad_accum)
-    total = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
+    steps_per_epoch, total = _plan_steps(n, args)
 
     torch.manual_seed(args.seed)
     delta = HeadDelta(model, hs.heads)
@@ -266,30 +273,20 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = _scheduler(optimizer, args, total)
     pad = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    device = _device(model)
     losses: list[float] = []
     tokens = 0
-    perm: list[int] = []
+    perm_epoch, perm = -1, []
     model.train()
     with frozen_parameters(model), delta.attached(model), progress_bar(total=total, desc="train heads",
                                                                   enabled=progress) as bar:
         for step in range(total):
             epoch, g = divmod(step, steps_per_epoch)
-            if g == 0 or not perm:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-            lo = g * args.grad_accum * args.batch_size
-            hi = min(n, lo + args.grad_accum * args.batch_size)
-            groups = [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
-            denom = sum(n_targets[i] for mb in groups for i in mb)
-            step_loss = 0.0
-            for mb in groups:
-                batch = collate(encoded, mb, pad, "right", device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).logits
-                loss_sum, _ = masked_lm_loss(logits, make_labels(batch))
-                (loss_sum / denom).backward()
-                step_loss += float(loss_sum.detach()) / denom
-                tokens += batch.n_real_tokens
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, _epoch_order(n, args.seed, epoch)
+            step_loss, step_tokens = _accumulate(model, encoded, _micro_batches(perm, g, args), n_targets, pad,
+                                                 device)
+            tokens += step_tokens
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
@@ -312,14 +309,14 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     n_trainable = sum(p.numel() for p in params)
     write_json(out / "train_state.json", {
         "mode": "heads", "heads": [list(h) for h in hs.heads], "kv_policy": KV_POLICY, "steps": total,
-        "steps_per_epoch": steps_per_epoch, "records": n, "skipped": len(enc_all) - n, "wall_s": wall,
+        "steps_per_epoch": steps_per_epoch, "records": n, "skipped": skipped, "wall_s": wall,
         "tokens": tokens, "losses": losses, "n_trainable": n_trainable,
         "n_model_params": sum(p.numel() for p in model.parameters()),
         "args": {k: getattr(args, k) for k in ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
                                                "epochs", "batch_size", "grad_accum", "max_length", "seed",
                                                "max_steps")},
     })
-    return HeadTrainResult(delta_path, heads_path, losses, total, wall, tokens, len(enc_all) - n, n_trainable)
+    return HeadTrainResult(delta_path, heads_path, losses, total, wall, tokens, skipped, n_trainable)
 
 
 def train_heads_from_file(model: Any, tokenizer: Any, records: Sequence[Record], heads_json: str | Path,
@@ -341,7 +338,7 @@ def seconds_per_token(model: Any, pad_id: int, encoded: Sequence[Encoded], heads
     enc = [e for e in encoded if len(e) > 1]
     if not enc:
         raise CoreselectError("no example to time training steps on")
-    device = next(model.parameters()).device
+    device = _device(model)
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     delta = HeadDelta(model, heads) if heads is not None else None
     for p, _, _ in flags:
@@ -358,10 +355,9 @@ def seconds_per_token(model: Any, pad_id: int, encoded: Sequence[Encoded], heads
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t = time.perf_counter()
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).logits
+                logits = _forward(model, batch)
                 ids = batch.input_ids
-                labels = torch.where(batch.attention_mask.bool(), ids, torch.full_like(ids, -100))
+                labels = torch.where(batch.attention_mask.bool(), ids, torch.full_like(ids, IGNORE))
                 loss, cnt = masked_lm_loss(logits, labels)
                 (loss / max(cnt, 1)).backward()
                 if device.type == "cuda":
@@ -387,8 +383,9 @@ def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequ
     sparse = seconds_per_token(model, pad_id, sample, heads, batches=batches)
     training_s = sparse * tokens_selected * epochs
     full_sft_s = full * tokens_pool * epochs
+    aer = alignment_efficiency_ratio(selection_s, training_s, full_sft_s) if full_sft_s > 0 else None
     return {
-        "aer": alignment_efficiency_ratio(selection_s, training_s, full_sft_s) if full_sft_s > 0 else None,
+        "aer": aer,
         "selection_s": selection_s,
         "training_s": training_s,
         "full_sft_s": full_sft_s,
@@ -400,8 +397,7 @@ def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequ
         "tokens_selected": tokens_selected,
         "tokens_pool": tokens_pool,
         "epochs": epochs,
-        "speedup": float(1.0 / alignment_efficiency_ratio(selection_s, training_s, full_sft_s))
-        if full_sft_s > 0 and selection_s + training_s > 0 else None,
+        "speedup": float(1.0 / aer) if aer else None,
     }
 
 

@@ -233,6 +233,57 @@ def _forward(model: Any, batch: Batch) -> Tensor:
                  position_ids=batch.position_ids, use_cache=False).logits
 
 
+def _encode_for_training(fmt: Formatter, records: Sequence[Record]) -> tuple[list[Encoded], int]:
+    """Encoded records that have a target token, and how many were skipped for having none."""
+    encoded_all = [fmt.encode(r) for r in records]
+    encoded = [e for e in encoded_all if _n_targets(e) > 0]
+    skipped = len(encoded_all) - len(encoded)
+    if skipped:
+        log.warning("%d of %d records have no target token (after truncation) and are skipped",
+                    skipped, len(encoded_all))
+    if not encoded:
+        raise CoreselectError("no record has a target token to train on")
+    return encoded, skipped
+
+
+def _plan_steps(n: int, args: TrainArgs) -> tuple[int, int]:
+    """``(steps_per_epoch, total optimizer steps)`` for ``n`` records (``max_steps`` applied)."""
+    steps_per_epoch = math.ceil(math.ceil(n / args.batch_size) / args.grad_accum)
+    total = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    return steps_per_epoch, total
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled record order of one epoch (``torch.Generator`` seeded ``seed + epoch``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def _micro_batches(perm: list[int], g: int, args: TrainArgs) -> list[list[int]]:
+    """The micro-batches (record positions) of optimizer step ``g`` of an epoch whose order is ``perm``."""
+    lo = g * args.grad_accum * args.batch_size
+    hi = min(len(perm), lo + args.grad_accum * args.batch_size)
+    return [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
+
+
+def _accumulate(model: Any, encoded: Sequence[Encoded], groups: list[list[int]], n_targets: Sequence[int],
+                pad: int, device: torch.device) -> tuple[float, int]:
+    """Forward + backward of one optimizer step's micro-batches, normalized by the step's target tokens.
+
+    Returns the step's token-mean loss and its real (non-pad) token count.
+    """
+    denom = sum(n_targets[i] for mb in groups for i in mb)
+    step_loss, step_tokens = 0.0, 0
+    for mb in groups:
+        batch = collate(encoded, mb, pad, "right", device)
+        loss_sum, _ = masked_lm_loss(_forward(model, batch), make_labels(batch))
+        (loss_sum / denom).backward()
+        step_loss += float(loss_sum.detach()) / denom
+        step_tokens += batch.n_real_tokens
+    return step_loss, step_tokens
+
+
 @torch.no_grad()
 def eval_loss(model: Any, tokenizer: Any, records: Sequence[Record], *, max_length: int = 2048,
               batch_size: int = 8, formatter: Formatter | None = None) -> float:
@@ -372,22 +423,10 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     if existing and not resume:
         raise ConfigError(f"{out} already has checkpoints; pass resume=True or use an empty folder")
 
-    fmt = formatter or Formatter(tokenizer, args.max_length)
-    encoded_all = [fmt.encode(r) for r in records]
-    encoded = [e for e in encoded_all if _n_targets(e) > 0]
-    skipped = len(encoded_all) - len(encoded)
-    if skipped:
-        log.warning("%d of %d records have no target token (after truncation) and are skipped",
-                    skipped, len(encoded_all))
-    if not encoded:
-        raise CoreselectError("no record has a target token to train on")
+    encoded, skipped = _encode_for_training(formatter or Formatter(tokenizer, args.max_length), records)
     n_targets = [_n_targets(e) for e in encoded]
     n = len(encoded)
-    micro_per_epoch = math.ceil(n / args.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
-    total = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
+    steps_per_epoch, total = _plan_steps(n, args)
     fp = _fingerprint(args, encoded)
     state: dict[str, Any] | None = None
     if resume and existing:
@@ -438,33 +477,16 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         for _, old in _checkpoints(out)[:-args.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    perm_cache: dict[int, list[int]] = {}
-
-    def step_micro_batches(step: int) -> list[list[int]]:
-        epoch, g = divmod(step, steps_per_epoch)
-        if epoch not in perm_cache:
-            perm_cache.clear()
-            gen = torch.Generator().manual_seed(args.seed + epoch)
-            perm_cache[epoch] = torch.randperm(n, generator=gen).tolist()
-        perm = perm_cache[epoch]
-        lo = g * args.grad_accum * args.batch_size
-        hi = min(n, lo + args.grad_accum * args.batch_size)
-        return [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
-
     pad = _pad_id(tokenizer)
+    perm_epoch, perm = -1, []  # the current epoch's record order
     model.train()
     with progress_bar(total=total - start, desc="train", enabled=progress, unit="step") as bar:
-        bar.bar.unit = "step"
         for step in range(start, total):
-            groups = step_micro_batches(step)
-            denom = sum(n_targets[i] for mb in groups for i in mb)
-            step_loss, step_tokens = 0.0, 0
-            for mb in groups:
-                batch = collate(encoded, mb, pad, "right", device)
-                loss_sum, _ = masked_lm_loss(_forward(model, batch), make_labels(batch))
-                (loss_sum / denom).backward()
-                step_loss += float(loss_sum.detach()) / denom
-                step_tokens += batch.n_real_tokens
+            epoch, g = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, _epoch_order(n, args.seed, epoch)
+            step_loss, step_tokens = _accumulate(model, encoded, _micro_batches(perm, g, args), n_targets, pad,
+                                                 device)
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             lrs.append(float(optimizer.param_groups[0]["lr"]))

@@ -27,8 +27,9 @@ from torch import Tensor
 
 from coreselect.data.formatting import Encoded
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.models.runner import collate, token_budget_batches
-from coreselect.train.lora import Checkpoint, make_labels
+from coreselect.models.loading import require_adapter_dir
+from coreselect.models.runner import collate, response_losses, token_budget_batches
+from coreselect.train.lora import Checkpoint, _forward
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,9 +44,7 @@ def load_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """
     out: list[Checkpoint] = []
     for i, p in enumerate(paths):
-        path = Path(p)
-        if not (path / "adapter_config.json").is_file():
-            raise CoreselectError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+        path = require_adapter_dir(p)
         state_file = path / "trainer_state.json"
         m = _CKPT.match(path.name)
         step = int(m.group(1)) if m else i
@@ -184,20 +183,6 @@ class Projector:
 
 
 # ------------------------------------------------------------------------------ losses and gradients
-def _logits(model: Any, batch: Any) -> Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
-
-
-def _row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row summed response cross-entropy and target count (token ``t`` from ``t-1``)."""
-    lab = labels[:, 1:]
-    keep = lab != -100
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab.clamp(min=0),
-                                           reduction="none")
-    return (ce * keep).sum(1), keep.sum(1)
-
-
 @torch.no_grad()
 def per_example_losses(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_tokens: int = 4096) -> np.ndarray:
     """Token-mean response-only loss of each record (``loss_mask`` tokens, shifted by one).
@@ -211,7 +196,7 @@ def per_example_losses(model: Any, encoded: Sequence[Encoded], pad_id: int, batc
     try:
         for pos in token_budget_batches([len(e) for e in encoded], batch_tokens):
             batch = collate(encoded, pos, pad_id, "right", device)
-            s, c = _row_losses(_logits(model, batch), make_labels(batch))
+            s, c = response_losses(_forward(model, batch), batch)
             vals = (s / c.clamp(min=1)).double().cpu().numpy()
             vals[c.cpu().numpy() == 0] = np.nan
             out[pos] = vals
@@ -239,6 +224,7 @@ def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[En
     projected together.
     """
     device = next(model.parameters()).device
+    dim = sum(p.numel() for p in params)
     if adam is not None:
         m0 = torch.cat(adam[0]).to(device)
         v0 = torch.cat(adam[1]).to(device)
@@ -255,11 +241,10 @@ def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[En
 
     for i in range(len(encoded)):
         if not encoded[i].loss_mask[1:].any():
-            dim = sum(p.numel() for p in params)
             buf.append(torch.zeros(dim, dtype=torch.float32, device=device))
         else:
             batch = collate(encoded, [i], pad_id, "right", device)
-            s, c = _row_losses(_logits(model, batch), make_labels(batch))
+            s, c = response_losses(_forward(model, batch), batch)
             grads = torch.autograd.grad((s / c).sum(), list(params))
             g = torch.cat([x.reshape(-1).float() for x in grads])
             if adam is not None:
@@ -272,7 +257,7 @@ def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[En
         if len(buf) >= proj_batch:
             flush()
     flush()
-    k = projector.k if projector is not None else sum(p.numel() for p in params)
+    k = projector.k if projector is not None else dim
     return torch.cat(feats) if feats else torch.zeros(0, k)
 
 

@@ -22,7 +22,14 @@ import torch
 
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod, peak_memory_mb
+from coreselect.methods.base import (
+    ScoreChunk,
+    SelectionMethod,
+    chunk_from_scores,
+    peak_memory_mb,
+    record_chunks,
+    scores_from_chunks,
+)
 from coreselect.methods.baselines.gradients import (
     AdapterSwitcher,
     FeatureStats,
@@ -34,7 +41,7 @@ from coreselect.methods.baselines.gradients import (
     warmup_checkpoints,
 )
 from coreselect.models.runner import token_budget_batches
-from coreselect.train.lora import Checkpoint
+from coreselect.train.lora import Checkpoint, _pad_id
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -199,13 +206,7 @@ class RDSMethod(SelectionMethod):
     def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
         if self.targets is None:
             raise CoreselectError("RDSMethod.score called before fit")
-        chunk: list[Record] = []
-        for rec in pool:
-            chunk.append(rec)
-            if len(chunk) >= self.chunk_records:
-                yield self._chunk(chunk)
-                chunk = []
-        if chunk:
+        for chunk in record_chunks(pool, self.chunk_records):
             yield self._chunk(chunk)
 
     def _chunk(self, records: list[Record]) -> ScoreChunk:
@@ -213,12 +214,10 @@ class RDSMethod(SelectionMethod):
         reps, n_tok = self._reps(records)
         scores = (reps @ self.targets.T).max(dim=1).values.double().numpy()  # type: ignore[union-attr]
         self._account(t0)
-        return ScoreChunk(np.array([r.index for r in records], dtype=np.int64), [r.id for r in records],
-                          [r.source for r in records], scores, n_tok, np.zeros(len(records), dtype=np.int64))
+        return chunk_from_scores(records, scores, n_tokens=n_tok)
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
-        parts = [c.score for c in self.score_chunks(pool)]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return scores_from_chunks(self.score_chunks(pool))
 
     def settings(self) -> dict[str, Any]:
         return {"representation": "last non-pad token, final layer, unit norm", "aggregate": self.aggregate}
@@ -236,8 +235,7 @@ class _CheckpointMethod(SelectionMethod):
         self.checkpoints = [c if isinstance(c, Checkpoint) else load_checkpoints([c])[0] for c in checkpoints]
         self.switcher = AdapterSwitcher(base_model)
         self.tokenizer, self.formatter, self.seed = tokenizer, formatter, int(seed)
-        tid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(tid if tid is not None else 0)
+        self.pad_id = _pad_id(tokenizer)
         self.n_truncated = 0
 
     def _encode(self, records: Sequence[Record]) -> list[Any]:
@@ -249,11 +247,8 @@ class _CheckpointMethod(SelectionMethod):
     def _device(self) -> torch.device:
         return next(self.switcher.base.parameters()).device
 
-    def _account(self, t0: float, stats: FeatureStats | None = None) -> None:
+    def _account(self, t0: float) -> None:
         self.cost.wall_s += time.perf_counter() - t0
-        if stats is not None:
-            self.cost.forward_passes += stats.forward_passes
-            self.cost.backward_passes += stats.backward_passes
         self.cost.peak_memory_mb = max(self.cost.peak_memory_mb, peak_memory_mb(self._device))
 
     def _losses(self, records: Sequence[Record], batch_tokens: int) -> np.ndarray:
@@ -443,9 +438,8 @@ class S2LMethod(_CheckpointMethod):
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            records = list(pool)
-            traj = np.nan_to_num(self._losses(records, self.batch_tokens), nan=0.0)
+        records = list(pool)
+        traj = np.nan_to_num(self._losses(records, self.batch_tokens), nan=0.0)  # no-grad forwards
         k = _budget(self.budget, len(records))
         labels = kmeans_labels(traj, self.n_clusters or default_clusters(len(records)), self.seed)
         chosen = balanced_sample(labels, k, self.seed)
