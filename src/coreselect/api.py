@@ -50,7 +50,33 @@ def known_methods() -> list[str]:
 
 
 @dataclass
-class SelectArgs:
+class WarmupSettings:
+    """The scorer warmup (paper §3; Table 7 recipe), shared by select, compare and experiment.
+
+    Attributes:
+        warmup: ``auto`` (LoRA warmup on a random pool fraction, paper §3), ``none`` (base
+            model), or the path of a saved adapter to reuse.
+        warmup_fraction: fraction of the pool used for the warmup (paper: ~5%).
+        warmup_epochs, warmup_lr, warmup_lora_r, warmup_lora_alpha, warmup_batch_size,
+            warmup_grad_accum: the warmup recipe (Table 7 defaults).
+    """
+
+    warmup: str = "auto"
+    warmup_fraction: float = 0.05
+    warmup_epochs: float = 4.0
+    warmup_lr: float = 2e-5
+    warmup_lora_r: int = 128
+    warmup_lora_alpha: int = 512
+    warmup_batch_size: int = 2
+    warmup_grad_accum: int = 32
+
+    def warmup_settings(self) -> dict[str, Any]:
+        """These fields as a dict (to pass them on to another command's args)."""
+        return {f.name: getattr(self, f.name) for f in fields(WarmupSettings)}
+
+
+@dataclass
+class SelectArgs(WarmupSettings):
     """Arguments of ``coreselect select`` (YAML config keys are the same names).
 
     Attributes:
@@ -60,11 +86,6 @@ class SelectArgs:
         method: selection method (``trim``, ``random``, ``bm25``, ``dsir``, ...).
         model: causal LM: folder, ``.gguf`` file, hub id, or ``smollm2`` (the packaged default).
         budget: ``5%`` of the pool or an absolute count.
-        warmup: ``auto`` (LoRA warmup on a random pool fraction, paper §3), ``none`` (base
-            model), or the path of a saved adapter to reuse.
-        warmup_fraction: fraction of the pool used for the warmup (paper: ~5%).
-        warmup_epochs, warmup_lr, warmup_lora_r, warmup_lora_alpha, warmup_batch_size,
-            warmup_grad_accum: the warmup recipe (Table 7 defaults).
         layers: last L layers whose attention feeds Stage I (Table 8: 6).
         scope: ``all``, ``prompt`` or ``response`` tokens (App. B.1).
         oov_penalty: lambda of eq. 12, or ``None`` to skip unseen token classes.
@@ -100,14 +121,6 @@ class SelectArgs:
     method: str = "trim"
     model: str = "smollm2"
     budget: str = "5%"
-    warmup: str = "auto"
-    warmup_fraction: float = 0.05
-    warmup_epochs: float = 4.0
-    warmup_lr: float = 2e-5
-    warmup_lora_r: int = 128
-    warmup_lora_alpha: int = 512
-    warmup_batch_size: int = 2
-    warmup_grad_accum: int = 32
     layers: int = 6
     scope: str = "all"
     oov_penalty: float | None = 1.0

@@ -53,7 +53,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from coreselect.api import MODEL_METHODS, SelectArgs, known_methods, scan_pool, select, versions, warmup_model
+from coreselect.api import (
+    MODEL_METHODS,
+    SelectArgs,
+    WarmupSettings,
+    known_methods,
+    scan_pool,
+    select,
+    versions,
+    warmup_model,
+)
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.eval.command import EvalCommandArgs, default_shots, evaluate_command, exclude_texts, metric_name
 from coreselect.io import write_json
@@ -92,7 +101,7 @@ def _uses_warmup(method: str) -> bool:
 
 
 @dataclass
-class ExperimentArgs:
+class ExperimentArgs(WarmupSettings):
     """Arguments of ``coreselect experiment`` (normally a YAML ``--config``; keys == flags).
 
     Attributes:
@@ -136,14 +145,6 @@ class ExperimentArgs:
     eval_batch_size: int = 8
     eval_max_new_tokens: int = 256
     decontaminate: bool = True
-    warmup: str = "auto"
-    warmup_fraction: float = 0.05
-    warmup_epochs: float = 4.0
-    warmup_lr: float = 2e-5
-    warmup_lora_r: int = 128
-    warmup_lora_alpha: int = 512
-    warmup_batch_size: int = 2
-    warmup_grad_accum: int = 32
     select: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/experiment"
@@ -250,10 +251,8 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
         return None
     if args.warmup != "auto":
         return args.warmup
-    sel = SelectArgs(pool=pool, out=str(out), model=args.model, warmup="auto", warmup_fraction=args.warmup_fraction,
-                     warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, warmup_lora_r=args.warmup_lora_r,
-                     warmup_lora_alpha=args.warmup_lora_alpha, warmup_batch_size=args.warmup_batch_size,
-                     warmup_grad_accum=args.warmup_grad_accum, dtype=args.dtype, device=args.device,
+    sel = SelectArgs(pool=pool, out=str(out), model=args.model, **args.warmup_settings(), dtype=args.dtype,
+                     device=args.device,
                      progress=args.progress, resume=True,
                      **{k: v for k, v in args.select.items() if k in ("max_length", "template", "seed")})
     n_pool = scan_pool(sel)[0]
