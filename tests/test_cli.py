@@ -151,3 +151,15 @@ def test_every_command_has_working_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         assert "usage: coreselect " + name in capsys.readouterr().out
+
+
+def test_python_api_select_with_keywords(tiny_model_dir, small_pool, tmp_path):
+    import coreselect
+    import coreselect.api  # importing submodules must not shadow coreselect.select
+
+    pool, target = small_pool
+    info = coreselect.select(pool=[str(pool)], target=[str(target)], out=str(tmp_path / "api"), budget="2",
+                             model=str(tiny_model_dir), warmup="none", layers=2, progress=False)
+    assert info["counts"]["selected"] == 2 and (tmp_path / "api" / "coreset.jsonl").exists()
+    with pytest.raises(coreselect.errors.ConfigError, match="unknown key"):
+        coreselect.select(pool=[str(pool)], out=str(tmp_path / "x"), bogus=1)

@@ -2,7 +2,7 @@
 
 ``select(SelectArgs(...))`` runs Algorithm 3 of the TRIM paper (warmup -> Stage I ->
 Stage II -> selection) or any other registered method, and writes the outputs described
-in :mod:`coreselect.select`.
+in :mod:`coreselect.selection`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
 from coreselect.methods import MODEL_BASED
 from coreselect.methods.base import SelectionMethod, peak_memory_mb
-from coreselect.select import (
+from coreselect.selection import (
     check_coverage,
     check_out_dir,
     check_shard_out_dir,
@@ -312,13 +312,19 @@ def make_method(args: SelectArgs, ctx: ModelContext | None) -> SelectionMethod:
 # ------------------------------------------------------------------------------ commands
 
 
-def select(args: SelectArgs) -> dict[str, Any]:
+def select(args: SelectArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
     """Rank the pool with ``args.method`` and write the top ``budget`` as the coreset.
 
+    Call it with a :class:`SelectArgs` or with its fields as keywords
+    (``coreselect.select(pool=[...], target=[...], out="runs/x", budget="5%")``).
     Returns the ``run.json`` dictionary.
     """
     from coreselect.methods import needs_model
 
+    if args is None:
+        args = args_from_dict(SelectArgs, kwargs, source="coreselect.select()")
+    elif kwargs:
+        raise ConfigError("pass either a SelectArgs or keyword arguments to select(), not both")
     t_start = time.perf_counter()
     args.validate()
     out = Path(args.out)

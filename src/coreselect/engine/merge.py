@@ -65,7 +65,7 @@ class MergeArgs:
 def merge(args: MergeArgs) -> dict[str, Any]:
     """Merge shard outputs into the final selection; returns the ``run.json`` dictionary."""
     from coreselect.api import SelectArgs, iter_pool, scan_pool, versions
-    from coreselect.select import (
+    from coreselect.selection import (
         check_coverage,
         existing_shards,
         finalize_scores,

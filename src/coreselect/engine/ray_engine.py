@@ -110,7 +110,7 @@ def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -
         import ray
     except ImportError:
         raise CoreselectError("--engine ray needs Ray Data: pip install 'ray[data]'") from None
-    from coreselect.select import SCORE_SCHEMA
+    from coreselect.selection import SCORE_SCHEMA
 
     t0 = time.perf_counter()
     if not ray.is_initialized():

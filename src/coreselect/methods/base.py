@@ -1,6 +1,6 @@
 """The shape every selection method has: ``fit`` on the target, ``score`` on the pool.
 
-Selection (top-k, budgets) and writing outputs are shared (``coreselect.select``), never
+Selection (top-k, budgets) and writing outputs are shared (``coreselect.selection``), never
 re-implemented per method. A method that samples rather than ranks (``random``, DSIR's
 resample mode) returns scores whose top-k *is* the sample (e.g. seeded Gumbel keys).
 """

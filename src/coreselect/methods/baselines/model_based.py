@@ -144,7 +144,7 @@ def cld_scores(pool_losses: np.ndarray, target_losses: np.ndarray) -> np.ndarray
 
 
 def _budget(budget: str | int, n: int) -> int:
-    from coreselect.select import parse_budget
+    from coreselect.selection import parse_budget
 
     return parse_budget(budget, n)
 
