@@ -236,13 +236,13 @@ def plot_heatmap(hs: HeadSet, path: str | Path) -> Path:
         raise CoreselectError("no head scores to plot")
     s = s / s.max() if s.max() > 0 else s
     n_l, n_h = s.shape
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.3 * n_h), min(10, 1.5 + 0.3 * n_l)))
+    fig, ax = plt.subplots(figsize=(min(12, max(4.5, 2 + 0.3 * n_h)), min(10, 1.5 + 0.3 * n_l)))
     im = ax.imshow(s, cmap="viridis", aspect="auto", origin="lower")
     for layer, head in hs.heads:
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{hs.proxy} head sensitivity (top {len(hs.heads)} of {s.size} outlined)")
+    ax.set_title(f"{hs.proxy} head sensitivity\n(top {len(hs.heads)} of {s.size} outlined)", fontsize=10)
     fig.colorbar(im, ax=ax, label="score / max")
     fig.tight_layout()
     out = Path(path)
