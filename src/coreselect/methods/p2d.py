@@ -69,6 +69,7 @@ from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.base import ScoreChunk, SelectionMethod, chunk_from_scores, record_chunks, scores_from_chunks
+from coreselect.methods.trim import TokenScoring
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
@@ -429,8 +430,8 @@ def localize_heads(runner: ModelRunner, formatter: Formatter, target: Sequence[R
 
 # ------------------------------------------------------------------------------ selection
 @dataclass
-class P2DConfig:
-    """P2D selection knobs.
+class P2DConfig(TokenScoring):
+    """P2D selection knobs (plus TRIM's token-scoring ones, used by the ``fingerprint`` feature).
 
     Attributes:
         heads: ``auto`` (locate on the target), ``random`` (same count, seeded) or a ``heads.json`` path.
@@ -438,12 +439,7 @@ class P2DConfig:
         head_fraction: share of all heads kept in ``H_T`` (paper: 10%).
         feature: ``pooled`` (mean-pool cosine to the target, default) or ``fingerprint`` (TRIM
             fingerprints on the head outputs).
-        scope: tokens pooled / fingerprinted: ``all``, ``prompt`` or ``response``.
         seed: seeds ``heads=random``.
-        oov_penalty, w_mean, w_max, coverage_weight, w_row, w_col: TRIM's eq. 7, 12 and 15
-            (``fingerprint`` feature only).
-        batch_tokens: padded-token budget of one forward batch.
-        chunk_records: records per streamed score chunk.
         aer: estimate the Alignment Efficiency Ratio into run.json (times a few training steps).
         aer_epochs: epochs assumed for both trainings in that estimate (Table 7 of paper 002: 4).
     """
@@ -452,26 +448,16 @@ class P2DConfig:
     proxy: str = "gradient"
     head_fraction: float = 0.1
     feature: str = "pooled"
-    scope: str = "all"
     seed: int = 0
-    oov_penalty: float | None = 1.0
-    w_mean: float = 0.5
-    w_max: float = 0.5
-    coverage_weight: float = 0.05
-    w_row: float = 0.5
-    w_col: float = 0.5
-    batch_tokens: int = 8192
-    chunk_records: int = 2048
     aer: bool = True
     aer_epochs: float = 4.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.proxy not in PROXIES:
             raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
         if self.feature not in FEATURES:
             raise ConfigError(f"feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
-        if self.scope not in ("all", "prompt", "response"):
-            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
         n_top(self.head_fraction, 1)  # validates the range
         if self.heads not in ("auto", "random") and not Path(self.heads).is_file():
             raise CoreselectError(f"{self.heads}: --heads must be auto, random or a heads.json file")

@@ -36,6 +36,7 @@ from coreselect.progress import progress_bar
 __all__ = [
     "Fingerprints",
     "FingerprintBuilder",
+    "TokenScoring",
     "TrimConfig",
     "TrimMethod",
     "build_fingerprints",
@@ -46,11 +47,12 @@ __all__ = [
 
 
 @dataclass
-class TrimConfig:
-    """TRIM's knobs; defaults are the paper's (§3, Table 8).
+class TokenScoring:
+    """TRIM's token-level scoring knobs, shared by TRIM and P2D's fingerprint feature.
+
+    Defaults are the paper's (§3, Table 8).
 
     Attributes:
-        layers: ``L``, attention of the last L layers feeds Stage I (Table 8: 6).
         scope: tokens fingerprinted and scored: ``all``, ``prompt`` or ``response`` (App. B.1).
         w_row: ``w_Q`` of eq. 7.
         w_col: ``w_K`` of eq. 7.
@@ -62,7 +64,6 @@ class TrimConfig:
         chunk_records: records read, tokenized and length-sorted together while scoring.
     """
 
-    layers: int = 6
     scope: Scope = "all"
     w_row: float = 0.5
     w_col: float = 0.5
@@ -76,12 +77,26 @@ class TrimConfig:
     def __post_init__(self) -> None:
         if self.scope not in ("all", "prompt", "response"):
             raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
-        if self.layers < 1:
-            raise ConfigError(f"layers must be >= 1, got {self.layers}")
         if self.oov_penalty is not None and not 0 < self.oov_penalty <= 1:
             raise ConfigError(f"oov_penalty must be in (0, 1] or none, got {self.oov_penalty}")
         if self.batch_tokens < 1 or self.chunk_records < 1:
             raise ConfigError("batch_tokens and chunk_records must be >= 1")
+
+
+@dataclass
+class TrimConfig(TokenScoring):
+    """TRIM's knobs: the token scoring ones plus the number of attention layers.
+
+    Attributes:
+        layers: ``L``, attention of the last L layers feeds Stage I (Table 8: 6).
+    """
+
+    layers: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers < 1:
+            raise ConfigError(f"layers must be >= 1, got {self.layers}")
 
 
 class TrimMethod(SelectionMethod):
