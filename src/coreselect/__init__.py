@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "select"]
+__all__ = ["__version__", "load_coreset", "select"]
 
 
 def __getattr__(name: str):  # lazy: keep `import coreselect` cheap (no torch import)
@@ -12,4 +12,8 @@ def __getattr__(name: str):  # lazy: keep `import coreselect` cheap (no torch im
         from coreselect.api import select
 
         return select
+    if name == "load_coreset":
+        from coreselect.coreset import load_coreset
+
+        return load_coreset
     raise AttributeError(name)

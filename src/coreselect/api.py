@@ -80,7 +80,8 @@ class SelectArgs(WarmupSettings):
     """Arguments of ``coreselect select`` (YAML config keys are the same names).
 
     Attributes:
-        pool: pool files (JSONL / JSON / Parquet / ``load_from_disk`` folder / hub name).
+        pool: pool files (JSONL / JSON / Parquet / ``load_from_disk`` folder / hub name); from
+            Python also ``datasets.Dataset`` / ``IterableDataset`` objects.
         target: the few target examples (same formats).
         out: output folder.
         method: selection method (``trim``, ``random``, ``bm25``, ``dsir``, ...).
@@ -157,6 +158,9 @@ class SelectArgs(WarmupSettings):
         if isinstance(self.target, str):
             self.target = [self.target]
         self.budget = str(self.budget)
+        from coreselect.data.hf_datasets import as_inputs  # datasets.Dataset objects ride along as labelled str
+
+        self.pool, self.target = as_inputs(self.pool), as_inputs(self.target)
         if isinstance(self.oov_penalty, str):
             self.oov_penalty = None if self.oov_penalty.lower() in ("none", "null", "") else float(self.oov_penalty)
 
@@ -198,6 +202,9 @@ class SelectArgs(WarmupSettings):
             raise ConfigError(f"{self.warmup}: --warmup must be auto, none or a saved adapter folder")
         for p in [*self.pool, *self.target]:
             local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
+            if not isinstance(p, str):
+                raise ConfigError(f"pool/target entries must be paths or datasets.Dataset objects, "
+                                  f"got {type(p).__name__}")
             if local and not Path(p).expanduser().exists():
                 raise CoreselectError(f"{p}: no such file")
         if self.fingerprints and not Path(self.fingerprints).is_file():

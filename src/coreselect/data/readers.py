@@ -10,6 +10,7 @@ Inputs, chosen by path:
 * a directory: ``datasets.load_from_disk`` (memory-mapped Arrow); 0-based rows.
 * ``hf:org/name[:split]``, or a missing path that looks like ``org/name``:
   ``datasets.load_dataset(name, split=split or "train", streaming=True)``; 0-based rows.
+* a ``datasets.Dataset`` / ``IterableDataset`` object: see :mod:`coreselect.data.hf_datasets`.
 
 Record shapes, in order of precedence: ``messages`` (role/content), ShareGPT ``conversations``
 (from/value), ``prompt``/``completion`` (strings or TRL message lists), Alpaca
@@ -260,6 +261,10 @@ def _iter_hub(file: str, name: str, split: str | None) -> Iterator[_Item]:
 
 def _open_source(p: str | os.PathLike[str]) -> _Source:
     """Decide how to read ``p``; raises CoreselectError for a missing or unsupported path."""
+    from coreselect.data.hf_datasets import dataset_source
+
+    if (ds_source := dataset_source(p)) is not None:  # a datasets.Dataset / IterableDataset object
+        return ds_source
     file = os.fspath(p)
     file = file.decode() if isinstance(file, bytes) else file
     path = Path(file)
@@ -426,7 +431,8 @@ def read_records(
     """Lazily read and normalize records from ``paths``, in order.
 
     Args:
-        paths: files, dataset folders or Hub names (a single path is accepted too).
+        paths: files, dataset folders, Hub names or ``datasets.Dataset`` / ``IterableDataset``
+            objects (:mod:`coreselect.data.hf_datasets`); a single one is accepted too.
         on_bad_record: ``"error"`` raises the first :class:`BadRecordError`; ``"skip"`` passes it
             to ``rejects.add(err, raw)`` (raw: the decoded value, the undecodable text, or None)
             and goes on.
@@ -438,8 +444,9 @@ def read_records(
     """
     if on_bad_record not in ("error", "skip"):
         raise CoreselectError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    from coreselect.data.hf_datasets import as_inputs
+
+    paths = as_inputs(paths)  # one path or a list; datasets.Dataset objects are wrapped
     sources = [_open_source(p) for p in paths]
     return _read(sources, on_bad_record, rejects, start_index, check_duplicate_ids)
 
