@@ -24,6 +24,9 @@ from torch import Tensor
 
 from coreselect.data.formatting import Encoded, Scope, scope_mask
 from coreselect.errors import ConfigError
+from coreselect.models.introspect import attention_module as _attention_module  # noqa: F401 (old name)
+from coreselect.models.introspect import decoder_layers as _decoder_layers  # noqa: F401 (old name)
+from coreselect.models.introspect import eager_attention
 
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = 1024) -> list[list[int]]:
@@ -137,30 +140,6 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _decoder_layers(base: Any) -> Any:
-    """The ModuleList of decoder layers of a base model (``layers`` / ``h`` / ``blocks``)."""
-    n = getattr(base.config, "num_hidden_layers", None)
-    for name in ("layers", "h", "blocks", "decoder_layers"):
-        mod = getattr(base, name, None)
-        if isinstance(mod, torch.nn.ModuleList) and (n is None or len(mod) == n):
-            return mod
-    for mod in base.modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return mod
-    raise ConfigError(f"cannot find the decoder layers of {type(base).__name__}")
-
-
-def _attention_module(layer: Any) -> Any:
-    for name in ("self_attn", "attn", "attention", "self_attention"):
-        mod = getattr(layer, name, None)
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    for mod in layer.modules():
-        if type(mod).__name__.endswith("Attention"):
-            return mod
-    raise ConfigError(f"cannot find the attention module of {type(layer).__name__}")
-
-
 def attention_probs(out: Any) -> Tensor:
     """The ``[B, H, T, T]`` probabilities an attention module returned (a forward hook's ``out``)."""
     w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
@@ -216,14 +195,9 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def _eager(self) -> Iterator[None]:
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        if impl != "eager":
-            self.model.set_attn_implementation("eager")
-        try:
+        """Eager attention for the block (:func:`coreselect.models.introspect.eager_attention`)."""
+        with eager_attention(self.model):
             yield
-        finally:
-            if impl not in (None, "eager"):
-                self.model.set_attn_implementation(impl)
 
     @torch.inference_mode()
     def attn_hidden(self, batch: Batch, last_layers: int) -> tuple[list[Tensor], Tensor]:
