@@ -18,6 +18,7 @@ from coreselect.data.readers import RejectLog, read_records
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
+from coreselect.runlock import RunLock
 from coreselect.methods import MODEL_BASED
 from coreselect.methods.base import SelectionMethod, peak_memory_mb
 from coreselect.selection import (
@@ -157,10 +158,10 @@ class SelectArgs(WarmupSettings):
             self.pool = [self.pool]
         if isinstance(self.target, str):
             self.target = [self.target]
-        self.budget = str(self.budget)
         from coreselect.data.hf_datasets import as_inputs  # datasets.Dataset objects ride along as labelled str
 
         self.pool, self.target = as_inputs(self.pool), as_inputs(self.target)
+        self.budget = str(self.budget)
         if isinstance(self.oov_penalty, str):
             self.oov_penalty = None if self.oov_penalty.lower() in ("none", "null", "") else float(self.oov_penalty)
 
@@ -201,10 +202,10 @@ class SelectArgs(WarmupSettings):
         if self.warmup not in ("auto", "none") and not (Path(self.warmup) / "adapter_config.json").exists():
             raise ConfigError(f"{self.warmup}: --warmup must be auto, none or a saved adapter folder")
         for p in [*self.pool, *self.target]:
-            local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
             if not isinstance(p, str):
                 raise ConfigError(f"pool/target entries must be paths or datasets.Dataset objects, "
                                   f"got {type(p).__name__}")
+            local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
             if local and not Path(p).expanduser().exists():
                 raise CoreselectError(f"{p}: no such file")
         if self.fingerprints and not Path(self.fingerprints).is_file():
@@ -324,10 +325,9 @@ def select(args: SelectArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
 
     Call it with a :class:`SelectArgs` or with its fields as keywords
     (``coreselect.select(pool=[...], target=[...], out="runs/x", budget="5%")``).
-    Returns the ``run.json`` dictionary.
+    Returns the ``run.json`` dictionary. The output folder is locked for the run's lifetime
+    (:class:`coreselect.runlock.RunLock`): a second run into it fails with the holder's pid.
     """
-    from coreselect.methods import needs_model
-
     if args is None:
         args = args_from_dict(SelectArgs, kwargs, source="coreselect.select()")
     elif kwargs:
@@ -340,7 +340,15 @@ def select(args: SelectArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
         check_shard_out_dir(out, n_sh, i_sh, overwrite=args.overwrite, resume=args.resume)
     else:
         check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, i_sh if n_sh > 1 else None, takeover=args.resume or args.overwrite):
+        return _select_locked(args, out, t_start)
+
+
+def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any]:
+    """The body of :func:`select`, run while this process holds the output folder's lock."""
+    from coreselect.methods import needs_model
+
+    n_sh, i_sh = args.num_shards, args.shard_index
     if args.overwrite:
         clear_outputs(out, n_sh, i_sh)
     if args.resume or args.overwrite:
@@ -488,18 +496,18 @@ def fingerprint(args: SelectArgs) -> dict[str, Any]:
     args.validate(need_pool=args.warmup == "auto")
     out = Path(args.out)
     check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    target = read_target(args)
-    n_pool = scan_pool(args)[0] if args.warmup == "auto" else 0
-    ctx = load_context(args, out, n_pool)
-    method = make_method(args, ctx)
-    method.fit(target)
-    assert method.fingerprints is not None
-    method.fingerprints.save(out / "fingerprints.safetensors")
-    info = {"command": "fingerprint", "settings": asdict(args), "versions": versions(),
-            "counts": {"target": len(target), "classes": len(method.fingerprints)}, "stats": method.stats,
-            "model": {"name": args.model, "warmup": ctx.warmup}}
-    write_json(out / "run.json", info)
+    with RunLock(out, takeover=args.resume or args.overwrite):
+        target = read_target(args)
+        n_pool = scan_pool(args)[0] if args.warmup == "auto" else 0
+        ctx = load_context(args, out, n_pool)
+        method = make_method(args, ctx)
+        method.fit(target)
+        assert method.fingerprints is not None
+        method.fingerprints.save(out / "fingerprints.safetensors")
+        info = {"command": "fingerprint", "settings": asdict(args), "versions": versions(),
+                "counts": {"target": len(target), "classes": len(method.fingerprints)}, "stats": method.stats,
+                "model": {"name": args.model, "warmup": ctx.warmup}}
+        write_json(out / "run.json", info)
     return info
 
 

@@ -31,6 +31,7 @@ from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import atomic_path, write_jsonl
 from coreselect.methods.base import ScoreChunk
+from coreselect.runlock import is_lock_file
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -225,7 +226,7 @@ def check_out_dir(out_dir: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber a previous run unless ``overwrite`` (or continuing it with ``resume``)."""
     if resume or overwrite or not out_dir.exists():
         return
-    if any(out_dir.iterdir()):
+    if any(not is_lock_file(p) for p in out_dir.iterdir()):  # a lock left by a clean exit is not a run
         raise CoreselectError(f"{out_dir}: output folder exists and is not empty (use --overwrite or --resume)")
 
 
