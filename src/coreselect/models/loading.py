@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +10,13 @@ from typing import Any
 
 import torch
 
+from coreselect.assets import PACKAGED_MODELS
 from coreselect.errors import ConfigError, CoreselectError
 
 log = logging.getLogger(__name__)
 
-#: Names that resolve to models shipped by pip packages (see ``coreselect.assets``).
-ALIASES = ("smollm2",)
+#: Names that resolve to models shipped by pip packages (``coreselect.assets.PACKAGED_MODELS``).
+ALIASES: tuple[str, ...] = tuple(PACKAGED_MODELS)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -50,11 +52,15 @@ class ModelSpec:
 
 
 def resolve_model(spec: str) -> ModelSpec:
-    """Turn a ``--model`` value into a :class:`ModelSpec`, failing early on a missing path."""
-    if spec in ALIASES:
+    """Turn a ``--model`` value into a :class:`ModelSpec`, failing early on a missing path.
+
+    A packaged-model name (:data:`ALIASES`, case-insensitive) resolves to its converted
+    folder in the cache, converting it on first use.
+    """
+    if spec.lower() in ALIASES:
         from coreselect import assets
 
-        return ModelSpec(str(assets.smollm2_path()))
+        return ModelSpec(str(assets.packaged_model_path(spec.lower())))
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -69,6 +75,10 @@ def resolve_model(spec: str) -> ModelSpec:
     # a hub id is "name" or "org/name"; anything else that does not exist is a missing path
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise CoreselectError(f"{spec}: no such model folder")
+    near = difflib.get_close_matches(spec.lower(), ALIASES, n=1, cutoff=0.75)
+    if "/" not in spec and near:  # a mistyped packaged name, not a hub id
+        raise CoreselectError(f"{spec}: unknown model; did you mean {near[0]!r}? "
+                              f"(packaged models: {', '.join(ALIASES)})")
     return ModelSpec(spec, is_local=False)
 
 
@@ -99,7 +109,7 @@ def load_model(
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
-        model: a local folder, a ``.gguf`` file, an alias (``smollm2``) or a hub id.
+        model: a local folder, a ``.gguf`` file, a packaged name (``smollm2``, ``gemma3-270m``) or a hub id.
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         trust_remote_code: never on unless the user asks.
