@@ -7,30 +7,86 @@ Every token gets a *scope code*:
 * ``PROMPT`` (1): the content of a system or user message.
 * ``RESPONSE`` (2): the content of an assistant message (all of a ``text`` record).
 
-How: the conversation is rendered to a string (the tokenizer's chat template when it has
-one, else a plain ``<|user|>`` / ``<|assistant|>`` template), each message's content is
-located in that string, and the fast tokenizer's offset mapping assigns each token to the
-content span it overlaps. Special token ids are forced to ``TEMPLATE`` whatever their span.
+How: the conversation is rendered to a string, each message's content is located in that
+string, and the fast tokenizer's offset mapping assigns each token to the content span it
+overlaps. Special token ids are forced to ``TEMPLATE`` whatever their span.
+
+Special tokens (the model must read records the way it was trained to read them):
+
+* **Chat template** (``template=chat``, or ``auto`` on a tokenizer that has one): the template
+  is rendered as written and tokenized with ``add_special_tokens=False``, exactly like
+  ``tokenizer.apply_chat_template(messages, tokenize=True)``. A template that writes
+  ``{{ bos_token }}`` (Llama 3, Gemma, Mistral) gets that BOS once; one that writes none (Qwen,
+  SmolLM2) gets none.
+* **Plain template and ``text`` records**: tokenized with the tokenizer's own special tokens,
+  i.e. exactly what ``tokenizer(text)`` adds through its post-processor (BOS once for
+  Llama-2/3, Mistral, Gemma; nothing for Qwen or SmolLM2). The plain template writes an EOS
+  after every assistant turn itself (see :data:`PLAIN_FORMAT`); a ``text`` record gets one EOS
+  at its end so that training learns to stop, unless the post-processor already appends EOS
+  (``add_eos_token=True`` tokenizers), in which case that EOS is the only one.
+* Special-token *strings inside record content* (a user who writes ``</s>`` or
+  ``<|im_end|>``) are parsed by the tokenizer as the special tokens they name, as
+  ``apply_chat_template`` and ``tokenizer(text)`` would: that is what a trainer feeds the
+  model. They are coded ``TEMPLATE`` (never scored, never a training target).
+
+Rendering is a pure function of the record and the tokenizer: chat templates get a fixed date
+(``template_date``, default :data:`DEFAULT_TEMPLATE_DATE`) both as the ``date_string`` template
+variable and through ``strftime_now``, and the first chat record a :class:`Formatter` renders
+is rendered twice: a template that renders it differently (e.g. ``| random``) is refused.
 
 For training (loss on response tokens only) :attr:`Encoded.loss_mask` also marks the
 end-of-turn token that closes each assistant message, so the model learns to stop.
+
+Hostile text: record content is passed to the tokenizer as is (NUL and other control
+characters are legal text and are tokenized like any other character). Text that is not
+valid Unicode (lone surrogates, which the JSON decoder accepts from ``"\\ud800"``) cannot be
+tokenized or written back as UTF-8; the reader refuses such records
+(:mod:`coreselect.data.readers`) and :meth:`Formatter.encode` raises
+:class:`~coreselect.errors.BadRecordError` for any that reach it another way. Very long records
+are tokenized only as far as needed (see :meth:`Formatter.encode`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import threading
+from collections import ChainMap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
 
 from coreselect.data.records import Record
-from coreselect.errors import ConfigError, CoreselectError
+from coreselect.errors import BadRecordError, ConfigError, CoreselectError
 
 TEMPLATE, PROMPT, RESPONSE = 0, 1, 2
 Scope = Literal["all", "prompt", "response"]
 TemplateChoice = Literal["auto", "chat", "plain"]
 
 PLAIN_ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+#: The plain template: LESS's ``concat_messages`` (Xia et al. 2024, ``less/data_selection/
+#: get_training_dataset.py``), itself open-instruct's / Tulu's ``encode_with_messages_format``,
+#: the format the TRIM paper inherits. Contents are stripped; ``{eos}`` is the tokenizer's EOS
+#: string; the result is tokenized with ``tokenizer(text)`` (BOS where the tokenizer adds one).
+PLAIN_FORMAT = {
+    "system": "<|system|>\n{content}\n",
+    "user": "<|user|>\n{content}\n",
+    "assistant": "<|assistant|>\n{content}{eos}\n",
+}
+#: Chat templates see this date (Llama 3.1's own fallback when no ``date_string`` is passed),
+#: so that a record renders the same on every day (fingerprints, resumed runs, shards).
+DEFAULT_TEMPLATE_DATE = "26 Jul 2024"
+_DATE_FORMATS = ("%d %b %Y", "%Y-%m-%d")
+# Tokens kept clear of the cut when a very long text is tokenized by prefix (see _tokenize).
+_CUT_MARGIN = 64
+# Marks a message's content in a "skeleton" rendering (private-use code points: no real template
+# writes them, and ``trim`` / ``strip`` leave them alone).
+_SENTINEL = "\ue000coreselect{}\ue001"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CLOCK_LOCK = threading.Lock()
 
 
 def scope_mask(codes: np.ndarray, scope: Scope) -> np.ndarray:
@@ -44,6 +100,58 @@ def scope_mask(codes: np.ndarray, scope: Scope) -> np.ndarray:
     raise ConfigError(f"unknown scope {scope!r} (expected all, prompt or response)")
 
 
+def parse_template_date(value: str) -> datetime:
+    """Parse ``--template-date``: ``26 Jul 2024`` (Llama 3's ``date_string`` format) or ``2024-07-26``."""
+    for fmt in _DATE_FORMATS:
+        try:
+            return datetime.strptime(str(value).strip(), fmt)
+        except ValueError:
+            continue
+    raise ConfigError(f"template_date {value!r}: expected a date like '26 Jul 2024' or '2024-07-26'")
+
+
+def surrogate_error(text: str) -> str | None:
+    """A reason to refuse ``text`` if it holds a lone surrogate (not encodable as UTF-8), else None."""
+    hit = _SURROGATE.search(text)
+    if hit is None:
+        return None
+    return (f"lone surrogate U+{ord(hit.group()):04X} at character {hit.start()} "
+            "(not valid Unicode, cannot be encoded as UTF-8)")
+
+
+@contextmanager
+def _fixed_clock(template: str, date: datetime) -> Iterator[None]:
+    """Make ``strftime_now`` inside ``template`` return ``date`` during one render.
+
+    transformers compiles each chat template once (``_compile_jinja_template``, an lru_cache
+    keyed by the template text) with a global ``strftime_now`` that reads the wall clock, and
+    it turns any callable passed as a template variable into a placeholder string. So the only
+    way to hand the template a fixed clock is to shadow that global on the compiled template,
+    for the duration of our call (under a lock, restored afterwards).
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - a transformers that moved it
+        raise ConfigError("this chat template reads today's date (strftime_now) and this transformers "
+                          "version gives coreselect no way to fix it; use --template plain") from None
+
+    def strftime_now(fmt: str) -> str:
+        return date.strftime(fmt)
+
+    with _CLOCK_LOCK:
+        g = _compile_jinja_template(template).globals
+        local = g.maps[0] if isinstance(g, ChainMap) else g
+        had, old = "strftime_now" in local, local.get("strftime_now")
+        local["strftime_now"] = strftime_now
+        try:
+            yield
+        finally:
+            if had:
+                local["strftime_now"] = old
+            else:
+                local.pop("strftime_now", None)
+
+
 @dataclass
 class Encoded:
     """One tokenized record.
@@ -53,7 +161,11 @@ class Encoded:
         input_ids: ``[n]`` int64 token ids (after truncation).
         codes: ``[n]`` int8 scope codes (TEMPLATE / PROMPT / RESPONSE).
         loss_mask: ``[n]`` bool, positions whose token is a training target.
-        n_original: token count before truncation.
+        n_original: token count before truncation. For a text so long that only a prefix was
+            tokenized (see :meth:`Formatter.encode`) it is the prefix's count: a lower bound,
+            always > ``max_length``, so :attr:`truncated` stays exact.
+        offsets: ``[n, 2]`` character offsets of each token in the rendered text (special
+            tokens the post-processor added have ``(0, 0)``); None when not recorded.
     """
 
     index: int
@@ -61,6 +173,7 @@ class Encoded:
     codes: np.ndarray
     loss_mask: np.ndarray
     n_original: int
+    offsets: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def truncated(self) -> bool:
@@ -76,10 +189,14 @@ class Formatter:
     Args:
         tokenizer: a Hugging Face *fast* tokenizer (offsets are required).
         max_length: records longer than this are truncated (keep the first tokens).
-        template: ``auto`` (chat template if the tokenizer has one), ``chat`` or ``plain``.
+        template: ``auto`` (chat template if the tokenizer has one), ``chat`` or ``plain``
+            (:data:`PLAIN_FORMAT`).
+        template_date: the date chat templates see (``date_string`` and ``strftime_now``),
+            ``26 Jul 2024`` or ``2024-07-26`` style; default :data:`DEFAULT_TEMPLATE_DATE`.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 2048, template: TemplateChoice = "auto") -> None:
+    def __init__(self, tokenizer: Any, max_length: int = 2048, template: TemplateChoice = "auto", *,
+                 template_date: str = DEFAULT_TEMPLATE_DATE) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("coreselect needs a fast tokenizer (offset mapping); this one is a slow tokenizer")
         if max_length < 2:
@@ -93,6 +210,20 @@ class Formatter:
         self.max_length = int(max_length)
         self.use_chat = template == "chat" or (template == "auto" and has_chat)
         self.special_ids = np.array(sorted(self._special_ids(tokenizer)), dtype=np.int64)
+        self.template_date = str(template_date)
+        self._date = parse_template_date(template_date)
+        self._chat_template = self._resolve_chat_template(tokenizer) if self.use_chat else None
+        self._reads_clock = bool(self._chat_template and "strftime_now" in self._chat_template)
+        self._probed = False  # determinism probe done (first chat record)
+        self._eos = tokenizer.eos_token or ""
+        prefix, suffix = self._added_special(tokenizer)
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        #: ids ``tokenizer(text)`` puts before / after the text (BOS / EOS of its post-processor)
+        self.added_prefix, self.added_suffix = prefix, suffix
+        self._post_adds_eos = bool(suffix) and eos_id is not None and suffix[-1] == eos_id
+        # Chars tokenized at first for a long text: ~16 chars per kept token is far more than any
+        # real tokenizer needs; denser text (CJK, emoji, byte fallback) widens the prefix (x4).
+        self._char_budget = 16 * self.max_length + 4096
 
     @staticmethod
     def _special_ids(tok: Any) -> set[int]:
@@ -103,24 +234,136 @@ class Formatter:
                 ids.add(int(i))
         return ids
 
+    @staticmethod
+    def _resolve_chat_template(tok: Any) -> str:
+        """The template text ``apply_chat_template`` would use (a tokenizer may hold several, by name)."""
+        try:
+            resolved = tok.get_chat_template() if hasattr(tok, "get_chat_template") else tok.chat_template
+        except ValueError as e:
+            raise ConfigError(f"cannot pick the tokenizer's chat template: {e}") from None
+        if not isinstance(resolved, str):
+            raise ConfigError("the tokenizer's chat template is not a string; use --template plain")
+        return resolved
+
+    @staticmethod
+    def _added_special(tok: Any) -> tuple[list[int], list[int]]:
+        """The ids ``tokenizer(text)`` adds before and after ``text`` (its post-processor's BOS/EOS)."""
+        bare = list(tok("a", add_special_tokens=False)["input_ids"])
+        full = list(tok("a", add_special_tokens=True)["input_ids"])
+        for i in range(len(full) - len(bare) + 1):
+            if full[i:i + len(bare)] == bare:
+                return full[:i], full[i + len(bare):]
+        raise ConfigError("cannot tell which special tokens this tokenizer adds (tokenizer('a') does not "
+                          "contain the tokens of 'a')")
+
     # ------------------------------------------------------------------ rendering
+    def _apply(self, msgs: list[dict[str, str]]) -> str:
+        """``apply_chat_template`` with the fixed date (``date_string`` and ``strftime_now``)."""
+        assert self._chat_template is not None
+        kwargs: dict[str, Any] = {"tokenize": False, "chat_template": self._chat_template,
+                                  "date_string": self._date.strftime("%d %b %Y")}
+        if not self._reads_clock:
+            return str(self.tokenizer.apply_chat_template(msgs, **kwargs))
+        with _fixed_clock(self._chat_template, self._date):
+            return str(self.tokenizer.apply_chat_template(msgs, **kwargs))
+
     def render(self, record: Record) -> tuple[str, list[tuple[int, int, int]]]:
-        """Return the rendered text and ``(start, end, code)`` content spans, in order."""
-        msgs = [{"role": m.role, "content": m.content} for m in record.messages]
+        """Return the rendered text and ``(start, end, code)`` content spans, in order.
+
+        Text records and the plain template get no BOS here: :meth:`encode` tokenizes them with
+        the tokenizer's own special tokens (:attr:`added_prefix`, :attr:`added_suffix`).
+        """
         if record.kind == "text":
             text = record.messages[0].content
-            eos = self.tokenizer.eos_token or ""
-            return text + eos, [(0, len(text), RESPONSE)]
-        if self.use_chat:
-            try:
-                text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
-            except Exception as e:  # jinja errors (e.g. a template that rejects system turns)
-                raise CoreselectError(f"{record.file}:{record.line}: chat template failed: {e}") from None
-        else:
-            parts = []
-            for m in msgs:
-                parts.append(f"{PLAIN_ROLES[m['role']]}\n{m['content']}\n")
-            text = "".join(parts) + (self.tokenizer.eos_token or "")
+            return text + ("" if self._post_adds_eos else self._eos), [(0, len(text), RESPONSE)]
+        if not self.use_chat:
+            return self._render_plain(record)
+        msgs = [{"role": m.role, "content": m.content} for m in record.messages]
+        try:
+            text = self._apply(msgs)
+        except CoreselectError:
+            raise
+        except Exception as e:  # jinja errors (e.g. a template that rejects system turns)
+            raise BadRecordError(record.file, record.line, None,
+                                 f"chat template failed: {type(e).__name__}: {e}") from None
+        if not self._probed:
+            self._probe(record, msgs, text)
+        spans = self._spans_by_skeleton(msgs, text)
+        if spans is None:
+            spans = self._spans_by_search(record, text)
+        return text, spans
+
+    def _render_plain(self, record: Record) -> tuple[str, list[tuple[int, int, int]]]:
+        """:data:`PLAIN_FORMAT`, with each stripped content's span known by construction."""
+        parts: list[str] = []
+        spans: list[tuple[int, int, int]] = []
+        pos = 0
+        for m in record.messages:
+            content = m.content.strip()
+            head, tail = PLAIN_FORMAT[m.role].format(content="\0", eos=self._eos).split("\0")
+            start = pos + len(head)
+            if content:
+                spans.append((start, start + len(content), RESPONSE if m.role == "assistant" else PROMPT))
+            parts += [head, content, tail]
+            pos = start + len(content) + len(tail)
+        return "".join(parts), spans
+
+    def _probe(self, record: Record, msgs: list[dict[str, str]], text: str) -> None:
+        """Render the first chat record a second time; refuse a template that is not a pure function."""
+        again = self._apply(msgs)
+        if again != text:
+            at = next((i for i, (a, b) in enumerate(zip(text, again)) if a != b), min(len(text), len(again)))
+            raise ConfigError(
+                f"the chat template renders {record.file}:{record.line} differently on two calls "
+                f"(first difference at character {at}: {text[at:at + 20]!r} vs {again[at:at + 20]!r}); "
+                "coreselect needs a deterministic rendering (fingerprints and scores must not change "
+                "between runs): fix the template or use --template plain"
+            )
+        self._probed = True
+
+    def _spans_by_skeleton(self, msgs: list[dict[str, str]], text: str) -> list[tuple[int, int, int]] | None:
+        """Exact content spans: render with a sentinel for each content and align ``text`` to it.
+
+        A content equal to template text (a user message ``user`` under ChatML) cannot be told
+        apart from the template by searching; the skeleton can. Templates that ``trim`` /
+        ``strip`` content are matched too. Returns None when the skeleton does not describe
+        ``text`` (templates that branch on content, drop or repeat messages).
+        """
+        marks = [_SENTINEL.format(i) for i in range(len(msgs))]
+        try:
+            skeleton = self._apply([{**m, "content": s} for m, s in zip(msgs, marks)])
+        except Exception:
+            return None
+        literals, cursor = [], 0
+        for s in marks:
+            at = skeleton.find(s, cursor)
+            if at < 0 or skeleton.count(s) != 1:
+                return None
+            literals.append(skeleton[cursor:at])
+            cursor = at + len(s)
+        literals.append(skeleton[cursor:])
+        if not text.startswith(literals[0]):
+            return None
+        pos, spans = len(literals[0]), []
+        for i, m in enumerate(msgs):
+            content, after, last = m["content"], literals[i + 1], i == len(msgs) - 1
+            for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                end = pos + len(cand)
+                if text.startswith(cand, pos) and text.startswith(after, end) and (
+                        not last or end + len(after) == len(text)):
+                    break
+            else:
+                return None
+            lead = len(cand) - len(cand.lstrip())
+            body = cand.strip()
+            if body:
+                spans.append((pos + lead, pos + lead + len(body), RESPONSE if m["role"] == "assistant" else PROMPT))
+            pos = end + len(after)
+        return spans
+
+    @staticmethod
+    def _spans_by_search(record: Record, text: str) -> list[tuple[int, int, int]]:
+        """Fallback: find each stripped content in order (the template changed content or structure)."""
         spans: list[tuple[int, int, int]] = []
         cursor = 0
         for m in record.messages:
@@ -129,39 +372,81 @@ class Formatter:
                 continue
             at = text.find(needle, cursor)
             if at < 0:
-                raise CoreselectError(
-                    f"{record.file}:{record.line}: the chat template changed a {m.role} message's text, "
-                    "so prompt/response tokens cannot be located; use --template plain"
-                )
-            code = RESPONSE if m.role == "assistant" else PROMPT
-            spans.append((at, at + len(needle), code))
+                raise BadRecordError(
+                    record.file, record.line, None,
+                    f"the chat template changed a {m.role} message's text, so prompt/response tokens "
+                    "cannot be located; use --template plain")
+            spans.append((at, at + len(needle), RESPONSE if m.role == "assistant" else PROMPT))
             cursor = at + len(needle)
-        return text, spans
+        return spans
 
     # ------------------------------------------------------------------ tokenizing
+    def _tokenize(self, record: Record, text: str, add_special: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        """Token ids, offsets and the token count of ``text`` (a lower bound if only a prefix was read).
+
+        A text longer than the char budget is tokenized by prefix: cut at a whitespace near the
+        budget, and accepted once the prefix holds more than ``max_length + 64`` tokens (before
+        any suffix the post-processor appends), so the kept tokens lie far from the cut and
+        equal those of the whole text (pre-tokenizers split at whitespace, and BPE / Unigram
+        work within those pieces). Otherwise the budget grows x4. Memory and time per record
+        thus stay bounded (a 5M-character record would take ~1 GB and ~8 s whole).
+        """
+        budget = self._char_budget
+        while True:
+            cut = len(text)
+            if cut > budget:
+                window = text.rfind(" ", budget - 1024, budget)
+                cut = window if window > 0 else budget
+            try:
+                enc = self.tokenizer(text[:cut], add_special_tokens=add_special, return_offsets_mapping=True)
+            except Exception as e:  # the tokenizer refused the text (e.g. unencodable code points)
+                raise BadRecordError(record.file, record.line, None,
+                                     f"the tokenizer cannot read this record: {type(e).__name__}: {e}") from None
+            ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            if cut == len(text):
+                return ids, offsets, len(ids)
+            n = len(ids) - (len(self.added_suffix) if add_special else 0)
+            if n > self.max_length + _CUT_MARGIN:
+                return ids[:n], offsets[:n], n
+            budget *= 4
+
     def encode(self, record: Record) -> Encoded:
-        """Tokenize one record with scope codes and the response-only loss mask."""
+        """Tokenize one record with scope codes and the response-only loss mask.
+
+        Text records and the plain template are tokenized with the tokenizer's special tokens
+        (``tokenizer(text)``), a chat template without them (it writes its own); see the
+        module docstring. Raises :class:`~coreselect.errors.BadRecordError` (file, line, field)
+        for a record that cannot be tokenized.
+        """
+        for i, m in enumerate(record.messages):
+            reason = surrogate_error(m.content)
+            if reason:
+                fld = "text" if record.kind == "text" else f"messages[{i}].content"
+                raise BadRecordError(record.file, record.line, fld, reason)
         text, spans = self.render(record)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        add_special = record.kind == "text" or not self.use_chat
+        ids, offsets, n_total = self._tokenize(record, text, add_special)
         codes = np.zeros(len(ids), dtype=np.int8)
         loss = np.zeros(len(ids), dtype=bool)
         starts, ends = offsets[:, 0], offsets[:, 1]
         special = np.isin(ids, self.special_ids)
         for s, e, code in spans:
-            inside = (starts < e) & (ends > s) & (ends > starts)
-            codes[inside & ~special] = code
+            inside = (starts < e) & (ends > s) & (ends > starts) & ~special
+            codes[inside] = code
             if code == RESPONSE:
-                loss[inside & ~special] = True
-                # the end-of-turn token that closes this assistant message is a target too
-                after = np.nonzero((starts >= e) & special)[0]
-                if after.size:
-                    loss[after[0]] = True
+                loss[inside] = True
+                # the end-of-turn token that closes this assistant message is a target too: the
+                # first special token after its last content token (by position, so that an EOS
+                # the post-processor appends, with offsets (0, 0), counts as well)
+                last = np.nonzero(inside)[0]
+                if last.size:
+                    nxt = np.nonzero(special[last[-1] + 1:])[0]
+                    if nxt.size:
+                        loss[last[-1] + 1 + nxt[0]] = True
         codes[special] = TEMPLATE
-        n = len(ids)
         m = self.max_length
-        return Encoded(record.index, ids[:m], codes[:m], loss[:m], n)
+        return Encoded(record.index, ids[:m], codes[:m], loss[:m], n_total, offsets[:m])
 
     def token_strings(self, ids: list[int]) -> dict[int, str]:
         """Human-readable strings of token ids (for fingerprint files and reports)."""
