@@ -16,6 +16,13 @@ Record shapes, in order of precedence: ``messages`` (role/content), ShareGPT ``c
 (from/value), ``prompt``/``completion`` (strings or TRL message lists), Alpaca
 ``instruction``/``input``/``output``, and ``text``. A key whose value is ``null`` counts as
 absent (Arrow tables with mixed shapes fill missing columns with nulls).
+
+Text: any string the JSON decoder yields is accepted as is (NUL and other control characters
+included: they are valid Unicode, and the tokenizer reads them like any other character),
+except one that holds a lone surrogate (``"\\ud800"`` decodes to a ``str`` that is not valid
+Unicode): such a record is refused, naming the field, since no tokenizer can read it and it
+cannot be written back as UTF-8. Length is not limited here; the formatter bounds the work per
+record.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from coreselect.data.formatting import surrogate_error
 from coreselect.data.records import Message, Record
 from coreselect.errors import BadRecordError, CoreselectError
 from coreselect.io import atomic_path
@@ -59,8 +67,8 @@ _Item = tuple[int, Any, "BadRecordError | None"]
 
 
 def _one_line(text: str, limit: int = _MAX_REASON) -> str:
-    """Collapse line breaks to spaces and truncate to ``limit`` characters."""
-    text = " ".join(str(text).splitlines())
+    """Collapse line breaks to spaces, escape lone surrogates, truncate to ``limit`` characters."""
+    text = " ".join(str(text).splitlines()).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -405,6 +413,41 @@ def _normalize(raw: dict[str, Any]) -> tuple[tuple[Message, ...], Literal["chat"
     return tuple(Message(role, content) for role, content, _ in turns), "chat"  # type: ignore[arg-type]
 
 
+def _check_unicode(raw: dict[str, Any]) -> None:
+    """Refuse a record holding a lone surrogate anywhere (a key or a string value, at any depth).
+
+    The JSON decoder accepts ``"\\ud800"`` and yields a ``str`` that is not valid Unicode: no
+    tokenizer can read it and it cannot be written back as UTF-8 (``coreset.jsonl``), so the
+    whole record is refused, naming the field. NUL and other control characters are valid
+    Unicode and pass. Iterative, so deep nesting cannot overflow the stack.
+    """
+
+    def name(key: object) -> str:  # a field name fit for a one-line, UTF-8 error message
+        return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    stack: list[tuple[str, object]] = []
+
+    def push(prefix: str, value: dict[Any, Any]) -> None:
+        for key, item in reversed(list(value.items())):
+            where = f"{prefix}{name(key)}"
+            reason = surrogate_error(key) if isinstance(key, str) else None
+            if reason:
+                raise _Invalid(where, f"field name: {reason}")
+            stack.append((where, item))
+
+    push("", raw)
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            reason = surrogate_error(value)
+            if reason:
+                raise _Invalid(where, reason)
+        elif isinstance(value, dict):
+            push(f"{where}.", value)
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+
+
 def _label(raw: dict[str, Any], key: str) -> str | None:
     """``str(raw[key])`` when present and non-empty, else None."""
     value = raw.get(key)
@@ -465,6 +508,7 @@ def _read(
             if err is None:
                 try:
                     messages, kind = _normalize(value)
+                    _check_unicode(value)
                     source = _label(value, "dataset") or src.stem
                     rid = _label(value, "id") or f"{source}:{pos}"
                 except _Invalid as e:
