@@ -109,6 +109,16 @@ def _experiment(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    from coreselect.export import ExportArgs, export, usage_hint
+
+    info = export(build_args(ExportArgs, ns))
+    conv = f"; {info['text_as_chat']} text records as empty-user conversations" if info["text_as_chat"] else ""
+    print(f"exported {info['records']} records ({info['format']}, {info['shape']}{conv}) -> {info['data']}")
+    print(usage_hint(info))
+    return 0
+
+
 def _summary(info: dict) -> None:
     c = info["counts"]
     out = info["settings"]["out"]
@@ -129,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     from coreselect.engine.merge import MergeArgs
     from coreselect.eval.command import EvalCommandArgs
     from coreselect.experiment import ExperimentArgs
+    from coreselect.export import ExportArgs
     from coreselect.methods.p2d import HeadsArgs
     from coreselect.report.build import ReportArgs
     from coreselect.report.terminal import ExplainArgs
@@ -166,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
         ExperimentArgs)
     cmd("report", "write DIR/report.html: why each record was (not) selected, token by token", _report, ReportArgs,
         skip=("dir",)).add_argument("dir", metavar="DIR", help="a selection run folder or a compare folder")
+    cmd("export", "write a run's coreset for TRL, LLaMA-Factory or axolotl (data file + dataset entry)", _export,
+        ExportArgs, skip=("dir",)).add_argument("dir", metavar="DIR", help="a selection run folder")
     cmd("explain", "print one pool record's tokens colored by their match score s_j", _explain, ExplainArgs,
         skip=("dir",)).add_argument("dir", metavar="DIR", help="a TRIM selection run folder")
     return p
