@@ -8,7 +8,10 @@ below are ours (each is tested in ``tests/methods/test_p2d.py``):
 
    * ``gradient`` (default), head importance after Michel et al. (2019): each head's
      output (the ``o_proj`` input, ``[B, T, H, d]``) is multiplied by a gate ``xi = 1``
-     through a forward pre-hook on ``o_proj``. The gates are per example (``[B, H]`` per
+     through a forward pre-hook on ``o_proj``. (``o_proj`` stands for the family's output
+     projection, :func:`o_proj_of`: ``dense`` on GPT-NeoX and Phi, ``c_proj`` on GPT-2; its
+     input is head-major, ``head_dim`` contiguous, in every family of
+     :data:`coreselect.models.introspect.ATTENTION_SPECS`, fused QKV or not.) The gates are per example (``[B, H]`` per
      layer), so one backward pass gives every example's own gradient, and
      ``I_h = sum_examples |dL_x / d xi_h|`` where ``L_x`` is the token-mean response loss
      of example ``x`` (response tokens only, as in training; the token mean keeps long
@@ -78,11 +81,10 @@ from coreselect.methods.trim_math import (
     token_saliency,
     token_scores,
 )
+from coreselect.models.introspect import HeadGeometry, attention_module, decoder_layers, eager_attention, projection
 from coreselect.models.runner import (
     Batch,
     ModelRunner,
-    _attention_module,
-    _decoder_layers,
     attention_probs,
     frozen_parameters,
     response_losses,
@@ -91,8 +93,9 @@ from coreselect.models.runner import (
 from coreselect.train.lora import _forward
 
 __all__ = [
-    "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod", "attention_importance", "gradient_importance",
-    "head_gates", "heads_command", "localize_heads", "n_top", "o_proj_of", "plot_heatmap", "random_heads", "top_heads",
+    "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod", "attention_importance", "decoder_layers",
+    "gradient_importance", "head_gates", "heads_command", "localize_heads", "n_top", "o_proj_of", "plot_heatmap",
+    "random_heads", "top_heads",
 ]
 
 PROXIES = ("gradient", "attention")
@@ -101,41 +104,11 @@ Head = tuple[int, int]
 
 
 # ------------------------------------------------------------------------------ geometry
-@dataclass(frozen=True)
-class HeadGeometry:
-    """Attention shape of a model: ``n_heads`` query heads of size ``head_dim`` per layer,
-    sharing ``n_kv_heads`` key/value heads (grouped-query attention when fewer)."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, model: Any) -> "HeadGeometry":
-        cfg = model.config
-        h = int(cfg.num_attention_heads)
-        kv = int(getattr(cfg, "num_key_value_heads", None) or h)
-        d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // h)
-        return cls(int(cfg.num_hidden_layers), h, kv, d)
-
-    def kv_head(self, head: int) -> int:
-        """The key/value head query head ``head`` reads (HF's ``repeat_kv`` grouping)."""
-        return head // (self.n_heads // self.n_kv_heads)
-
-
-def decoder_layers(model: Any) -> Any:
-    return _decoder_layers(model.base_model if hasattr(model, "base_model") else model)
-
-
-def o_proj_of(layer: Any) -> torch.nn.Module:
-    """The output projection whose input is the concatenated per-head context vectors."""
-    attn = _attention_module(layer)
-    for name in ("o_proj", "out_proj", "dense"):
-        mod = getattr(attn, name, None)
-        if isinstance(mod, torch.nn.Linear):
-            return mod
-    raise ConfigError(f"cannot find the output projection (o_proj) of {type(attn).__name__}")
+# HeadGeometry and decoder_layers live in coreselect.models.introspect (re-exported here).
+def o_proj_of(model: Any, layer: int) -> torch.nn.Module:
+    """Layer ``layer``'s output projection (``o_proj`` / ``dense`` / ``c_proj``, per family): its
+    input is the concatenation of the per-head context vectors ``[B, T, H * head_dim]``."""
+    return projection(model, layer, HeadGeometry.of(model).spec.output)
 
 
 # ------------------------------------------------------------------------------ head sets
@@ -255,6 +228,8 @@ def plot_heatmap(hs: HeadSet, path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------ hooks
 def _split_heads(x: Tensor, geom: HeadGeometry) -> Tensor:
+    """``[B, T, H * d]`` output-projection input -> ``[B, T, H, d]`` (``d = geom.head_dim``, which is
+    ``config.head_dim`` on Gemma / Qwen3, not ``hidden / H``)."""
     b, t, _ = x.shape
     return x.view(b, t, geom.n_heads, geom.head_dim)
 
@@ -271,7 +246,7 @@ def head_gates(model: Any, gates: Tensor) -> Iterator[None]:
             return ((_split_heads(x, geom) * g).reshape(x.shape), *args[1:])
         return pre
 
-    handles = [o_proj_of(layer).register_forward_pre_hook(make(i)) for i, layer in enumerate(decoder_layers(model))]
+    handles = [o_proj_of(model, i).register_forward_pre_hook(make(i)) for i in range(geom.n_layers)]
     try:
         yield
     finally:
@@ -286,7 +261,6 @@ class _Stop(Exception):
 @contextlib.contextmanager
 def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor], stop: bool) -> Iterator[None]:
     geom = HeadGeometry.of(model)
-    layers = decoder_layers(model)
     last = max(by_layer)
 
     def make(layer: int, idx: Tensor) -> Any:
@@ -299,7 +273,7 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
 
     handles = []
     for l, h in by_layer.items():
-        o_proj = o_proj_of(layers[l])
+        o_proj = o_proj_of(model, l)
         idx = torch.tensor(h, device=o_proj.weight.device)  # made once, not copied to the device per batch
         handles.append(o_proj.register_forward_pre_hook(make(l, idx)))
     try:
@@ -343,9 +317,9 @@ def head_features_and_attention(runner: ModelRunner, batch: Batch,
             attns[layer] = attention_probs(out)[:, by_layer[layer]]
         return post
 
-    handles = [_attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
+    handles = [attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
     try:
-        with runner._eager(), _capture(runner.model, by_layer, store, stop=False):
+        with eager_attention(runner.model), _capture(runner.model, by_layer, store, stop=False):
             _forward_base(runner, batch)
     finally:
         for h in handles:
@@ -640,6 +614,7 @@ class HeadsArgs:
         max_length: truncate records longer than this many tokens.
         batch_tokens: padded-token budget per forward batch.
         template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        template_date: the date chat templates see (fixed, see ``coreselect select --help``).
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         trust_remote_code: allow model code from the hub.
     """
@@ -652,6 +627,7 @@ class HeadsArgs:
     max_length: int = 2048
     batch_tokens: int = 8192
     template: str = "auto"
+    template_date: str = "26 Jul 2024"
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -677,7 +653,7 @@ def heads_command(args: HeadsArgs) -> HeadSet:
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     runner = ModelRunner(model, tok)
-    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
     t1 = time.perf_counter()
     hs = localize_heads(runner, fmt, target, proxy=args.proxy, fraction=args.head_fraction,
                         batch_tokens=args.batch_tokens, model_name=args.model)

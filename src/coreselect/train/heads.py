@@ -1,12 +1,18 @@
 """P2D-double-dagger (paper 003): fine-tune only the task-sensitive heads ``H_T``; and the AER.
 
-**What is trained.** For a selected query head ``h`` of layer ``l`` (head size ``d``):
+**What is trained.** For a selected query head ``h`` of layer ``l`` (head size ``d``,
+``config.head_dim`` when the config sets it):
 
 * rows ``h*d:(h+1)*d`` of ``q_proj.weight`` (and of its bias, if any);
 * columns ``h*d:(h+1)*d`` of ``o_proj.weight`` (``o_proj``'s bias is shared by all heads
   and is not trained);
 * rows ``g*d:(g+1)*d`` of ``k_proj`` and ``v_proj`` (weights and biases) for the key/value
-  head ``g = h // (H / H_kv)`` that ``h`` reads. With grouped-query attention a KV head is
+  head ``g = h // (H / H_kv)`` that ``h`` reads.
+
+Those are the Llama names; other families use their own (``dense`` / ``c_proj`` for the
+output projection), and a fused QKV projection (Phi-3 ``qkv_proj``, GPT-NeoX
+``query_key_value``, ...) trains the union of the head's q, k and v rows inside it, at the
+positions its layout puts them (:func:`coreselect.models.introspect.head_index_map`). With grouped-query attention a KV head is
   shared by several query heads; **we train it as soon as any of its query heads is
   selected** (``KV_POLICY = "any"``): a selected head must be able to change what it
   attends to, and the only way to change its keys is the shared KV rows. The side effect
@@ -62,8 +68,9 @@ from coreselect.data.formatting import Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import atomic_path, write_json
-from coreselect.methods.p2d import HeadGeometry, HeadSet, decoder_layers
-from coreselect.models.runner import _attention_module, collate, frozen_parameters
+from coreselect.methods.p2d import HeadSet
+from coreselect.models.introspect import HeadGeometry, head_index_map, projection, projection_weight
+from coreselect.models.runner import collate, frozen_parameters
 from coreselect.progress import progress_bar
 from coreselect.train.lora import (
     IGNORE,
@@ -85,7 +92,6 @@ __all__ = ["HeadDelta", "HeadTrainResult", "KV_POLICY", "alignment_efficiency_ra
            "estimate_aer", "head_slices", "train_heads", "train_heads_from_file", "train_heads_run"]
 
 KV_POLICY = "any"
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 FORMAT = "coreselect.heads_delta/1"
 
 
@@ -101,24 +107,19 @@ def alignment_efficiency_ratio(selection_s: float, training_s: float, full_sft_s
 
 # ------------------------------------------------------------------------------ slices
 def head_slices(heads: Sequence[tuple[int, int]], geom: HeadGeometry) -> dict[int, dict[str, Tensor]]:
-    """Per layer, the trained indices: rows of q/k/v_proj (out dim) and columns of o_proj (in dim)."""
-    d = geom.head_dim
-    out: dict[int, dict[str, Tensor]] = {}
-    for layer in sorted({l for l, _ in heads}):
-        qs = sorted(h for l, h in heads if l == layer)
-        kvs = sorted({geom.kv_head(h) for h in qs})  # KV_POLICY "any"
-        q = torch.tensor([h * d + i for h in qs for i in range(d)], dtype=torch.int64)
-        kv = torch.tensor([g * d + i for g in kvs for i in range(d)], dtype=torch.int64)
-        out[layer] = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q}
-    return out
+    """Per layer, the trained indices of each attention projection: output rows of the q/k/v (or fused
+    QKV) projection, input columns of the output projection (:func:`~coreselect.models.introspect.head_index_map`)."""
+    return head_index_map(heads, geom)
 
 
-def _proj(model: Any, layer: int, name: str) -> torch.nn.Linear:
-    mod = getattr(_attention_module(decoder_layers(model)[layer]), name, None)
-    if not isinstance(mod, torch.nn.Linear):
-        raise ConfigError(f"sparse head training needs separate q/k/v/o_proj linears; layer {layer} has no {name} "
-                          "(fused attention projections are not supported)")
-    return mod
+def _proj(model: Any, layer: int, name: str) -> torch.nn.Module:
+    return projection(model, layer, name)
+
+
+def _out_in(mod: torch.nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a ``Linear`` or GPT-2 ``Conv1D``."""
+    out_f, in_f = projection_weight(mod).shape
+    return int(out_f), int(in_f)
 
 
 class HeadDelta(torch.nn.Module):
@@ -136,9 +137,11 @@ class HeadDelta(torch.nn.Module):
             for name, idx in sl.items():
                 lin = _proj(model, layer, name)
                 key = f"layers.{layer}.{name}"
-                shape = (len(idx), lin.in_features) if name != "o_proj" else (lin.out_features, len(idx))
+                out_f, in_f = _out_in(lin)
+                is_o = self.geom.is_output(name)
+                shape = (len(idx), in_f) if not is_o else (out_f, len(idx))
                 self.weights[_k(key)] = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=dev))
-                if lin.bias is not None and name != "o_proj":
+                if getattr(lin, "bias", None) is not None and not is_o:
                     self.biases[_k(key)] = torch.nn.Parameter(torch.zeros(len(idx), dtype=torch.float32, device=dev))
                 self.index[key] = idx.to(dev)
 
@@ -152,7 +155,7 @@ class HeadDelta(torch.nn.Module):
             b = self.biases[_k(key)] if _k(key) in self.biases else None
 
             def hook(_m: Any, args: tuple, out: Tensor, w: Tensor = w, b: Tensor | None = b, idx: Tensor = idx,
-                     is_o: bool = name == "o_proj") -> Tensor:
+                     is_o: bool = self.geom.is_output(name)) -> Tensor:
                 x = args[0]
                 if is_o:
                     return out + torch.nn.functional.linear(x.index_select(-1, idx), w.to(x.dtype))
@@ -183,14 +186,16 @@ def _k(key: str) -> str:
 
 @torch.no_grad()
 def _merge(model: Any, tensors: dict[str, Tensor]) -> None:
-    """``W[slice] = W[slice] + delta`` in float32, cast back to the weight's dtype."""
+    """``W[slice] = W[slice] + delta`` in float32, cast back to the weight's dtype (``W`` seen as
+    ``[out, in]``, a view of the parameter, so a Conv1D is written through its transpose)."""
+    geom = HeadGeometry.of(model)
     for key in sorted(k[: -len(".index")] for k in tensors if k.endswith(".index")):
         _, layer, name = key.split(".")
         lin = _proj(model, int(layer), name)
-        W = lin.weight
+        W = projection_weight(lin)
         idx = tensors[f"{key}.index"].to(W.device)
         delta = tensors[f"{key}.weight"].to(W.device, torch.float32)
-        if name == "o_proj":
+        if geom.is_output(name):
             if delta.shape != (W.shape[0], len(idx)):
                 raise CoreselectError(f"{key}: delta shape {tuple(delta.shape)} does not fit the model")
             W[:, idx] = (W[:, idx].float() + delta).to(W.dtype)
@@ -198,7 +203,7 @@ def _merge(model: Any, tensors: dict[str, Tensor]) -> None:
             if delta.shape != (len(idx), W.shape[1]):
                 raise CoreselectError(f"{key}: delta shape {tuple(delta.shape)} does not fit the model")
             W[idx] = (W[idx].float() + delta).to(W.dtype)
-            if f"{key}.bias" in tensors and lin.bias is not None:
+            if f"{key}.bias" in tensors and getattr(lin, "bias", None) is not None:
                 bias = lin.bias
                 bias[idx] = (bias[idx].float() + tensors[f"{key}.bias"].to(bias.device)).to(bias.dtype)
 
@@ -301,7 +306,7 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
 
     delta_path, heads_path = out / "heads_delta.safetensors", out / "heads.json"
     meta = {"format": FORMAT, "kv_policy": KV_POLICY, "n_layers": str(geom.n_layers), "n_heads": str(geom.n_heads),
-            "n_kv_heads": str(geom.n_kv_heads), "head_dim": str(geom.head_dim)}
+            "n_kv_heads": str(geom.n_kv_heads), "head_dim": str(geom.head_dim), "qkv_layout": geom.spec.layout}
     with atomic_path(delta_path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     hs.save(heads_path)
