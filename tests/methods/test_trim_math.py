@@ -207,3 +207,112 @@ def test_scored_token_outside_the_embedding_table_is_an_error_not_a_clamp():
     # an unscored (e.g. pad) position may hold any id
     got = score_examples(fp, hidden, ids, torch.tensor([[True, False, True]]), torch.ones(1, 3), emb)
     assert torch.isfinite(got).all()
+
+
+# ---------------------------------------------------------------- admissible keys (eq. 2, eq. 4)
+
+from coreselect.methods.trim_math import (  # noqa: E402
+    COVERAGE_LENGTH_N0,
+    admissible_keys,
+    column_saliency,
+    context_mask,
+    coverage_term,
+    row_saliency,
+)
+
+
+def test_admissible_keys_causal_and_windowed_counts():
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    full = admissible_keys(mask)
+    assert full[0].sum(-1).tolist() == [1, 2, 3, 4, 5]  # row i: i + 1 keys
+    assert full[0].sum(-2).tolist() == [5, 4, 3, 2, 1]  # column j: n - j queries
+    win = admissible_keys(mask, window=2)
+    assert win[0].sum(-1).tolist() == [1, 2, 2, 2, 2]  # min(i + 1, W)
+    assert win[0].sum(-2).tolist() == [2, 2, 2, 2, 1]  # min(n - j, W)
+    assert not win[0, 3, 1] and win[0, 3, 2]  # i - j < W: query 3 sees keys 2, 3 only
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_admissible_keys_follow_real_positions_under_padding(side):
+    mask = torch.tensor([[0, 0, 1, 1, 1]] if side == "left" else [[1, 1, 1, 0, 0]]).bool()
+    ok = admissible_keys(mask, window=2)[0]
+    real = mask[0].nonzero().flatten()
+    assert ok[real][:, real].sum(-1).tolist() == [1, 2, 2]
+    assert ok.sum() == ok[real][:, real].sum()  # nothing admissible on a pad row or column
+
+
+def test_row_saliency_counts_do_not_depend_on_dtype():
+    # row 2 = [.5, .5, 1e-9]: fp16 rounds 1e-9 to 0. Counting A > 0 would give n = 2 and
+    # q = 1 - ln2/ln2 = 0 in fp16 but n = 3, q = 1 - ln2/ln3 in fp32. Structurally n = 3.
+    a = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.5, 0.5 - 1e-9, 1e-9]])[None, None]
+    assert (a.half() > 0).sum() == 5 and (a > 0).sum() == 6
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    q32, q16 = row_saliency(a, mask), row_saliency(a.half(), mask)
+    expected = torch.tensor([1.0, 0.0, 1 - math.log(2) / math.log(3)])
+    torch.testing.assert_close(q32[0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q16[0], expected, atol=1e-3, rtol=0)  # fp16 rounding of A only
+    # column 2 is admissible for query 2 alone in both dtypes: k2 = A_22 / 1
+    k32, k16 = column_saliency(a, mask), column_saliency(a.half(), mask)
+    torch.testing.assert_close(k32[0], torch.tensor([2 / 3, (0.5 + 0.5 - 1e-9) / 2, 1e-9]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(k16[0], k32[0], atol=1e-3, rtol=0)
+    assert q16.dtype == k16.dtype == torch.float32
+
+
+def test_windowed_saliency_hand_computed():
+    # W = 2: query 2 sees keys 1, 2 only. Row 2 = [0, .5, .5] -> n = 2, H = ln 2, q = 0
+    # (the full causal count would give 1 - ln2/ln3). Column 0 is admissible for queries
+    # 0 and 1 only: k0 = (1 + .5) / 2; k1 = (.5 + .5) / 2; k2 = .5 / 1.
+    a = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.0, 0.5, 0.5]])[None, None]
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    torch.testing.assert_close(row_saliency(a, mask, window=2)[0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(column_saliency(a, mask, window=2)[0], torch.tensor([0.75, 0.5, 0.5]), atol=1e-6, rtol=0)
+    full_q = row_saliency(a, mask)[0]
+    assert abs(float(full_q[2]) - (1 - math.log(2) / math.log(3))) < 1e-6
+    # token_saliency takes one window per layer: a full and a windowed layer average
+    alpha = token_saliency([a, a], mask, 1.0, 0.0, windows=[None, 2])[0]
+    torch.testing.assert_close(alpha, (full_q + torch.tensor([1.0, 0.0, 0.0])) / 2, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="windows"):
+        token_saliency([a], mask, windows=[None, 2])
+
+
+def test_minmax_over_scope_ignores_the_sink():
+    # column 0 is a sink (every query puts .7 there); the scope is positions 1..3.
+    a = torch.tensor([[1.0, 0, 0, 0], [0.7, 0.3, 0, 0], [0.7, 0.2, 0.1, 0], [0.7, 0.1, 0.1, 0.1]])[None, None]
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    k_raw = torch.tensor([(1 + 2.1) / 4, 0.6 / 3, 0.2 / 2, 0.1])  # eq. 4
+    col = lambda over: token_saliency([a], mask, 0.0, 1.0, minmax_mask=over)[0]  # noqa: E731
+    # literal: the sink sets the max, every content K is squeezed below (k1 - k3)/(k0 - k3)
+    lit = (k_raw - k_raw.min()) / (k_raw.max() - k_raw.min())
+    torch.testing.assert_close(col(None), lit, atol=1e-6, rtol=0)
+    assert float(lit[1:].max()) < 0.16
+    scope = torch.tensor([[False, True, True, True]])
+    sc = k_raw[1:]
+    expected = torch.cat([torch.ones(1), (sc - sc.min()) / (sc.max() - sc.min())])  # sink clipped to 1
+    torch.testing.assert_close(col(scope), expected, atol=1e-6, rtol=0)
+    # an empty scope falls back to the non-pad positions
+    torch.testing.assert_close(col(torch.zeros(1, 4, dtype=torch.bool)), lit, atol=1e-6, rtol=0)
+
+
+def test_context_mask_counts_content_tokens_before():
+    content = torch.tensor([[False, False, True, True, False, True, True]])  # template, content...
+    assert context_mask(content, 0).all()
+    assert context_mask(content, 1)[0].tolist() == [False, False, False, True, True, True, True]
+    assert context_mask(content, 2)[0].tolist() == [False, False, False, False, True, True, True]
+    with pytest.raises(ValueError):
+        context_mask(content, -1)
+
+
+def test_coverage_term_readings():
+    n = torch.tensor([3, 8])
+    am = torch.tensor([[1] * 10 + [0] * 2, [1] * 12])
+    content = torch.zeros(2, 12, dtype=torch.bool)
+    content[0, 4:8] = True
+    content[1, 2:10] = True
+    torch.testing.assert_close(coverage_term(n, am, "tokens"), torch.tensor([0.3, 8 / 12]))
+    torch.testing.assert_close(coverage_term(n, am, "content", content), torch.tensor([0.75, 1.0]))
+    torch.testing.assert_close(coverage_term(n, am, "length"),
+                               torch.tensor([3 / (3 + COVERAGE_LENGTH_N0), 8 / (8 + COVERAGE_LENGTH_N0)]))
+    with pytest.raises(ValueError):
+        coverage_term(n, am, "content")
+    with pytest.raises(ValueError):
+        coverage_term(n, am, "bogus")

@@ -25,6 +25,7 @@ from coreselect.methods.trim_math import (
     Fingerprints,
     NearestClassTable,
     build_fingerprints,
+    context_mask,
     pool_scores,
     score_examples,
     token_saliency,
@@ -85,18 +86,47 @@ class TokenScoring:
 
 @dataclass
 class TrimConfig(TokenScoring):
-    """TRIM's knobs: the token scoring ones plus the number of attention layers.
+    """TRIM's knobs: the token scoring ones, the number of attention layers and the three
+    conventions the paper leaves open (issue 11, §3; measurements in docs/performance.md).
 
     Attributes:
         layers: ``L``, attention of the last L layers feeds Stage I (Table 8: 6).
+        coverage: what ``kappa(c)`` of eq. 15 measures (see ``trim_math.coverage_term``):
+            ``tokens`` = ``|M(c)| / |c|`` over all non-pad tokens, template included (the
+            literal reading, and what the paper's default η = 0.05 was tuned with);
+            ``content`` = ``|M(c)|`` over the in-scope content tokens (constant 1 with the
+            OOV backoff); ``length`` = ``|M(c)| / (|M(c)| + 32)``, an explicit length prior
+            that no longer depends on how long the model's chat template is.
+        saliency_minmax: where eq. 6 takes its min and max: ``scope`` = over the positions
+            that are fingerprinted (never the attention sink nor template tokens) or ``all``
+            non-pad positions (the literal reading, where the sink sets the max).
+        min_context: fingerprint and score only tokens with at least this many content
+            tokens before them (the shared-prefix rule, ``trim_math.context_mask``); 0 keeps all.
     """
 
     layers: int = 6
+    coverage: str = "tokens"
+    saliency_minmax: str = "scope"
+    min_context: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers < 1:
             raise ConfigError(f"layers must be >= 1, got {self.layers}")
+        if self.coverage not in ("tokens", "content", "length"):
+            raise ConfigError(f"coverage must be tokens, content or length, got {self.coverage!r}")
+        if self.saliency_minmax not in ("scope", "all"):
+            raise ConfigError(f"saliency_minmax must be scope or all, got {self.saliency_minmax!r}")
+        if self.min_context < 0:
+            raise ConfigError(f"min_context must be >= 0, got {self.min_context}")
+
+    def scored_positions(self, batch: Any) -> torch.Tensor:
+        """``[B, T]`` bool: the positions fingerprinted (eq. 8) and scored (eq. 14): in scope,
+        not special, not pad, and with at least ``min_context`` content tokens before them."""
+        m = batch.scope_mask(self.scope)
+        if self.min_context:
+            m = m & context_mask(batch.scope_mask("all"), self.min_context)
+        return m
 
 
 class TrimMethod(SelectionMethod):
@@ -131,12 +161,18 @@ class TrimMethod(SelectionMethod):
         self.n_truncated += sum(e.truncated for e in encoded)
         builder = FingerprintBuilder()
         n_tokens = 0
+        windows = self.runner.windows(cfg.layers)
         for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
             batch = self.runner.collate(encoded, positions)
-            attns, hidden = self.runner.attn_hidden(batch, cfg.layers)
-            alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
+            keep = cfg.scored_positions(batch)
+            # eager pass for the probabilities only; the hidden states come from the same
+            # kernel that scores the pool in Stage II (issue 11, §2)
+            attns = self.runner.attentions(batch, cfg.layers)
+            alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col, windows=windows,
+                                   minmax_mask=keep if cfg.saliency_minmax == "scope" else None)
             del attns
-            builder.add(hidden, alpha, batch.input_ids, batch.scope_mask(cfg.scope))
+            hidden = self.runner.hidden(batch)
+            builder.add(hidden, alpha, batch.input_ids, keep)
             n_tokens += batch.n_real_tokens
         ids = sorted(builder._sums)
         fp = builder.finalize(
@@ -177,10 +213,12 @@ class TrimMethod(SelectionMethod):
                 bad = positions[int((~torch.isfinite(hidden)).flatten(1).any(1).nonzero()[0])]
                 raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
                                       "(try --dtype float32)")
-            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, batch.scope_mask(cfg.scope),
+            scored = cfg.scored_positions(batch)
+            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, scored,
                                       oov_penalty=cfg.oov_penalty, table=self._table)
             sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                    coverage_weight=cfg.coverage_weight)
+                                    coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
+                                    content=batch.scope_mask(cfg.scope))
             scores[positions] = sc.double().cpu().numpy()
             n_scored[positions] = parts["n_scored"].cpu().numpy()
             if bar is not None:

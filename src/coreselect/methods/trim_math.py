@@ -37,67 +37,114 @@ __all__ = [
     "FingerprintBuilder",
     "NearestClassTable",
     "token_saliency",
+    "admissible_keys",
+    "context_mask",
     "row_saliency",
     "column_saliency",
     "build_fingerprints",
     "token_scores",
     "score_examples",
     "pool_scores",
+    "coverage_term",
+    "COVERAGE_LENGTH_N0",
 ]
 
 
 # --------------------------------------------------------------------------- Stage I
 
 
-def row_saliency(attn: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
+def admissible_keys(mask: Tensor, window: int | None = None) -> Tensor:
+    """The structural key set of eq. 2 and eq. 4: ``[B, T, T]`` bool, True where query ``i`` may attend key ``j``.
+
+    ``i`` and ``j`` are non-pad, ``j <= i`` (causal) and, with a sliding window ``W``,
+    ``i - j < W`` (the window of Mistral / Gemma 2-3 sliding layers / Qwen2 in transformers:
+    a query sees itself and the ``W - 1`` keys before it). Row ``i`` (0-based among the
+    real tokens) therefore has ``min(i + 1, W)`` admissible keys, and column ``j`` of a
+    record of ``n`` real tokens has ``min(n - j, W)`` admissible queries.
+
+    This is what ``{j : A_ij > 0}`` means in exact arithmetic (softmax is positive on every
+    unmasked entry), without depending on the dtype: fp16 rounds probabilities below
+    ``6e-8`` to 0 and bf16/fp32 far smaller ones, so counting ``A > 0`` changes ``log n`` of
+    eq. 2 and the denominator of eq. 4 with the precision. Distances are taken between
+    real-token positions (the cumulative count of the mask), so left and right padding
+    give the same set.
+
+    Args:
+        mask: ``[B, T]`` bool (or 0/1), True on non-pad positions.
+        window: the layer's sliding window ``W``, or ``None`` for full causal attention.
+    """
+    m = mask.bool()
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    pos = m.long().cumsum(-1)  # 1-based position among the real tokens
+    dist = pos[:, :, None] - pos[:, None, :]  # i - j
+    ok = m[:, :, None] & m[:, None, :] & (dist >= 0)
+    if window is not None:
+        ok &= dist < window
+    return ok
+
+
+def row_saliency(attn: Tensor, mask: Tensor, eps: float = 1e-12, window: int | None = None) -> Tensor:
     """Row saliency of one layer, averaged over heads: eq. 1-3 for a single ``l``.
 
     Args:
-        attn: ``[B, H, T, T]`` attention probabilities (query rows, key columns).
+        attn: ``[B, H, T, T]`` attention probabilities (query rows, key columns), any dtype.
         mask: ``[B, T]`` bool, True on non-pad positions.
+        eps: the ``epsilon`` of eq. 1.
+        window: the layer's sliding window (``None``: full causal), see :func:`admissible_keys`.
 
     Returns:
-        ``[B, T]`` float32, ``(1/H) sum_h q_i^{h}``; 0 on pad queries.
+        ``[B, T]`` float32, ``(1/H) sum_h q_i^{h}``; 0 on pad queries. ``log n`` of eq. 2
+        uses the structural count ``n = min(i + 1, W)``, never ``A > 0``.
     """
-    a = attn.float()
-    keys = mask[:, None, None, :]  # [B,1,1,T]
-    a = torch.where(keys, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    ok = admissible_keys(mask, window)[:, None]  # [B,1,T,T]
+    a = attn.float()  # accumulate in fp32 whatever the model dtype
+    a = torch.where(ok, a, torch.zeros((), dtype=a.dtype, device=a.device))
     entropy = -(a * torch.log(a + eps)).sum(-1)  # eq. 1, [B,H,T]
-    n_keys = (a > 0).sum(-1)  # |{j : A_ij > 0}| over non-pad keys
+    n_keys = ok.sum(-1)  # [B,1,T], |{j : A_ij > 0}| read structurally
     log_n = torch.log(n_keys.clamp(min=1).to(a.dtype))
     safe_log_n = torch.where(n_keys > 1, log_n, torch.ones_like(log_n))
     q = torch.where(n_keys > 1, 1.0 - entropy / safe_log_n, torch.ones_like(entropy))  # eq. 2
     q = torch.where(n_keys > 0, q, torch.zeros_like(q))
     q = q.mean(1)  # heads
-    return torch.where(mask, q, torch.zeros_like(q))
+    return torch.where(mask.bool(), q, torch.zeros_like(q))
 
 
-def column_saliency(attn: Tensor, mask: Tensor) -> Tensor:
+def column_saliency(attn: Tensor, mask: Tensor, window: int | None = None) -> Tensor:
     """Raw column saliency of one layer, averaged over heads: eq. 4-5 for a single ``l``.
 
     Args:
-        attn: ``[B, H, T, T]`` attention probabilities.
+        attn: ``[B, H, T, T]`` attention probabilities, any dtype.
         mask: ``[B, T]`` bool, True on non-pad positions.
+        window: the layer's sliding window (``None``: full causal), see :func:`admissible_keys`.
 
     Returns:
-        ``[B, T]`` float32, ``(1/H) sum_h k_j^{h}``; 0 on pad keys.
+        ``[B, T]`` float32, ``(1/H) sum_h k_j^{h}``; 0 on pad keys. The denominator of eq. 4
+        is the structural count of queries that may attend ``j``: ``min(n - j, W)``.
     """
+    ok = admissible_keys(mask, window)[:, None]  # [B,1,T,T]
     a = attn.float()
-    queries = mask[:, None, :, None]  # [B,1,T,1]
-    a = torch.where(queries, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    a = torch.where(ok, a, torch.zeros((), dtype=a.dtype, device=a.device))
     total = a.sum(-2)  # sum_i A_ij, [B,H,T]
-    n_queries = (a > 0).sum(-2)  # |{i : A_ij > 0}|
+    n_queries = ok.sum(-2)  # [B,1,T]
     k = torch.where(n_queries > 0, total / n_queries.clamp(min=1).to(a.dtype), torch.zeros_like(total))  # eq. 4
     k = k.mean(1)
-    return torch.where(mask, k, torch.zeros_like(k))
+    return torch.where(mask.bool(), k, torch.zeros_like(k))
 
 
-def _minmax(x: Tensor, mask: Tensor, eps: float) -> Tensor:
-    """Eq. 6: per-sequence min-max scaling over the non-pad positions."""
+def _minmax(x: Tensor, mask: Tensor, eps: float, over: Tensor | None = None) -> Tensor:
+    """Eq. 6: per-sequence min-max scaling.
+
+    ``min`` and ``max`` are taken over ``over`` (default: ``mask``, the non-pad positions)
+    and the result is clipped to [0, 1] on the other non-pad positions; a sequence with an
+    empty ``over`` falls back to ``mask``.
+    """
+    over = mask if over is None else (over & mask)
+    over = torch.where(over.any(-1, keepdim=True), over, mask)
     big = torch.finfo(x.dtype).max
-    lo = torch.where(mask, x, torch.full_like(x, big)).amin(-1, keepdim=True)
-    hi = torch.where(mask, x, torch.full_like(x, -big)).amax(-1, keepdim=True)
-    out = (x - lo) / (hi - lo + eps)
+    lo = torch.where(over, x, torch.full_like(x, big)).amin(-1, keepdim=True)
+    hi = torch.where(over, x, torch.full_like(x, -big)).amax(-1, keepdim=True)
+    out = ((x - lo) / (hi - lo + eps)).clamp(0.0, 1.0)
     return torch.where(mask, out, torch.zeros_like(out))
 
 
@@ -107,6 +154,9 @@ def token_saliency(
     w_row: float = 0.5,
     w_col: float = 0.5,
     eps: float = 1e-12,
+    *,
+    windows: Sequence[int | None] | None = None,
+    minmax_mask: Tensor | None = None,
 ) -> Tensor:
     """Aggregated token saliency ``alpha_i = w_Q Q_i + w_K K_i`` (eq. 1-7).
 
@@ -117,23 +167,59 @@ def token_saliency(
         w_row: ``w_Q`` of eq. 7.
         w_col: ``w_K`` of eq. 7.
         eps: the ``epsilon`` of eq. 1 and eq. 6.
+        windows: each layer's sliding window (``None`` entries, or ``None`` for all: full
+            causal attention); sets the admissible keys of eq. 2 and eq. 4.
+        minmax_mask: ``[B, T]`` bool, the positions whose ``K^raw`` set the min and max of
+            eq. 6 (default: every non-pad position). TRIM passes the positions it
+            fingerprints (``min-max over scope``), so the attention sink, a template token,
+            does not flatten ``K`` for every content token; see ``trim.TokenScoring``.
 
     Returns:
         ``[B, T]`` float32 saliency; 0 on pad positions.
     """
     if len(attentions) == 0:
         raise ValueError("token_saliency needs at least one layer of attentions")
+    if windows is None:
+        windows = [None] * len(attentions)
+    if len(windows) != len(attentions):
+        raise ValueError(f"{len(windows)} windows for {len(attentions)} layers of attentions")
     mask = attention_mask.bool()
     q_sum = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     k_sum = torch.zeros_like(q_sum)
-    for attn in attentions:  # eq. 3 and eq. 5: mean over L layers (and H heads inside)
-        q_sum += row_saliency(attn, mask, eps)
-        k_sum += column_saliency(attn, mask)
+    for attn, w in zip(attentions, windows):  # eq. 3 and eq. 5: mean over L layers (and H heads inside)
+        q_sum += row_saliency(attn, mask, eps, w)
+        k_sum += column_saliency(attn, mask, w)
     n_layers = float(len(attentions))
     q_all = q_sum / n_layers
-    k_all = _minmax(k_sum / n_layers, mask, eps)
+    over = None if minmax_mask is None else minmax_mask.bool().to(mask.device)
+    k_all = _minmax(k_sum / n_layers, mask, eps, over)
     alpha = w_row * q_all + w_col * k_all  # eq. 7
     return torch.where(mask, alpha, torch.zeros_like(alpha))
+
+
+def context_mask(content: Tensor, min_context: int) -> Tensor:
+    """Positions with at least ``min_context`` content tokens before them (the shared-prefix rule).
+
+    Every record starts with the same template prefix, so the hidden state of a record's
+    first content token is a function of that one token (and of the template): two records
+    starting with the same token have identical states there, cosine 1.0, whatever follows.
+    With ``min_context = k`` only tokens whose context holds ``>= k`` content tokens are
+    fingerprinted (eq. 8) and scored (eq. 14).
+
+    Args:
+        content: ``[B, T]`` bool, the non-pad content (prompt or response, not template or
+            special) tokens. Counted over both roles whatever the scope: the first response
+            token has the prompt in its context.
+        min_context: ``k >= 0``; 0 keeps every position.
+
+    Returns:
+        ``[B, T]`` bool, True where ``sum_{j < i} content_j >= k``.
+    """
+    if min_context < 0:
+        raise ValueError(f"min_context must be >= 0, got {min_context}")
+    c = content.bool()
+    before = c.long().cumsum(-1) - c.long()
+    return before >= min_context
 
 
 @dataclass
@@ -381,6 +467,45 @@ def token_scores(
     return s, in_m, direct & in_m
 
 
+#: ``n_0`` of the explicit length term of eq. 15 (``coverage="length"``): kappa = n / (n + n_0)
+#: reaches 1/2 at 32 scored tokens, about the template overhead of SmolLM2's chat template
+#: (the prior the literal ``tokens`` reading gives with that template).
+COVERAGE_LENGTH_N0 = 32.0
+
+
+def coverage_term(
+    n_scored: Tensor, attention_mask: Tensor, coverage: str = "tokens", content: Tensor | None = None
+) -> Tensor:
+    """``kappa(c)`` of eq. 15 under one of three readings of ``|c|``.
+
+    * ``tokens``: ``|M(c)| / |c|``, ``|c|`` = the record's non-pad tokens, template and
+      special tokens included (the literal reading). With OOV backoff every content token
+      is in ``M(c)``, so this is ``n / (n + t)`` with ``t`` the template's token count: a
+      length prior whose strength depends on the model's chat template.
+    * ``content``: ``|M(c)| / |content(c)|``, the share of the in-scope content tokens
+      that are scored. With OOV backoff (and ``min_context = 0``) it is 1 for every record,
+      i.e. no coverage term at all; it only bites with ``oov_penalty = None``.
+    * ``length``: ``|M(c)| / (|M(c)| + n_0)`` with ``n_0 =`` :data:`COVERAGE_LENGTH_N0`:
+      the same saturating length prior made explicit and template-independent.
+
+    Args:
+        n_scored: ``[B]`` ``|M(c)|``.
+        attention_mask: ``[B, T]`` 0/1.
+        coverage: ``tokens``, ``content`` or ``length``.
+        content: ``[B, T]`` bool, the in-scope content tokens (needed for ``content``).
+    """
+    n = n_scored.float()
+    if coverage == "tokens":
+        return n / attention_mask.bool().sum(-1).clamp(min=1).float()
+    if coverage == "content":
+        if content is None:
+            raise ValueError("coverage='content' needs the content mask")
+        return n / content.bool().sum(-1).clamp(min=1).float()
+    if coverage == "length":
+        return n / (n + COVERAGE_LENGTH_N0)
+    raise ValueError(f"coverage must be tokens, content or length, got {coverage!r}")
+
+
 def pool_scores(
     s: Tensor,
     in_m: Tensor,
@@ -389,22 +514,25 @@ def pool_scores(
     w_mean: float = 0.5,
     w_max: float = 0.5,
     coverage_weight: float = 0.05,
+    coverage: str = "tokens",
+    content: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Robust pooling with coverage, eq. 13-15.
+
+    ``coverage`` and ``content`` choose ``kappa(c)``, see :func:`coverage_term`.
 
     Returns:
         ``(score [B], parts)`` with ``parts`` = ``mean``, ``max``, ``coverage``, ``n_scored``.
         A record with ``|M(c)| = 0`` scores ``-inf``.
     """
     n = in_m.sum(-1)
-    n_tokens = attention_mask.bool().sum(-1)
     mean = torch.where(n > 0, s.sum(-1) / n.clamp(min=1).float(), torch.zeros_like(s[:, 0]))
     neg = torch.full_like(s, float("-inf"))
     mx = torch.where(in_m, s, neg).amax(-1)
-    coverage = n.float() / n_tokens.clamp(min=1).float()  # kappa(c) = |M(c)| / |c|
-    score = w_mean * mean + w_max * mx + coverage_weight * coverage  # eq. 15
+    kappa = coverage_term(n, attention_mask, coverage, content)
+    score = w_mean * mean + w_max * mx + coverage_weight * kappa  # eq. 15
     score = torch.where(n > 0, score, torch.full_like(score, float("-inf")))
-    return score, {"mean": mean, "max": torch.where(n > 0, mx, torch.zeros_like(mx)), "coverage": coverage, "n_scored": n}
+    return score, {"mean": mean, "max": torch.where(n > 0, mx, torch.zeros_like(mx)), "coverage": kappa, "n_scored": n}
 
 
 def score_examples(

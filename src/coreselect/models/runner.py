@@ -4,8 +4,15 @@
   ``n_records x longest`` stays within a token budget (little padding).
 * :meth:`ModelRunner.hidden` runs the *base* model (no LM head, so no ``[B, T, V]``
   logits) with SDPA and returns ``last_hidden_state``.
-* :meth:`ModelRunner.attn_hidden` switches to eager attention and hooks only the last
+* :meth:`ModelRunner.attentions` switches to eager attention and hooks only the last
   ``L`` attention modules, so only their probability maps are ever kept.
+* :meth:`ModelRunner.attn_hidden` returns those maps with the hidden states of a separate
+  :meth:`~ModelRunner.hidden` pass: Stage I fingerprints and Stage II pool states come from
+  the same kernel (SDPA), never from eager attention, which in bf16/fp16 rounds the
+  probabilities before they multiply V (issue 11, §2). The extra pass runs over the 5-10
+  target records only.
+* :func:`attention_windows` reads each layer's sliding window from the config, for the
+  admissible keys of eq. 2 and eq. 4.
 
 Position ids are computed from the attention mask, so left and right padding give the
 same hidden states.
@@ -140,6 +147,45 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def attention_windows(config: Any, layer_indices: Sequence[int]) -> list[int | None]:
+    """The sliding window ``W`` of each given decoder layer (``None``: full causal attention).
+
+    transformers' convention (``masking_utils.sliding_window_overlay``): a query at ``i``
+    sees keys ``j`` with ``i - W < j <= i``. Per layer:
+
+    * ``config.layer_types`` (Gemma 2/3, Qwen2, Qwen3, OLMo ...): ``sliding_attention``
+      layers use ``config.sliding_window``, ``full_attention`` layers none. Qwen2/3 write
+      ``sliding_attention`` only when ``use_sliding_window`` is on.
+    * no ``layer_types`` (Mistral, Mixtral, Phi-3): every layer uses ``config.sliding_window``
+      when it is set.
+
+    Raises:
+        ConfigError: for attention this reading cannot express (chunked attention,
+            bidirectional attention), rather than miscount the keys.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ConfigError(f"{type(cfg).__name__} uses bidirectional attention; TRIM's saliency assumes causal attention")
+    sw = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        sw = None  # Qwen2-style flag that older configs keep beside a non-null sliding_window
+    types = getattr(cfg, "layer_types", None)
+    out: list[int | None] = []
+    for i in layer_indices:
+        if types is None:
+            out.append(int(sw) if sw else None)
+            continue
+        kind = types[i]
+        if kind == "sliding_attention":
+            out.append(int(sw) if sw else None)
+        elif kind == "full_attention":
+            out.append(None)
+        else:
+            raise ConfigError(f"layer {i} of {type(cfg).__name__} has attention type {kind!r}, "
+                              "which TRIM's saliency does not support")
+    return out
+
+
 def attention_probs(out: Any) -> Tensor:
     """The ``[B, H, T, T]`` probabilities an attention module returned (a forward hook's ``out``)."""
     w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
@@ -199,21 +245,37 @@ class ModelRunner:
         with eager_attention(self.model):
             yield
 
-    @torch.inference_mode()
-    def attn_hidden(self, batch: Batch, last_layers: int) -> tuple[list[Tensor], Tensor]:
-        """Attention probabilities of the last ``L`` layers and the last hidden state."""
+    def _last_layer_indices(self, last_layers: int) -> list[int]:
         if not 1 <= last_layers <= self.num_layers:
             raise ConfigError(f"layers must be in 1..{self.num_layers} for this model, got {last_layers}")
+        return list(range(self.num_layers - last_layers, self.num_layers))
+
+    def windows(self, last_layers: int) -> list[int | None]:
+        """The sliding window of each of the last ``L`` layers (see :func:`attention_windows`)."""
+        return attention_windows(self.model.config, self._last_layer_indices(last_layers))
+
+    @torch.inference_mode()
+    def attentions(self, batch: Batch, last_layers: int) -> list[Tensor]:
+        """Attention probabilities ``[B, H, T, T]`` of the last ``L`` layers (one eager pass)."""
+        idx = self._last_layer_indices(last_layers)
         captured: list[Tensor] = []
 
         def hook(_mod: Any, _args: Any, out: Any) -> None:
             captured.append(attention_probs(out))
 
-        handles = [_attention_module(layer).register_forward_hook(hook) for layer in self.layers[-last_layers:]]
+        handles = [_attention_module(self.layers[i]).register_forward_hook(hook) for i in idx]
         try:
             with self._eager():
-                hidden = self.hidden(batch)
+                self.hidden(batch)
         finally:
             for h in handles:
                 h.remove()
-        return captured, hidden
+        return captured
+
+    @torch.inference_mode()
+    def attn_hidden(self, batch: Batch, last_layers: int) -> tuple[list[Tensor], Tensor]:
+        """Attention probabilities of the last ``L`` layers (eager pass) and the last hidden
+        state of a separate :meth:`hidden` pass with the model's own attention kernel, the one
+        Stage II scores the pool with."""
+        attns = self.attentions(batch, last_layers)
+        return attns, self.hidden(batch)
