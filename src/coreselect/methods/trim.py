@@ -172,6 +172,12 @@ class TrimMethod(SelectionMethod):
                                    minmax_mask=keep if cfg.saliency_minmax == "scope" else None)
             del attns
             hidden = self.runner.hidden(batch)
+            real = batch.attention_mask.bool()
+            finite = ((torch.isfinite(hidden).all(-1) & torch.isfinite(alpha)) | ~real).all(1)
+            if not bool(finite.all()):
+                bad = target[positions[int((~finite).nonzero()[0])]]
+                raise CoreselectError(f"non-finite hidden states or saliency for target record id {bad.id} "
+                                      f"in {hidden.dtype} (try --dtype float32 or bfloat16)")
             builder.add(hidden, alpha, batch.input_ids, keep)
             n_tokens += batch.n_real_tokens
         ids = sorted(builder._sums)
