@@ -170,7 +170,7 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
 
     records = []
     with progress_bar(len(scores), f"export {args.format}", enabled=args.progress) as bar:
-        for rec in read_records(run / "coreset.jsonl", check_duplicate_ids=False):
+        for rec in read_records([run / "coreset.jsonl"], check_duplicate_ids=False):
             records.append(rec)
             bar.update(1)
     if len(records) != len(scores):

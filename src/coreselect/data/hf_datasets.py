@@ -90,7 +90,7 @@ class DatasetInput(str):
     dataset: Any
     stem: str
 
-    def __new__(cls, obj: Any, stem: str | None = None) -> DatasetInput:
+    def __new__(cls, obj: Any, stem: str | None = None) -> DatasetInput:  # noqa: PYI034 (py3.10: no Self)
         ds = _pick_split(obj)
         stem = stem or _name(ds)
         self = super().__new__(cls, f"<{type(ds).__name__} {stem}>")
