@@ -167,9 +167,9 @@ class SelectArgs(WarmupSettings):
             self.pool = [self.pool]
         if isinstance(self.target, str):
             self.target = [self.target]
-        from coreselect.data.hf_datasets import as_inputs  # datasets.Dataset objects ride along as labelled str
+        from coreselect.data.hf_datasets import as_inputs
 
-        self.pool, self.target = as_inputs(self.pool), as_inputs(self.target)
+        self.pool, self.target = as_inputs(self.pool), as_inputs(self.target)  # Dataset objects: labelled str
         self.budget = str(self.budget)
         if isinstance(self.oov_penalty, str):
             self.oov_penalty = None if self.oov_penalty.lower() in ("none", "null", "") else float(self.oov_penalty)
