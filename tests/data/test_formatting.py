@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import make_tokenizer
 
 from coreselect.data.formatting import (
     DEFAULT_TEMPLATE_DATE,
@@ -92,10 +93,8 @@ def test_plain_gets_bos_once_and_eos_after_every_assistant_turn(bos_tokenizer) -
     assert set(np.nonzero(enc.loss_mask)[0]) == set(np.nonzero(enc.codes == RESPONSE)[0]) | set(eos_at)
 
 
-def test_plain_on_a_tokenizer_that_adds_no_bos(tiny_model_dir) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)  # ChatML-style, bos_token set but never added
+def test_plain_on_a_tokenizer_that_adds_no_bos(tmp_path) -> None:
+    tok = make_tokenizer(tmp_path)  # ChatML-style, bos_token set but never added
     enc = Formatter(tok, 512, "plain").encode(CONV)
     assert tok.bos_token_id not in enc.input_ids.tolist()
     assert enc.input_ids.tolist() == tok(Formatter(tok, 512, "plain").render(CONV)[0])["input_ids"]
@@ -155,10 +154,8 @@ def test_chat_eos_closing_each_turn_is_a_target(bos_tokenizer) -> None:
     assert [bool(enc.loss_mask[i]) for i in eos_at] == [False, False, True, False, True]
 
 
-def test_content_equal_to_template_text_is_located_exactly(tiny_model_dir) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_content_equal_to_template_text_is_located_exactly(tmp_path) -> None:
+    tok = make_tokenizer(tmp_path)
     tok.chat_template = CHATML
     rec = chat(("user", "user"), ("assistant", "assistant"))
     rendered, spans = Formatter(tok, 512).render(rec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -119,3 +120,95 @@ def test_json_values_per_line(values: list[object], skip: bool) -> None:
 @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=6), st.booleans())
 def test_arbitrary_bytes_per_line(lines: list[bytes], skip: bool) -> None:
     run_reader(b"\n".join(lines), skip)
+
+
+# --------------------------------------------------------------------------- reader -> Formatter.encode
+
+# Pieces that stress a tokenizer and the span logic: control characters, NUL, lone surrogates (the
+# JSON decoder yields them from "\ud800"), separators Python's strip() removes, special-token and
+# role-tag spellings, template words.
+HOSTILE_PIECES = [
+    "\x00", "\x01", "\x1b[0m", "\x7f", "\ud800", "\udfff", "\ud83d\ude00", "\u2028", "\x85", "\ufeff", "\u200b",
+    "\u202e", "e\u0301", "漢字", "\r\n", "\t", " ", "\n", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|user|>",
+    "<|assistant|>\n", "user", "assistant", "system", "the cat", "Ġ", "▁",
+]
+hostile_text = st.lists(st.sampled_from(HOSTILE_PIECES) | st.text(max_size=6), min_size=1, max_size=8).map("".join)
+
+
+@st.composite
+def hostile_record(draw: st.DrawFn) -> dict:
+    kind = draw(st.sampled_from(["messages", "text", "alpaca"]))
+    if kind == "text":
+        return {"text": draw(hostile_text)}
+    if kind == "alpaca":
+        return {"instruction": draw(hostile_text), "output": draw(hostile_text)}
+    roles = ["system"] * draw(st.booleans()) + ["user", "assistant"] * draw(st.integers(1, 2))
+    return {"messages": [{"role": r, "content": draw(hostile_text)} for r in roles]}
+
+
+def _formatters(smol: object) -> list:
+    """SmolLM2's real tokenizer (ChatML template, no BOS) and a tiny BOS-adding one (plain and chat)."""
+    from coreselect.data.formatting import Formatter
+    from data.conftest import make_bos_tokenizer
+
+    bos = make_bos_tokenizer(chat_template=(
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}"
+        "{% endfor %}"))
+    return [Formatter(smol, 48), Formatter(smol, 48, "plain"), Formatter(bos, 48), Formatter(bos, 48, "plain")]
+
+
+_FORMATTERS: list = []
+
+
+def check_encoded(fmt, rec) -> None:
+    """Invariants of one encoded record (see coreselect.data.formatting)."""
+    from coreselect.data.formatting import TEMPLATE
+
+    enc = fmt.encode(rec)
+    ids = enc.input_ids.tolist()
+    assert 0 < len(ids) <= fmt.max_length and len(enc.codes) == len(enc.loss_mask) == len(ids)
+    assert enc.n_original >= len(ids)
+    special = set(fmt.special_ids.tolist())
+    assert all(enc.codes[i] == TEMPLATE for i, t in enumerate(ids) if t in special)
+    assert set(enc.codes.tolist()) <= {0, 1, 2}
+    rendered, spans = fmt.render(rec)
+    bos = fmt.tokenizer.bos_token_id
+    if fmt.added_prefix and (rec.kind == "text" or not fmt.use_chat) and not enc.truncated:
+        # tokenizer(text) adds BOS: once, plus one per "<s>" the content spells out
+        assert ids[0] == bos and ids.count(bos) == 1 + rendered.count(fmt.tokenizer.bos_token)
+    # every content character a token covers is covered by tokens of its message's code only (or by
+    # a special token the content spelled out). Characters no token claims are skipped: byte-level
+    # tokenizers missing a byte (SmolLM2 and U+40000) shift the offsets of the following tokens.
+    offsets = enc.offsets.tolist()
+    for s, e, code in spans:
+        for ch in range(s, e):
+            cover = [i for i, (a, b) in enumerate(offsets) if a <= ch < b]
+            assert all(enc.codes[i] == code or ids[i] in special for i in cover), (rendered, ch)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_record(), min_size=1, max_size=4), st.booleans())
+def test_reader_to_encode_never_tracebacks(smollm2_tokenizer, rows: list[dict], skip: bool) -> None:
+    """Every record the reader yields encodes under each formatter; the rest are refused one line each."""
+    if not _FORMATTERS:
+        _FORMATTERS.extend(_formatters(smollm2_tokenizer))
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "hostile.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="ascii")  # "\ud800" escapes: valid JSON
+        log = RejectLog()
+        try:
+            recs = list(read_records([f], on_bad_record="skip" if skip else "error", rejects=log))
+        except BadRecordError as e:
+            assert not skip and "\n" not in str(e) and "hostile.jsonl:" in str(e)
+            str(e).encode("utf-8")  # printable: no lone surrogate in the message
+            return
+        for entry in log.entries:
+            assert entry["field"] and entry["line"] >= 1
+        surrogate = any(re.search("[\ud800-\udfff]", json.dumps(r, ensure_ascii=False)) for r in rows)
+        for rec in recs:
+            assert not any(0xD800 <= ord(c) <= 0xDFFF for m in rec.messages for c in m.content)
+            for fmt in _FORMATTERS:
+                check_encoded(fmt, rec)
+        # only surrogates and blank content are refused; control characters, NUL and the rest pass
+        assert all("lone surrogate" in e["reason"] or "empty content" in e["reason"] for e in log.entries)
+        assert surrogate or all("empty content" in e["reason"] for e in log.entries)

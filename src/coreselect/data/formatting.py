@@ -180,7 +180,7 @@ class Encoded:
         return self.n_original > len(self.input_ids)
 
     def __len__(self) -> int:
-        return int(len(self.input_ids))
+        return len(self.input_ids)
 
 
 class Formatter:
@@ -227,7 +227,7 @@ class Formatter:
 
     @staticmethod
     def _special_ids(tok: Any) -> set[int]:
-        ids = set(int(i) for i in (getattr(tok, "all_special_ids", None) or []))
+        ids = {int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
         decoder = getattr(tok, "added_tokens_decoder", None) or {}
         for i, added in decoder.items():
             if getattr(added, "special", False):
@@ -283,7 +283,7 @@ class Formatter:
             text = self._apply(msgs)
         except CoreselectError:
             raise
-        except Exception as e:  # jinja errors (e.g. a template that rejects system turns)
+        except Exception as e:  # noqa: BLE001 - any jinja error (e.g. a template that rejects system turns)
             raise BadRecordError(record.file, record.line, None,
                                  f"chat template failed: {type(e).__name__}: {e}") from None
         if not self._probed:
@@ -332,7 +332,7 @@ class Formatter:
         marks = [_SENTINEL.format(i) for i in range(len(msgs))]
         try:
             skeleton = self._apply([{**m, "content": s} for m, s in zip(msgs, marks)])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a template that rejects the sentinels: search instead
             return None
         literals, cursor = [], 0
         for s in marks:
@@ -399,7 +399,7 @@ class Formatter:
                 cut = window if window > 0 else budget
             try:
                 enc = self.tokenizer(text[:cut], add_special_tokens=add_special, return_offsets_mapping=True)
-            except Exception as e:  # the tokenizer refused the text (e.g. unencodable code points)
+            except Exception as e:  # noqa: BLE001 - the tokenizer refused the text: a bad record, not a crash
                 raise BadRecordError(record.file, record.line, None,
                                      f"the tokenizer cannot read this record: {type(e).__name__}: {e}") from None
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
