@@ -113,6 +113,8 @@ class SelectArgs(WarmupSettings):
         ray_address: Ray cluster to join (default: ``RAY_ADDRESS`` or a local Ray).
         ray_actors: scoring actors for ``--engine ray`` (0 = one per GPU, else 1).
         template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        template_date: the date chat templates see (``date_string`` / ``strftime_now``; Llama 3.x
+            writes it into every prompt), fixed so a record renders the same on every day.
         seed: seeds the warmup subset, training and sampling methods.
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         trust_remote_code: allow model code from the hub (off unless asked).
@@ -152,6 +154,7 @@ class SelectArgs(WarmupSettings):
     ray_address: str | None = None
     ray_actors: int = 0
     template: str = "auto"
+    template_date: str = "26 Jul 2024"
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -295,7 +298,8 @@ def warmup_model(args: SelectArgs, out_dir: Path, n_pool: int) -> tuple[str | No
         batch_size=args.warmup_batch_size, grad_accum=args.warmup_grad_accum, max_length=args.max_length,
         seed=args.seed,
     )
-    formatter = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    formatter = Formatter(tok, args.max_length, args.template,  # type: ignore[arg-type]
+                          template_date=args.template_date)
     res = train_lora(model, tok, records, targs, out_dir / "warmup", progress=args.progress,
                      resume=args.resume, formatter=formatter)
     del model
@@ -315,7 +319,8 @@ def load_context(args: SelectArgs, out_dir: Path, n_pool: int) -> ModelContext:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code, adapter=adapter)
     info["model_load_s"] = time.perf_counter() - t0
-    formatter = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    formatter = Formatter(tok, args.max_length, args.template,  # type: ignore[arg-type]
+                          template_date=args.template_date)
     return ModelContext(model, tok, ModelRunner(model, tok), formatter, info)
 
 

@@ -111,7 +111,7 @@ def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, in
     from coreselect.models.loading import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
-    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
     return {r.index: len(fmt.encode(r)) for r in iter_pool(args)}
 
 

@@ -254,7 +254,7 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
     sel = SelectArgs(pool=pool, out=str(out), model=args.model, **args.warmup_settings(), dtype=args.dtype,
                      device=args.device,
                      progress=args.progress, resume=True,
-                     **{k: v for k, v in args.select.items() if k in ("max_length", "template", "seed")})
+                     **{k: v for k, v in args.select.items() if k in ("max_length", "template", "template_date", "seed")})
     n_pool = scan_pool(sel)[0]
     adapter, info = warmup_model(sel, out, n_pool)
     if info.get("reused_from_previous_run"):
@@ -364,7 +364,7 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     if old is not None and old.get("key") == key:
         return old
     model, tok = base_model(args, loaded)
-    fmt = Formatter(tok, targs.max_length, targs.template)  # type: ignore[arg-type]
+    fmt = Formatter(tok, targs.max_length, targs.template, template_date=targs.template_date)  # type: ignore[arg-type]
     n_sample = targs.batch_size * (AER_SAMPLE_BATCHES + 1)
     rng = random.Random(0)
     sample: list[Any] = []

@@ -41,7 +41,8 @@ class TrimScorer:
 
     def __init__(self, model: str, adapter: str | None, fingerprints: str, config: dict[str, Any],
                  dtype: str = "auto", device: str = "auto", max_length: int = 2048, template: str = "auto",
-                 trust_remote_code: bool = False, torch_threads: int = 0) -> None:
+                 trust_remote_code: bool = False, torch_threads: int = 0,
+                 template_date: str = "26 Jul 2024") -> None:
         import torch
 
         from coreselect.data.formatting import Formatter
@@ -52,7 +53,7 @@ class TrimScorer:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         m, tok = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, adapter=adapter)
-        self.formatter = Formatter(tok, max_length, template)  # type: ignore[arg-type]
+        self.formatter = Formatter(tok, max_length, template, template_date=template_date)  # type: ignore[arg-type]
         self.method = TrimMethod(ModelRunner(m, tok), self.formatter, TrimConfig(**config), progress=False)
         self.method.set_fingerprints(Fingerprints.load(fingerprints))
 
@@ -138,7 +139,7 @@ def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -
         fn_constructor_kwargs={
             "model": args.model, "adapter": adapter, "fingerprints": str(fp_path.resolve()), "config": cfg,
             "dtype": args.dtype, "device": "auto" if use_gpu else "cpu", "max_length": args.max_length,
-            "template": args.template, "trust_remote_code": args.trust_remote_code,
+            "template": args.template, "template_date": args.template_date, "trust_remote_code": args.trust_remote_code,
             "torch_threads": 0 if use_gpu else 1,
         },
         batch_size=args.shard_records, batch_format="numpy", concurrency=actors, **res,

@@ -124,7 +124,8 @@ class Explainer:
         model, tok = load_model(self.args.model, dtype=self.args.dtype, device=self.args.device,
                                 trust_remote_code=self.args.trust_remote_code, adapter=adapter)
         self.tokenizer = tok
-        self.formatter = Formatter(tok, self.args.max_length, self.args.template)  # type: ignore[arg-type]
+        self.formatter = Formatter(tok, self.args.max_length, self.args.template,  # type: ignore[arg-type]
+                                   template_date=self.args.template_date)
         self.runner = ModelRunner(model, tok)
         self.fingerprints = Fingerprints.load(fp_path)
         if len(self.fingerprints) and self.fingerprints.dim != model.config.hidden_size:
@@ -135,8 +136,8 @@ class Explainer:
     def token_texts(self, record: Record, n: int) -> list[str]:
         """The text each of the first ``n`` tokens covers (gaps left by offset trimming go to the token before)."""
         text, _ = self.formatter.render(record)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+        offsets = self.formatter.encode(record).offsets  # the tokens encode() scores, BOS included
+        starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0].copy()
         if len(starts) == 0:
             return []
         starts[0] = 0

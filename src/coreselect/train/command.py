@@ -52,6 +52,7 @@ class TrainCommandArgs:
     """
 
     model: str = "smollm2"
+        template_date: the date chat templates see (fixed, see ``coreselect select --help``).
     data: list[str] = field(default_factory=list)
     out: str = ""
     lora_r: int = 128
@@ -86,6 +87,7 @@ class TrainCommandArgs:
     def train_args(self) -> Any:
         """The :class:`~coreselect.train.lora.TrainArgs` these flags describe (validated)."""
         from coreselect.train.lora import TrainArgs
+    template_date: str = "26 Jul 2024"
 
         save: Any = "epoch" if self.save_every == "epoch" else _int(self.save_every, "save_every")
         schedule: Any = self.schedule
@@ -158,7 +160,7 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
                   "dtype": str(next(model.parameters()).dtype)}
     common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
                               "versions": versions(), "model": model_info}
-    fmt = Formatter(tok, args.max_length, args.template)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
     if args.heads:  # P2D sparse head adaptation instead of LoRA (coreselect.train.heads)
         from coreselect.train.heads import train_heads_run
 
