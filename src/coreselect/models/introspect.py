@@ -186,12 +186,23 @@ def eager_attention(model: Any) -> Iterator[None]:
             m.set_attn_implementation(impl)
 
 
+def _base_layer(mod: Any) -> Any:
+    """The layer under peft's LoRA wrappers (``base_layer``), else ``mod``."""
+    while isinstance(getattr(mod, "base_layer", None), torch.nn.Module):
+        mod = mod.base_layer
+    return mod
+
+
 def _is_projection(mod: Any) -> bool:
+    mod = _base_layer(mod)
     return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
 def _linear_names(attn: torch.nn.Module) -> list[str]:
-    return [n for n, mod in attn.named_modules() if n and _is_projection(mod)]
+    def peft_part(n: str) -> bool:
+        return any(p == "base_layer" or p.startswith("lora_") for p in n.split("."))
+
+    return [n for n, mod in attn.named_modules() if n and not peft_part(n) and _is_projection(mod)]
 
 
 def _unknown(model_type: str, attn: torch.nn.Module) -> ConfigError:
@@ -218,13 +229,14 @@ def attention_spec(model: Any) -> AttentionSpec:
 
 
 def projection(model: Any, layer: int, name: str) -> torch.nn.Module:
-    """The projection ``name`` (an :class:`AttentionSpec` name) of decoder layer ``layer``'s attention."""
+    """The projection ``name`` (an :class:`AttentionSpec` name) of decoder layer ``layer``'s attention
+    (the ``Linear`` / ``Conv1D`` itself, under a peft LoRA wrapper if there is one)."""
     attn = attention_module(decoder_layers(model)[layer])
     mod = getattr(attn, name, None)
     if not _is_projection(mod):
         raise ConfigError(f"{type(attn).__name__} of layer {layer} has no linear {name!r} "
                           f"(its linear submodules: {', '.join(_linear_names(attn)) or 'none'})")
-    return mod  # type: ignore[return-value]
+    return _base_layer(mod)  # type: ignore[no-any-return]
 
 
 def projection_weight(mod: torch.nn.Module) -> Tensor:
@@ -320,7 +332,7 @@ class HeadGeometry:
         """Whether ``name`` is indexed by input columns (the output projection) rather than output rows."""
         return name == self.spec.output
 
-    def _rows(self, part: str, head: int) -> range:
+    def rows(self, part: str, head: int) -> range:
         """Output rows of ``part`` (``q``/``k``/``v``) for query head (q) or KV head (k, v) ``head``,
         inside the projection that holds that part."""
         d, H, K, r = self.head_dim, self.n_heads, self.n_kv_heads, self.group
@@ -350,7 +362,7 @@ class HeadGeometry:
         kvs = sorted({self.kv_head(h) for h in qs})
 
         def idx(part: str, hs: list[int]) -> list[int]:
-            return [i for h in hs for i in self._rows(part, h)]
+            return [i for h in hs for i in self.rows(part, h)]
 
         q, k, v = idx("q", qs), idx("k", kvs), idx("v", kvs)
         cols = torch.tensor([i for h in qs for i in range(h * self.head_dim, (h + 1) * self.head_dim)])

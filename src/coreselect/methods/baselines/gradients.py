@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -27,11 +28,28 @@ from torch import Tensor
 
 from coreselect.data.formatting import Encoded
 from coreselect.errors import ConfigError, CoreselectError
+from coreselect.models.introspect import attention_projections
 from coreselect.models.loading import require_adapter_dir
 from coreselect.models.runner import collate, response_losses, token_budget_batches
 from coreselect.train.lora import Checkpoint, _forward
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
+
+
+def missing_attention_projections(base: Any, adapted: Sequence[str]) -> list[str]:
+    """The attention projections of ``base`` (:func:`~coreselect.models.introspect.attention_projections`)
+    that no adapted module (leaf names) covers; ``[]`` for an architecture outside the table.
+
+    LESS's features are the gradients of the adapter's LoRA weights, so an adapter that misses
+    projections (an old Phi-3 warmup adapted ``o_proj`` only) silently changes the feature space.
+    """
+    try:
+        want = attention_projections(base)
+    except ConfigError:
+        return []
+    have = set(adapted)
+    return [n for n in want if n.rsplit(".", 1)[-1] not in have]
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -87,6 +105,7 @@ class AdapterSwitcher:
         self.model: Any = None
         self.active: str | None = None
         self.params: list[Tensor] = []
+        self.modules: list[str] = []
         self._n = 0
 
     def activate(self, path: str | Path) -> Any:
@@ -110,6 +129,12 @@ class AdapterSwitcher:
                 self.params.append(p)
         if not self.params:
             raise CoreselectError(f"{path}: the adapter has no LoRA weights")
+        self.modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in self.model.named_parameters()
+                               if p.requires_grad})
+        missing = missing_attention_projections(self.base, self.modules)
+        if missing:
+            log.warning("%s adapts %s but not the attention projections %s: its gradients miss them",
+                        path, ", ".join(self.modules), ", ".join(missing))
         self.model.eval()
         return self.model
 

@@ -293,6 +293,7 @@ class _GradientMethod(_CheckpointMethod):
     def settings(self) -> dict[str, Any]:
         return {"checkpoints": [str(c.path) for c in self.checkpoints], "lrs": [c.lr for c in self.checkpoints],
                 "proj_dim": self.proj_dim, "feature_dim": self.feature_dim, "projection": "rademacher",
+                "lora_modules": list(self.switcher.modules),
                 "seed": self.seed, "optimizer": self.optimizer, "pool_gradient": dict(self.pool_gradient),
                 "target_gradient": "sgd"}
 
