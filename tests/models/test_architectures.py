@@ -34,7 +34,7 @@ from coreselect.models.introspect import (
 )
 from coreselect.models.runner import ModelRunner, collate
 
-GQA = dict(num_key_value_heads=2)
+GQA = {"num_key_value_heads": 2}
 # family -> (config class, model class, family-specific config kwargs)
 FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     "llama": (T.LlamaConfig, T.LlamaForCausalLM, GQA),
@@ -123,7 +123,7 @@ def test_trim_scores_invariant_to_padding_side_and_batch_budget(family, build, t
     model = build(family)
     ref = trim_scores(model, tok, data)
     assert np.isfinite(ref).all() and np.ptp(ref) > 0
-    for kw in (dict(side="left"), dict(batch_tokens=60), dict(side="left", batch_tokens=60)):
+    for kw in ({"side": "left"}, {"batch_tokens": 60}, {"side": "left", "batch_tokens": 60}):
         np.testing.assert_allclose(trim_scores(model, tok, data, **kw), ref, atol=1e-5, rtol=0, err_msg=str(kw))
 
 

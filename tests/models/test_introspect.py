@@ -22,8 +22,8 @@ from coreselect.models.introspect import (
     projection_weight,
 )
 
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def tiny(model_type: str, **kw):
@@ -163,8 +163,8 @@ def test_fused_index_maps_match_the_modeling_code(layout, H, K):
         assert list(g.rows("k", kv)) == k[kv].tolist() and list(g.rows("v", kv)) == v[kv].tolist()
 
 
-@pytest.mark.parametrize("variant", [dict(new_decoder_architecture=True, num_kv_heads=2),
-                                     dict(multi_query=True), dict(multi_query=False)])
+@pytest.mark.parametrize("variant", [{"new_decoder_architecture": True, "num_kv_heads": 2},
+                                     {"multi_query": True}, {"multi_query": False}])
 def test_falcon_layouts_match_its_split_heads(variant):
     """Falcon has three layouts; its own ``_split_heads`` is the reference."""
     model = tiny("falcon", **variant)

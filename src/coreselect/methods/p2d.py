@@ -11,8 +11,9 @@ below are ours (each is tested in ``tests/methods/test_p2d.py``):
      through a forward pre-hook on ``o_proj``. (``o_proj`` stands for the family's output
      projection, :func:`o_proj_of`: ``dense`` on GPT-NeoX and Phi, ``c_proj`` on GPT-2; its
      input is head-major, ``head_dim`` contiguous, in every family of
-     :data:`coreselect.models.introspect.ATTENTION_SPECS`, fused QKV or not.) The gates are per example (``[B, H]`` per
-     layer), so one backward pass gives every example's own gradient, and
+     :data:`coreselect.models.introspect.ATTENTION_SPECS`, fused QKV or not.) The gates
+     are per example (``[B, H]`` per layer), so one backward pass gives every example's
+     own gradient, and
      ``I_h = sum_examples |dL_x / d xi_h|`` where ``L_x`` is the token-mean response loss
      of example ``x`` (response tokens only, as in training; the token mean keeps long
      examples from dominating). Scores are not normalized per layer: ``H_T`` is a global
@@ -71,7 +72,13 @@ from torch import Tensor
 from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod, chunk_from_scores, record_chunks, scores_from_chunks
+from coreselect.methods.base import (
+    ScoreChunk,
+    SelectionMethod,
+    chunk_from_scores,
+    record_chunks,
+    scores_from_chunks,
+)
 from coreselect.methods.trim import TokenScoring
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
@@ -81,7 +88,14 @@ from coreselect.methods.trim_math import (
     token_saliency,
     token_scores,
 )
-from coreselect.models.introspect import HeadGeometry, attention_module, decoder_layers, eager_attention, projection
+from coreselect.models.introspect import (
+    HeadGeometry,
+    attention_module,
+    decoder_layers,
+    eager_attention,
+    projection,
+    projection_weight,
+)
 from coreselect.models.runner import (
     Batch,
     ModelRunner,
@@ -185,7 +199,7 @@ class HeadSet:
         write_json(path, d)
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadSet":
+    def load(cls, path: str | Path) -> HeadSet:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
             hs = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -272,15 +286,15 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
         return pre
 
     handles = []
-    for l, h in by_layer.items():
+    for l, heads in by_layer.items():
         o_proj = o_proj_of(model, l)
-        idx = torch.tensor(h, device=o_proj.weight.device)  # made once, not copied to the device per batch
+        idx = torch.tensor(heads, device=projection_weight(o_proj).device)  # made once, not copied per batch
         handles.append(o_proj.register_forward_pre_hook(make(l, idx)))
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _forward_base(runner: ModelRunner, batch: Batch) -> None:
@@ -482,7 +496,7 @@ class P2DMethod(SelectionMethod):
         hs.check(g)
         return hs
 
-    def fit(self, target: Sequence[Record]) -> "P2DMethod":
+    def fit(self, target: Sequence[Record]) -> P2DMethod:
         if not target:
             raise CoreselectError("the target set is empty")
         t0 = time.perf_counter()
@@ -566,7 +580,8 @@ class P2DMethod(SelectionMethod):
                     raise CoreselectError(f"non-finite score for pool record id {bad}")
                 self.cost.forward_passes += len(chunk)
                 bar.update(len(chunk))
-                yield chunk_from_scores(chunk, scores, n_tokens=[len(e) for e in encoded], n_scored=n_scored)
+                n_tokens = np.array([len(e) for e in encoded])
+                yield chunk_from_scores(chunk, scores, n_tokens=n_tokens, n_scored=n_scored)
         self.stats["score_s"] = self.stats.get("score_s", 0.0) + time.perf_counter() - t0
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:

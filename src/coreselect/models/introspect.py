@@ -300,7 +300,7 @@ class HeadGeometry:
             raise ConfigError("a per-head fused QKV has one KV head per query head")
 
     @classmethod
-    def of(cls, model: Any) -> "HeadGeometry":
+    def of(cls, model: Any) -> HeadGeometry:
         """From the (text) config: ``head_dim`` from ``config.head_dim`` when set (Gemma, Qwen3), else
         ``hidden_size / num_attention_heads``; KV heads from ``num_key_value_heads`` (Falcon:
         ``num_kv_heads`` / ``multi_query``), else one per query head."""
@@ -356,7 +356,7 @@ class HeadGeometry:
         read by a selected head; or all of those inside the fused projection); the output
         projection maps to the selected heads' input columns.
         """
-        qs = sorted(set(int(h) for h in heads))
+        qs = sorted({int(h) for h in heads})
         if not qs or not all(0 <= h < self.n_heads for h in qs):
             raise ConfigError(f"heads must be a non-empty subset of 0..{self.n_heads - 1}, got {qs}")
         kvs = sorted({self.kv_head(h) for h in qs})

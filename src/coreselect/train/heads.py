@@ -69,7 +69,12 @@ from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import atomic_path, write_json
 from coreselect.methods.p2d import HeadSet
-from coreselect.models.introspect import HeadGeometry, head_index_map, projection, projection_weight
+from coreselect.models.introspect import (
+    HeadGeometry,
+    head_index_map,
+    projection,
+    projection_weight,
+)
 from coreselect.models.runner import collate, frozen_parameters
 from coreselect.progress import progress_bar
 from coreselect.train.lora import (
@@ -88,8 +93,18 @@ from coreselect.train.lora import (
     masked_lm_loss,
 )
 
-__all__ = ["HeadDelta", "HeadTrainResult", "KV_POLICY", "alignment_efficiency_ratio", "apply_head_delta",
-           "estimate_aer", "head_slices", "train_heads", "train_heads_from_file", "train_heads_run"]
+__all__ = [
+    "KV_POLICY",
+    "HeadDelta",
+    "HeadTrainResult",
+    "alignment_efficiency_ratio",
+    "apply_head_delta",
+    "estimate_aer",
+    "head_slices",
+    "train_heads",
+    "train_heads_from_file",
+    "train_heads_run",
+]
 
 KV_POLICY = "any"
 FORMAT = "coreselect.heads_delta/1"
@@ -152,7 +167,7 @@ class HeadDelta(torch.nn.Module):
         for key, idx in self.index.items():
             _, layer, name = key.split(".")
             w = self.weights[_k(key)]
-            b = self.biases[_k(key)] if _k(key) in self.biases else None
+            b = self.biases.get(_k(key), None)
 
             def hook(_m: Any, args: tuple, out: Tensor, w: Tensor = w, b: Tensor | None = b, idx: Tensor = idx,
                      is_o: bool = self.geom.is_output(name)) -> Tensor:
@@ -203,8 +218,8 @@ def _merge(model: Any, tensors: dict[str, Tensor]) -> None:
             if delta.shape != (len(idx), W.shape[1]):
                 raise CoreselectError(f"{key}: delta shape {tuple(delta.shape)} does not fit the model")
             W[idx] = (W[idx].float() + delta).to(W.dtype)
-            if f"{key}.bias" in tensors and getattr(lin, "bias", None) is not None:
-                bias = lin.bias
+            bias = getattr(lin, "bias", None)
+            if f"{key}.bias" in tensors and isinstance(bias, Tensor):
                 bias[idx] = (bias[idx].float() + tensors[f"{key}.bias"].to(bias.device)).to(bias.dtype)
 
 
@@ -215,7 +230,7 @@ def apply_head_delta(model: Any, path: str | Path) -> Any:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except FileNotFoundError:
         raise CoreselectError(f"{path}: no such head delta file") from None
     if meta.get("format") != FORMAT:
