@@ -104,7 +104,7 @@ def test_trl_export_converts_every_shape(mixed_run, capsys):
         assert [(m["role"], m["content"]) for m in r["messages"]] == EXPECTED[r["id"]]
     coreset_ids = [r["id"] for r in _rows(mixed_run / "coreset.jsonl")]
     assert [r["id"] for r in rows] == coreset_ids  # best first, as the coreset
-    info = json.loads((d / "export.json").read_text())
+    info = json.loads((d / "coreset.export.json").read_text())
     assert info["shape"] == "messages" and info["records"] == 7 and info["text_as_chat"] == 1
     assert info["input_shapes"] == {"messages": 1, "conversations": 1, "prompt-completion": 2, "alpaca": 2,
                                     "text": 1}
@@ -144,6 +144,7 @@ def test_llamafactory_export(mixed_run, tmp_path):
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset") == 2
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset", "--overwrite") == 0
     assert set(json.loads((lf_data / "dataset_info.json").read_text())) == {"alpaca_en_demo", "trim_coreset"}
+    assert {p.name for p in lf_data.iterdir()} == {"dataset_info.json", "trim_coreset.jsonl", "trim_coreset.export.json"}
 
 
 def test_axolotl_export(mixed_run, capsys):
@@ -174,7 +175,7 @@ def test_text_only_coreset_exports_plain_text(tmp_path, one_torch_thread):
         d = run / "export" / fmt
         rows = _rows(d / "coreset.jsonl")
         assert len(rows) == 3 and all(set(r) == {"text", "id"} for r in rows)
-        assert json.loads((d / "export.json").read_text())["shape"] == "text"
+        assert json.loads((d / "coreset.export.json").read_text())["shape"] == "text"
     lf = json.loads((run / "export" / "llamafactory" / "dataset_info.json").read_text())["coreset"]
     assert lf == {"file_name": "coreset.jsonl", "columns": {"prompt": "text"}}
     (ax,) = yaml.safe_load((run / "export" / "axolotl" / "axolotl.yaml").read_text())["datasets"]

@@ -14,7 +14,8 @@ format                    files in ``--out``                         use it with
                                                                      the axolotl config
 ========================= ========================================== ==================================
 
-Every format also gets ``export.json`` (what was converted, from which run).
+Every format also gets ``coreset.export.json`` (``NAME.export.json``: what was converted, from
+which run).
 
 **Conversion.** Records are written in the shape coreselect itself scored them
 (:func:`coreselect.data.readers.read_records`), as OpenAI-style ``messages`` (``role`` / ``content``,
@@ -134,7 +135,7 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
 
 
 def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
-    """Write the coreset of run folder ``args.dir`` for ``args.format``; return ``export.json``'s dict.
+    """Write the coreset of run folder ``args.dir`` for ``args.format``; return the manifest's dict.
 
     Call it with an :class:`ExportArgs` or with its fields as keywords
     (``export(dir="runs/x", format="trl")``).
@@ -153,7 +154,8 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
     scores = selected_rows(run)  # also: one-line errors for a folder that holds no finished run
     out = Path(args.out) if args.out else run / "export" / args.format
     data = out / f"{args.name}.jsonl"
-    info_file = out / {"trl": "export.json", "llamafactory": "dataset_info.json", "axolotl": "axolotl.yaml"}[args.format]
+    manifest = out / f"{args.name}.export.json"
+    info_file = {"trl": manifest, "llamafactory": out / "dataset_info.json", "axolotl": out / "axolotl.yaml"}[args.format]
     existing: dict[str, Any] = {}
     if args.format == "llamafactory" and info_file.is_file():  # maybe LLaMA-Factory's own data/ folder
         try:
@@ -199,10 +201,11 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
     info = {
         "command": "export", "format": args.format, "run": str(run.resolve()), "data": str(data.resolve()),
         "entry_file": None if args.format == "trl" else str(info_file.resolve()), "name": args.name,
+        "manifest": str(manifest.resolve()),
         "records": len(rows), "shape": shape, "input_shapes": counts, "text_as_chat": n_text_as_chat,
         "entry": entry,
     }
-    write_json(out / "export.json", info)
+    write_json(manifest, info)
     return info
 
 
