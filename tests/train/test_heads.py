@@ -114,6 +114,65 @@ def test_delta_hooks_equal_the_merged_weights(tiny_model_dir):
     torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
 
 
+def _tiny_fused(family: str):
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if family == "phi3":  # [q | k | v] in qkv_proj, GQA
+        return T.Phi3ForCausalLM(T.Phi3Config(**small, intermediate_size=64, num_key_value_heads=2)).eval()
+    if family == "gpt_neox":  # [H, 3, d] in query_key_value, with biases
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**small, intermediate_size=64)).eval()
+    if family == "gpt2":  # Conv1D (weights stored [in, out]), [q | k | v] in c_attn
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2"])
+def test_fused_qkv_deltas_hooked_equal_merged_and_touch_only_the_heads(family):
+    """Fused QKV and Conv1D: the hooked deltas and the merged weights give the same logits, and
+    the merge writes only the rows / columns :func:`head_slices` assigns to the heads."""
+    from coreselect.models.introspect import projection, projection_weight
+    from coreselect.train.heads import _merge
+
+    model = _tiny_fused(family)
+    geom = HeadGeometry.of(model)
+    heads = [(0, 1), (1, 2)]
+    delta = HeadDelta(model, heads)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), delta.attached(model):
+        hooked = model(input_ids=ids).logits
+    _merge(model, delta.tensors())
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
+    owned: dict[int, torch.Tensor] = {}
+    for layer, by_name in head_slices(heads, geom).items():
+        for name, idx in by_name.items():
+            mod = projection(model, layer, name)
+            mask = torch.zeros_like(mod.weight, dtype=torch.bool)
+            view = mask.T if type(mod).__name__ == "Conv1D" else mask
+            if geom.is_output(name):
+                view[:, idx] = True
+            else:
+                view[idx] = True
+                assert projection_weight(mod).shape[0] > len(idx)  # a strict subset of the fused rows
+                if mod.bias is not None:
+                    owned[id(mod.bias)] = torch.zeros_like(mod.bias, dtype=torch.bool).index_fill(0, idx, True)
+            owned[id(mod.weight)] = mask
+    for n, p in model.named_parameters():
+        mask = owned.get(id(p), torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(p.detach()[~mask], before[n][~mask]), n
+        if id(p) in owned and p.dim() == 2:
+            assert (p.detach()[mask] != before[n][mask]).float().mean() > 0.9, n
+
+
 def test_train_hook_reads_heads_json_and_apply_rejects_other_models(tiny_model_dir, small_pool, tmp_path):
     model, tok = load_model(str(tiny_model_dir), device="cpu")
     hs = HeadSet("tiny", "gradient", 0.1, [(0, 3)], n_layers=4, n_heads=4)
