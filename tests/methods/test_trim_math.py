@@ -211,7 +211,7 @@ def test_scored_token_outside_the_embedding_table_is_an_error_not_a_clamp():
 
 # ---------------------------------------------------------------- admissible keys (eq. 2, eq. 4)
 
-from coreselect.methods.trim_math import (  # noqa: E402
+from coreselect.methods.trim_math import (
     COVERAGE_LENGTH_N0,
     admissible_keys,
     column_saliency,
@@ -280,7 +280,7 @@ def test_minmax_over_scope_ignores_the_sink():
     a = torch.tensor([[1.0, 0, 0, 0], [0.7, 0.3, 0, 0], [0.7, 0.2, 0.1, 0], [0.7, 0.1, 0.1, 0.1]])[None, None]
     mask = torch.ones(1, 4, dtype=torch.bool)
     k_raw = torch.tensor([(1 + 2.1) / 4, 0.6 / 3, 0.2 / 2, 0.1])  # eq. 4
-    col = lambda over: token_saliency([a], mask, 0.0, 1.0, minmax_mask=over)[0]  # noqa: E731
+    col = lambda over: token_saliency([a], mask, 0.0, 1.0, minmax_mask=over)[0]
     # literal: the sink sets the max, every content K is squeezed below (k1 - k3)/(k0 - k3)
     lit = (k_raw - k_raw.min()) / (k_raw.max() - k_raw.min())
     torch.testing.assert_close(col(None), lit, atol=1e-6, rtol=0)

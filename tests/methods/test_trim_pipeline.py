@@ -33,7 +33,7 @@ def test_scopes_select_the_right_tokens_under_the_chat_template(loaded, small_po
     pool, _ = small_pool
     rec = next(iter(read_records([pool])))
     enc = Formatter(tok, 256).encode(rec)
-    decode = lambda m: tok.decode(enc.input_ids[m]).strip()  # noqa: E731
+    decode = lambda m: tok.decode(enc.input_ids[m]).strip()
     assert decode(scope_mask(enc.codes, "prompt")) == rec.messages[0].content
     assert decode(scope_mask(enc.codes, "response")) == rec.messages[1].content
     # all = prompt + response, never the template ("<|im_start|>user\n", role names...)
@@ -120,8 +120,12 @@ def test_token_budget_batches_respect_budget_and_cover_everything():
 
 # ---------------------------------------------------------------- issue 11: §2, §3
 
-from coreselect.methods.trim_math import FingerprintBuilder, admissible_keys, context_mask  # noqa: E402
-from coreselect.models.runner import attention_windows  # noqa: E402
+from coreselect.methods.trim_math import (
+    FingerprintBuilder,
+    admissible_keys,
+    context_mask,
+)
+from coreselect.models.runner import attention_windows
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -164,12 +168,18 @@ def test_admissible_keys_match_the_models_own_masks(tmp_path, small_pool, family
     """With a window shorter than the records, the structural key set of eq. 2/4 is exactly the set
     of keys the model's eager attention gives a non-zero probability (fp32, per layer)."""
     from conftest import make_tokenizer
-    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     tok = make_tokenizer(tmp_path)
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 4,
+              "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+              "eos_token_id": tok.eos_token_id}
     torch.manual_seed(0)
     if family == "mistral":
         model = MistralForCausalLM(MistralConfig(**common))

@@ -11,13 +11,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import chat, write_jsonl
+
 from coreselect.data.formatting import Formatter
 from coreselect.data.readers import read_records
 from coreselect.errors import CoreselectError
 from coreselect.methods.trim import TrimConfig, TrimMethod
-from coreselect.methods.trim_math import FingerprintBuilder, pool_scores, token_saliency, token_scores
+from coreselect.methods.trim_math import (
+    FingerprintBuilder,
+    pool_scores,
+    token_saliency,
+    token_scores,
+)
 from coreselect.models.loading import load_model
 from coreselect.models.runner import ModelRunner
 

@@ -19,7 +19,13 @@ import torch
 from coreselect.data.formatting import Encoded, Formatter, Scope
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.methods.base import ScoreChunk, SelectionMethod, chunk_from_scores, record_chunks, scores_from_chunks
+from coreselect.methods.base import (
+    ScoreChunk,
+    SelectionMethod,
+    chunk_from_scores,
+    record_chunks,
+    scores_from_chunks,
+)
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
@@ -35,8 +41,8 @@ from coreselect.models.runner import ModelRunner, token_budget_batches
 from coreselect.progress import progress_bar
 
 __all__ = [
-    "Fingerprints",
     "FingerprintBuilder",
+    "Fingerprints",
     "TokenScoring",
     "TrimConfig",
     "TrimMethod",
@@ -151,7 +157,7 @@ class TrimMethod(SelectionMethod):
         return asdict(self.config)
 
     # ---------------------------------------------------------------- Stage I
-    def fit(self, target: Sequence[Record]) -> "TrimMethod":
+    def fit(self, target: Sequence[Record]) -> TrimMethod:
         """Build the fingerprints (Algorithm 1) from the target examples."""
         if not target:
             raise CoreselectError("the target set is empty")

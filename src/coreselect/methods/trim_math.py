@@ -3,20 +3,32 @@
 Everything here is model-free: tensors in, tensors out. ``coreselect.methods.trim``
 re-exports these under the contract names and wires them to a model.
 
-Conventions the paper leaves open (fixed by the TRIM issue, tested in tests/methods):
+Conventions the paper leaves open (fixed by the TRIM issues, tested in tests/methods;
+the measurements behind them are in docs/performance.md, "TRIM conventions"):
 
 * Padding: ``attention_mask`` is ``[B, T]`` of 0/1, left or right padded. Only non-pad
   queries and keys count anywhere; pad positions get saliency 0.
-* Eq. 2's ``|{j : A_ij > 0}|`` is read literally: the number of non-pad keys of row ``i``
-  with a non-zero probability (a causal row ``i`` has ``i + 1`` of them). A row with a
-  single admissible key has ``q_i = 1`` (entropy 0 is perfectly sharp).
-* Eq. 4's denominator counts the non-pad queries that attend to ``j`` with non-zero
-  weight; a key no query attends to has ``k_j = 0``.
-* Eq. 6's min-max runs over the non-pad positions of each sequence separately.
+* Eq. 2's ``|{j : A_ij > 0}|`` and eq. 4's ``|{i : A_ij > 0}|`` are the *structural*
+  counts (:func:`admissible_keys`): causal, non-pad and inside the layer's sliding window,
+  so row ``i`` has ``min(i + 1, W)`` keys and column ``j`` of an ``n``-token record
+  ``min(n - j, W)`` queries. They equal ``A > 0`` in exact arithmetic but do not change
+  with the dtype (fp16 rounds probabilities below 6e-8 to 0). The window is per layer
+  (Gemma 2/3 alternate sliding and global layers), read from the model config by
+  ``coreselect.models.runner.attention_windows``. A row with a single admissible key has
+  ``q_i = 1`` (entropy 0 is perfectly sharp).
+* Eq. 6's min-max runs per sequence over the positions that are fingerprinted
+  (``minmax_mask``; TRIM's default ``saliency_minmax="scope"``), not over the attention
+  sink or template tokens, whose ``K^raw`` would otherwise set the max and squeeze every
+  content token's ``K`` towards 0. Other positions are clipped to [0, 1].
 * Eq. 9 uses unit-normalized hidden states (the text's eq. 9, not the un-normalized line 10
-  of Algorithm 1).
-* Eq. 15's ``|c|`` is the number of non-pad tokens of the record (special and template
-  tokens included), so the coverage term is ``|M(c)| / |c|``.
+  of Algorithm 1). Stage I's hidden states come from the same forward kernel as Stage II's
+  (``ModelRunner.attn_hidden``), only the probabilities from the eager pass.
+* Eq. 15's ``kappa(c)`` has three readings (:func:`coverage_term`); the default ``tokens``
+  is the literal one, ``|M(c)| / |c|`` with ``|c|`` the non-pad tokens of the record
+  (special and template tokens included).
+* Shared prefix: every record starts with the same template, so a record's first content
+  token has a hidden state that depends on that token alone. :func:`context_mask`
+  (``min_context``) removes such tokens from fingerprints and scoring when asked.
 * All accumulation (entropies, class sums, cosine, pooling) runs in float32 or wider,
   whatever the model's dtype.
 """
@@ -33,20 +45,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Fingerprints",
-    "FingerprintBuilder",
-    "NearestClassTable",
-    "token_saliency",
-    "admissible_keys",
-    "context_mask",
-    "row_saliency",
-    "column_saliency",
-    "build_fingerprints",
-    "token_scores",
-    "score_examples",
-    "pool_scores",
-    "coverage_term",
     "COVERAGE_LENGTH_N0",
+    "FingerprintBuilder",
+    "Fingerprints",
+    "NearestClassTable",
+    "admissible_keys",
+    "build_fingerprints",
+    "column_saliency",
+    "context_mask",
+    "coverage_term",
+    "pool_scores",
+    "row_saliency",
+    "score_examples",
+    "token_saliency",
+    "token_scores",
 ]
 
 
@@ -270,7 +282,7 @@ class Fingerprints:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Fingerprints":
+    def load(cls, path: str | Path) -> Fingerprints:
         """Read a file written by :meth:`save`."""
         from safetensors import safe_open
 
