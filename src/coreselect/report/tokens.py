@@ -159,10 +159,13 @@ class Explainer:
         for rec in records:
             enc = self.formatter.encode(rec)
             batch = self.runner.collate([enc], [0])
-            attns, _ = self.runner.attn_hidden(batch, cfg.layers)
+            attns = self.runner.attentions(batch, cfg.layers)
             mask = batch.attention_mask.bool()
-            q = sum(row_saliency(a, mask) for a in attns) / len(attns)
-            k = _minmax(sum(column_saliency(a, mask) for a in attns) / len(attns), mask, 1e-12)
+            windows = self.runner.windows(cfg.layers)
+            over = cfg.scored_positions(batch) if cfg.saliency_minmax == "scope" else None
+            q = sum(row_saliency(a, mask, window=w) for a, w in zip(attns, windows)) / len(attns)
+            k_raw = sum(column_saliency(a, mask, w) for a, w in zip(attns, windows)) / len(attns)
+            k = _minmax(k_raw, mask, 1e-12, over)
             alpha = cfg.w_row * q + cfg.w_col * k  # eq. 7, identical to token_saliency
             del attns
             views.append(TargetView(
@@ -183,12 +186,12 @@ class Explainer:
             enc = self.formatter.encode(rec)
             batch = self.runner.collate([enc], [0])
             hidden = self.runner.hidden(batch)
-            mask = torch.from_numpy(scope_mask(batch.codes.cpu().numpy(), cfg.scope)).to(hidden.device)
-            mask &= batch.attention_mask.bool()
+            mask = cfg.scored_positions(batch).to(hidden.device)
             s, in_m, direct = token_scores(fp, hidden, batch.input_ids, mask, oov_penalty=cfg.oov_penalty,
                                            table=self.table)
             score, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                       coverage_weight=cfg.coverage_weight)
+                                       coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
+                                       content=batch.scope_mask(cfg.scope))
             in_m_np, direct_np = in_m[0].cpu().numpy(), direct[0].cpu().numpy()
             backoff: list[str | None] = [None] * len(enc)
             oov_pos = np.nonzero(in_m_np & ~direct_np)[0]
