@@ -26,10 +26,15 @@ def config(tiny_model_dir, small_pool, tmp_path) -> Path:
     pool, target = small_pool
     qs = ["Where would you find a fox in the wild?", "What do people use to cut paper?",
           "Which animal lives in the ocean?", "What do you wear on your feet?", "Where would you keep milk cold?"]
-    _write(tmp_path / "mc.jsonl", [{"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"],
-                                     "answer": i % 3} for i, q in enumerate(qs)])
-    (tmp_path / "toy.yaml").write_text("path: mc.jsonl\nkind: mc\nquestion_field: question\nchoices_field: choices\n"
-                                       "answer_field: answer\nshots_from_head: 1\n")
+    rows = [{"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"], "answer": i % 3}
+            for i, q in enumerate(qs)]
+    _write(tmp_path / "mc_train.jsonl", rows[:1])
+    _write(tmp_path / "mc_test.jsonl", rows[1:])
+    (tmp_path / "toy.yaml").write_text(  # an lm-eval task over local files
+        f"task: toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {tmp_path / 'mc_train.jsonl'}\n"
+        f"    test: {tmp_path / 'mc_test.jsonl'}\noutput_type: multiple_choice\ntraining_split: train\n"
+        "fewshot_split: train\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"""
 model: {tiny_model_dir}
@@ -39,6 +44,7 @@ methods: [trim, random]
 budgets: ["50%"]
 seeds: [0, 1]
 shots: {{toy: 1}}
+heldout: {{{tmp_path / 'toy.yaml'}: {target}}}
 warmup_fraction: 0.25
 warmup_epochs: 1
 warmup_batch_size: 2
@@ -80,12 +86,16 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
         str(out / "warmup" / "adapter")
 
     md = (out / "results.md").read_text()
-    assert "| Method | toy | Average | Select (s) | Train (s) |" in md
+    assert "| Method | toy | toy loss | Average | Select (s) | Train (s) |" in md and "Held-out loss" in md
     table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
     assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
-    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d\d \| – \| – \| – \|", table[0])
+    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d{4} \| \d+\.\d\d \| – \| – \| – \|", table[0])
     for line in table[1:]:
-        assert re.match(r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| (–|\d+) \| \d+ \|", line), line
+        assert re.match(r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d{4} \(\d+\.\d{4}\) \| \d+\.\d\d \| "
+                        r"(–|\d+) \| \d+ \|", line), line
+    ev = json.loads((out / "toy" / "eval" / "random-50pct-s0" / "eval.json").read_text())
+    assert ev["n"] == 4 and ev["shots"] == 1 and ev["heldout"]["n"] == 2 and (out / "toy" / "eval" / "pretrained" /
+                                                                               "lm_eval_results.json").is_file()
     # the cell is the mean (population std) over the seeds of eval.json's accuracy, in %
     accs = [100 * json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["acc"]
             for s in (0, 1)]
@@ -93,6 +103,9 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["row"] for r in rows] == ["Pretrained", "Full-data", "trim", "random"]
     assert rows[3]["n_seeds"] == "2" and float(rows[3]["toy_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-3)
+    losses = [json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["heldout"]["loss"]
+              for s in (0, 1)]
+    assert float(rows[3]["toy_loss_mean"]) == pytest.approx(statistics.fmean(losses), abs=1e-4)
     assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
 
     # a re-run does nothing but rebuild the table
@@ -120,7 +133,8 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
 def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     """P2D / P2D-dagger / P2D-double-dagger rows next to Random, each with an AER."""
     text = config.read_text().replace("methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random]")
-    config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "include_full_data: false\n")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("heldout:"))  # no loss column
+    config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "\ninclude_full_data: false\n")
     out = tmp_path / "out"
     calls = _count(monkeypatch)
     assert main(["experiment", "--config", str(config)]) == 0

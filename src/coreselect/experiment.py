@@ -1,9 +1,12 @@
 """``coreselect experiment``: the paper's protocol end to end (§4.1, App. E-F, Table 1).
 
 For every target task: select a coreset with each method and budget, fine-tune a fresh
-copy of the base model with LoRA on it once per seed, evaluate it on the task, and tabulate
-accuracy as "mean (std)" over seeds with a macro average, plus the rows *Pretrained* (no
-fine-tuning) and *Full-data* (fine-tuned on the whole pool).
+copy of the base model with LoRA on it once per seed, evaluate it on the task with
+lm-eval (``coreselect eval``), and tabulate the task's headline metric as "mean (std)" over
+seeds with a macro average, plus the rows *Pretrained* (no fine-tuning) and *Full-data*
+(fine-tuned on the whole pool). With ``heldout:`` files, each evaluation also reports the
+held-out target loss (LESS's cheap signal, :mod:`coreselect.eval.heldout`), tabulated as a
+"{task} loss" column.
 
 P2D rows (paper 003; ``methods:`` keys of :data:`P2D_ROWS`): ``p2d`` selects with
 ``--method p2d`` and trains only the task-sensitive heads ``H_T`` (``train --heads``);
@@ -35,6 +38,7 @@ trainings continue from their own shards / checkpoints)::
     {task}/select/{method}-{budget}/       coreset.jsonl, scores.parquet, run.json
     {task}/train/{method}-{budget}-s{seed}/adapter/ (or heads_delta.safetensors), run.json
     {task}/eval/{name}/eval.json           name: pretrained, full-s{seed}, {method}-{budget}-s{seed}
+                                           (+ lm-eval's lm_eval_results.json, samples_*.jsonl, heldout.jsonl)
     full_sft.json                          the estimated full-parameter SFT time (AER denominator)
     results.md, results.csv, experiment.json
 """
@@ -64,7 +68,7 @@ from coreselect.api import (
     warmup_model,
 )
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.eval.command import EvalCommandArgs, default_shots, evaluate_command, exclude_texts, metric_name
+from coreselect.eval.command import EvalCommandArgs, evaluate_command, exclude_texts, metric_name
 from coreselect.io import write_json
 from coreselect.train.command import TrainCommandArgs, is_trained, train
 
@@ -114,11 +118,14 @@ class ExperimentArgs(WarmupSettings):
             ``p2d`` / ``p2d_select`` / ``p2d_train`` (:data:`P2D_ROWS`).
         budgets: coreset sizes (``5%`` or counts).
         seeds: fine-tuning seeds; one fresh model per (task, method, budget, seed).
-        shots: mapping task -> in-context exemplars (default: the paper's Table 6).
+        shots: mapping task -> in-context exemplars (default: the task's own; packaged tasks:
+            the paper's Table 6).
+        heldout: mapping task -> held-out target-format file for the held-out loss column
+            (``embedded`` = the packaged ``eval_<task>.jsonl``, gsm8k and csqa).
         eval_limit: evaluate the first N test items of each task only.
         eval_batch_size: sequences per forward pass in evaluation.
         eval_max_new_tokens: generation length for GSM8K-style tasks.
-        decontaminate: drop test items whose question is a user turn of the pool.
+        decontaminate: drop test items (and few-shot exemplars) whose question is a user turn of the pool.
         warmup: ``auto`` (one LoRA warmup shared by every model-based selection), ``none``
             or a saved adapter folder.
         warmup_fraction, warmup_epochs, warmup_lr: the warmup recipe (as in ``select``).
@@ -141,6 +148,7 @@ class ExperimentArgs(WarmupSettings):
     budgets: list[str] = field(default_factory=lambda: ["5%"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     shots: dict[str, int] = field(default_factory=dict)
+    heldout: dict[str, str] = field(default_factory=dict)
     eval_limit: int | None = None
     eval_batch_size: int = 8
     eval_max_new_tokens: int = 256
@@ -189,6 +197,8 @@ class ExperimentArgs(WarmupSettings):
             bad = sorted(set(opts) - names)
             if bad:
                 raise ConfigError(f"{key}: unknown or experiment-owned key(s) {', '.join(bad)}")
+        if not isinstance(self.heldout, dict) or any(t not in self.targets for t in self.heldout):
+            raise ConfigError("heldout must map tasks of targets to held-out files, e.g. {gsm8k: eval_gsm8k.jsonl}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit must be >= 1, got {self.eval_limit}")
 
@@ -206,17 +216,20 @@ def budget_tag(budget: str) -> str:
 
 
 def task_label(task: str) -> str:
-    """Folder / column name of a task: the packaged name, or a user task YAML's stem."""
-    from coreselect.eval.tasks import _ALIASES
+    """Folder / column name of a task: the packaged or lm-eval name, or a user task YAML's stem."""
+    from coreselect.eval.command import ALIASES
 
     if task.endswith((".yaml", ".yml")):
         return Path(task).stem
-    return _ALIASES.get(task.lower(), task.lower())
+    return ALIASES.get(task.lower(), task)
 
 
 def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
-    """Pool files and ``{task: target file}``, building the embedded data when asked."""
-    embedded = args.pool == ["embedded"] or "embedded" in args.targets.values()
+    """Pool files and ``{task: target file}``, building the embedded data when asked.
+
+    Also resolves ``args.heldout`` in place (``embedded`` -> the packaged ``eval_<task>.jsonl``).
+    """
+    embedded = args.pool == ["embedded"] or "embedded" in [*args.targets.values(), *args.heldout.values()]
     data: dict[str, Path] = {}
     if embedded:
         from coreselect import assets
@@ -234,6 +247,14 @@ def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
         if not Path(target).expanduser().exists():
             raise CoreselectError(f"{target}: no such target file")
         targets[str(task)] = str(target)
+    for task, held in list(args.heldout.items()):
+        if held == "embedded":
+            key = f"eval_{task_label(str(task))}"
+            if key not in data:
+                raise ConfigError(f"heldout: no embedded held-out set for {task!r} (embedded: gsm8k, csqa)")
+            args.heldout[task] = held = str(data[key])
+        if not Path(held).expanduser().exists():
+            raise CoreselectError(f"{held}: no such held-out file")
     for p in pool:
         if not Path(p).expanduser().exists() and Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz"):
             raise CoreselectError(f"{p}: no such pool file")
@@ -308,25 +329,35 @@ def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path
     return result
 
 
-def run_eval(args: ExperimentArgs, task: str, task_obj: Any, adapter: Path | None, out: Path,
-             loaded: dict[str, Any]) -> dict[str, Any]:
-    """One evaluation (cached when ``eval.json`` exists); ``adapter``: a LoRA folder or a head delta file."""
+def run_eval(args: ExperimentArgs, task: str, target: str, adapter: Path | None, out: Path,
+             loaded: dict[str, Any], seen: set[str] | None = None) -> dict[str, Any]:
+    """One ``coreselect eval`` (cached when ``eval.json`` exists and has the held-out loss if one is asked).
+
+    ``adapter``: a LoRA folder or a head delta file. The task's test items and few-shot
+    exemplars exclude the ``target`` questions and (``seen``, :func:`pool_questions`) the pool's.
+    """
     path = out / "eval.json"
-    if path.is_file() and not (adapter is not None and _newer(adapter.parent / "run.json", path)):
+    held = args.heldout.get(task)
+    old = _read(path)
+    if old is not None and not (adapter is not None and _newer(adapter.parent / "run.json", path)) \
+            and (not held or old.get("heldout")):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
-        return _read(path)  # type: ignore[return-value]
+        return old
     eargs = EvalCommandArgs(model=args.model, adapter=str(adapter) if adapter else None, task=task,
                             shots=args.shots.get(task, args.shots.get(task_label(task))), limit=args.eval_limit,
-                            out=str(out), batch_size=args.eval_batch_size,
-                            max_new_tokens=args.eval_max_new_tokens, dtype=args.dtype, device=args.device,
-                            progress=args.progress)
+                            out=str(out), exclude=[target], heldout=[held] if held else [],
+                            batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
+                            dtype=args.dtype, device=args.device, progress=args.progress)
     model = tok = None
     if adapter is None:  # the base model is loaded once and reused by every task
         model, tok = base_model(args, loaded)
-    res = evaluate_command(eargs, model=model, tokenizer=tok, task=task_obj)
+    res = evaluate_command(eargs, model=model, tokenizer=tok, exact=seen or ())
     m = metric_name(res)
-    _say(f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items "
-         f"({res['timings']['eval_s']:.0f} s)")
+    dropped = sum((res.get("dropped_docs") or {}).values())
+    _say(f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items"
+         + (f" ({dropped} dropped: in the target or pool)" if dropped else "")
+         + (f", held-out loss {res['heldout']['loss']:.4f}" if res.get("heldout") else "")
+         + f" ({res['timings']['total_s']:.0f} s)")
     return res
 
 
@@ -395,30 +426,11 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
 
 
 def pool_questions(pool: list[str]) -> set[str]:
-    """The normalized user turns of the pool (what ``decontaminate`` drops from test items and shots)."""
-    from coreselect.eval.tasks import normalize_question
+    """The normalized user turns of the pool (what ``decontaminate`` drops from test items and shots,
+    on an exact match of a doc field or prompt, :func:`coreselect.eval.lmeval.drop_docs`)."""
+    from coreselect.eval.lmeval import normalize_question
 
     return {normalize_question(t) for t in exclude_texts(pool)}
-
-
-def load_eval_task(args: ExperimentArgs, task: str, target: str, pool: list[str],
-                   seen: set[str] | None = None) -> Any:
-    """The task with its target questions excluded and (``decontaminate``) pool questions removed.
-
-    ``seen``: :func:`pool_questions` of ``pool`` when already computed (the pool is read once, not per task).
-    """
-    from coreselect.eval.tasks import load_task, normalize_question
-
-    task_obj = load_task(task, exclude=exclude_texts([target]))
-    if args.decontaminate:
-        if seen is None:
-            seen = pool_questions(pool)
-        before = len(task_obj.items)
-        task_obj.items = [it for it in task_obj.items if normalize_question(it.key) not in seen]
-        task_obj.shots_pool = [it for it in task_obj.shots_pool if normalize_question(it.key) not in seen]
-        if before != len(task_obj.items):
-            _say(f"{task_label(task)}: dropped {before - len(task_obj.items)} test items that are in the pool")
-    return task_obj
 
 
 def experiment(args: ExperimentArgs) -> dict[str, Any]:
@@ -449,11 +461,10 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     seen = pool_questions(pool) if args.decontaminate else None
     for task, target in targets.items():
         name = task_label(task)
-        task_obj = load_eval_task(args, task, target, pool, seen)
         if args.include_pretrained:
-            run_eval(args, task, task_obj, None, out / name / "eval" / "pretrained", loaded)
+            run_eval(args, task, target, None, out / name / "eval" / "pretrained", loaded, seen)
         for seed, adapter in full.items():
-            run_eval(args, task, task_obj, adapter, out / name / "eval" / f"full-s{seed}", loaded)
+            run_eval(args, task, target, adapter, out / name / "eval" / f"full-s{seed}", loaded, seen)
         for method in args.methods:
             sel_method, heads_only, _ = row_plan(method)
             for budget in args.budgets:
@@ -470,7 +481,7 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
                 for seed in args.seeds:
                     adapter = run_train(args, str(sel / "coreset.jsonl"), seed,
                                         out / name / "train" / f"{run_name}-s{seed}", heads)
-                    run_eval(args, task, task_obj, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded)
+                    run_eval(args, task, target, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded, seen)
     full_sft = estimate_full_sft(args, pool, out, loaded)
     rows = collect_results(args, list(targets))
     wall = time.perf_counter() - t0
@@ -540,9 +551,12 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
         for name in names:
             evals = [_read(out / name / "eval" / e / "eval.json") for e in eval_names]
             scores = [s for res in evals if (s := _score(res)) is not None]
-            n_items = (evals[0] or {}).get("n") if evals else None
-            r["tasks"][name] = {"scores": scores, "n_items": n_items,
-                                **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {})}
+            losses = [float(res["heldout"]["loss"]) for res in evals if res and res.get("heldout")]
+            first = (evals[0] or {}) if evals else {}
+            r["tasks"][name] = {"scores": scores, "n_items": first.get("n"), "shots": first.get("shots"),
+                                "metric": first.get("metric"), "losses": losses,
+                                **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {}),
+                                **(dict(zip(("loss_mean", "loss_std"), _mean_std(losses))) if losses else {})}
         complete = all(len(r["tasks"][n]["scores"]) == len(eval_names) for n in names)
         r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None
         times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
@@ -586,10 +600,12 @@ def _aer(r: dict[str, Any], n_tasks: int, full_sft_s: float | None) -> float | N
     return alignment_efficiency_ratio(sel / max(n_tasks, 1), r["train_s"], full_sft_s)
 
 
-def _cell(t: dict[str, Any], with_std: bool) -> str:
-    if "mean" not in t:
+def _cell(t: dict[str, Any], with_std: bool, key: str = "", digits: int = 2) -> str:
+    """``mean (std)`` of a task cell (``key="loss_"``: the held-out loss)."""
+    if f"{key}mean" not in t:
         return "–"
-    return f"{t['mean']:.2f} ({t['std']:.2f})" if with_std else f"{t['mean']:.2f}"
+    mean, std = t[f"{key}mean"], t[f"{key}std"]
+    return f"{mean:.{digits}f} ({std:.{digits}f})" if with_std else f"{mean:.{digits}f}"
 
 
 def _secs(x: float | None) -> str:
@@ -602,32 +618,41 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
     from coreselect.io import atomic_path
 
     names = [task_label(t) for t in tasks]
-    header = ["Method", *names, "Average", "Select (s)", "Train (s)", "AER"]
+    held = [task_label(t) for t in tasks if t in args.heldout]
+    header = ["Method", *names, *(f"{n} loss" for n in held), "Average", "Select (s)", "Train (s)", "AER"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         std = r["method"] != "pretrained"
         cells = [r["row"], *(_cell(r["tasks"][n], std) for n in names),
+                 *(_cell(r["tasks"][n], std, "loss_", 4) for n in held),
                  "–" if r["average"] is None else f"{r['average']:.2f}", _secs(r["select_s"]), _secs(r["train_s"]),
                  "–" if r.get("aer") is None else f"{r['aer']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n_items = {n: next((r["tasks"][n]["n_items"] for r in rows if r["tasks"][n]["n_items"]), None) for n in names}
+    shots = {n: next((r["tasks"][n]["shots"] for r in rows if r["tasks"][n].get("shots") is not None), None)
+             for n in names}
+    metrics = {n: next((r["tasks"][n]["metric"] for r in rows if r["tasks"][n].get("metric")), None) for n in names}
     budgets = ", ".join(args.budgets)
     notes = [
         "",
-        f"Accuracy (%) of a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention "
-        f"heads) on each method's {budgets} coreset; "
+        f"Score (%) of a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention "
+        f"heads) on each method's {budgets} coreset, evaluated with lm-eval-harness; "
         f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
-        "Multiple-choice tasks: `acc`; generation tasks (GSM8K): exact match on the final number. "
-        "Average: macro average over the tasks.",
+        "Metric per task: " + ", ".join(f"{n} `{m}`" for n, m in metrics.items()) + " (each eval.json also holds "
+        "every metric with a 95% CI). Average: macro average over the tasks.",
         "Test items per task: " + ", ".join(f"{n} {k}" for n, k in n_items.items()) + "; shots per task: "
-        + ", ".join(f"{task_label(t)} {args.shots.get(t, args.shots.get(task_label(t), default_shots(task_label(t))))}"
-                    for t in tasks) + ".",
+        + ", ".join(f"{n} {k}" for n, k in shots.items()) + ".",
         "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
         "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run.",
         "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
         "full-data full-parameter SFT wall time on the same hardware; "
         + _full_sft_note(_read(out / "full_sft.json")),
     ]
+    if held:
+        notes.append("Held-out loss ({task} loss): mean response-token cross-entropy (nats/token, lower is better) "
+                     "on the held-out target-format examples of `heldout:` (" + ", ".join(
+                         f"{task_label(t)}: {Path(f).name}" for t, f in args.heldout.items()) + "), mean (std) "
+                     "over seeds; each eval.json holds its 95% t-interval over examples.")
     if info is not None:
         hw = info["hardware"]
         dev = hw.get("gpu") or f"CPU only, {hw['cpu_count']} cores ({hw['torch_threads']} torch threads)"
@@ -637,12 +662,16 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["row", "method", "budget", "n_seeds", *(f"{n}_{k}" for n in names for k in ("mean", "std")),
+                    *(f"{n}_loss_{k}" for n in held for k in ("mean", "std")),
                     "average", "select_s", "train_s", "aer"])
         for r in rows:
             vals: list[Any] = []
             for n in names:
                 t = r["tasks"][n]
                 vals += [_fmt(t.get("mean")), _fmt(t.get("std"))]
+            for n in held:
+                t = r["tasks"][n]
+                vals += [_fmt(t.get("loss_mean")), _fmt(t.get("loss_std"))]
             w.writerow([r["row"], r["method"], r["budget"], max(len(r["tasks"][n]["scores"]) for n in names), *vals,
                         _fmt(r["average"]), _fmt(r["select_s"]), _fmt(r["train_s"]), _fmt(r.get("aer"))])
 
