@@ -255,6 +255,8 @@ def attention_projections(model: Any) -> list[str]:
     leaf names (``q_proj``), as peft matches them as suffixes of module paths; a name that
     also occurs outside the attention modules (GPT-2's MLP has a ``c_proj`` too) is qualified
     with the attention module's attribute (``attn.c_proj``) so that only attention is adapted.
+    (Limit: a multimodal model whose vision tower reuses ``self_attn.q_proj`` names, such as
+    Gemma 3 with SigLIP, still matches the tower too; pass ``--lora-target-modules`` there.)
 
     Raises:
         ConfigError: unknown ``model_type`` (lists the attention's linear submodules and
