@@ -164,7 +164,7 @@ class Encoded:
         n_original: token count before truncation. For a text so long that only a prefix was
             tokenized (see :meth:`Formatter.encode`) it is the prefix's count: a lower bound,
             always > ``max_length``, so :attr:`truncated` stays exact.
-        offsets: ``[n, 2]`` character offsets of each token in the rendered text (special
+        offsets: ``[n, 2]`` int32 character offsets of each token in the rendered text (special
             tokens the post-processor added have ``(0, 0)``); None when not recorded.
     """
 
@@ -445,8 +445,10 @@ class Formatter:
                     if nxt.size:
                         loss[last[-1] + 1 + nxt[0]] = True
         codes[special] = TEMPLATE
-        m = self.max_length
-        return Encoded(record.index, ids[:m], codes[:m], loss[:m], n_total, offsets[:m])
+        keep = self.max_length
+        # copies, so that a truncated record does not keep its whole tokenization alive
+        return Encoded(record.index, ids[:keep].copy(), codes[:keep].copy(), loss[:keep].copy(), n_total,
+                       offsets[:keep].astype(np.int32))
 
     def token_strings(self, ids: list[int]) -> dict[int, str]:
         """Human-readable strings of token ids (for fingerprint files and reports)."""
