@@ -152,7 +152,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             dirname="gemma-3-270m",
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             assemble="assemble",
-            notes="base, BOS, chat template, vocab 262k, sliding-window layers, head_dim 256",
+            notes="base, BOS, no chat template (plain template), vocab 262k, sliding-window layers, head_dim 256",
         ),
     )
 }
@@ -267,6 +267,8 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike[str] | None = No
             _convert_gguf(gguf_file, tmp)
             (tmp / _MARKER).write_text(json.dumps({"model": entry.name, "source": entry.gguf_file}) + "\n",
                                        encoding="utf-8")
+            for f in tmp.iterdir():
+                f.chmod(0o644)  # save_pretrained writes some files 0600; the cache is shared
             if dest.exists():
                 shutil.rmtree(dest)  # no marker: a leftover of an older, non-atomic writer
             os.replace(tmp, dest)

