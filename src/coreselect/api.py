@@ -92,12 +92,14 @@ class SelectArgs(WarmupSettings):
         scope: ``all``, ``prompt`` or ``response`` tokens (App. B.1).
         oov_penalty: lambda of eq. 12, or ``None`` to skip unseen token classes.
         coverage_weight: eta of eq. 15.
-        coverage: TRIM's kappa of eq. 15: ``tokens`` (|M(c)| / all tokens), ``content``
-            (|M(c)| / content tokens) or ``length`` (|M(c)| / (|M(c)| + 32)); see TrimConfig.
+        coverage: TRIM's kappa of eq. 15: ``length`` (|M(c)| / (|M(c)| + 32)), ``tokens``
+            (|M(c)| / all tokens, template included) or ``content`` (|M(c)| / content tokens);
+            see TrimConfig.
         saliency_minmax: TRIM's eq. 6 min-max over the fingerprinted ``scope`` positions or
             ``all`` non-pad positions (where the attention sink sets the max).
         min_context: TRIM fingerprints and scores only tokens with at least this many
-            content tokens before them (0 = all; the shared-prefix rule).
+            content tokens before them (0 = all; 1 drops each record's first content token,
+            whose state depends on that token alone: the shared-prefix rule).
         w_mean, w_max, w_row, w_col: pooling and saliency weights (eq. 7, 15).
         fingerprints: reuse a fingerprints file (skip Stage I).
         heads: P2D's task-sensitive heads: ``auto`` (locate them on the target), ``random``
@@ -135,11 +137,11 @@ class SelectArgs(WarmupSettings):
     scope: str = "all"
     oov_penalty: float | None = 1.0
     coverage_weight: float = 0.05
+    coverage: str = "length"
+    saliency_minmax: str = "scope"
+    min_context: int = 1
     w_mean: float = 0.5
     w_max: float = 0.5
-    coverage: str = "tokens"
-    saliency_minmax: str = "scope"
-    min_context: int = 0
     w_row: float = 0.5
     w_col: float = 0.5
     fingerprints: str | None = None
@@ -532,12 +534,12 @@ def trim_config(args: SelectArgs):
         layers=args.layers, scope=args.scope, w_row=args.w_row, w_col=args.w_col,  # type: ignore[arg-type]
         oov_penalty=args.oov_penalty, w_mean=args.w_mean, w_max=args.w_max,
         coverage_weight=args.coverage_weight, batch_tokens=args.batch_tokens, chunk_records=args.shard_records,
+        coverage=args.coverage, saliency_minmax=args.saliency_minmax, min_context=args.min_context,
     )
 
 
 def args_from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
     """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
-        coverage=args.coverage, saliency_minmax=args.saliency_minmax, min_context=args.min_context,
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
