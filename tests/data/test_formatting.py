@@ -324,3 +324,32 @@ def test_smollm2_layout(smollm2_tokenizer) -> None:
     assert [t for t, c in zip(toks, enc.codes) if c == RESPONSE] == ["4", "."]
     end = toks.index("<|im_end|>", toks.index("4"))
     assert enc.loss_mask[end] and enc.loss_mask.sum() == 3
+
+
+# --------------------------------------------------------------------------- --template-date
+
+
+@pytest.mark.parametrize("command", ["select", "fingerprint", "score", "compare", "train", "heads"])
+def test_template_date_flag(command: str) -> None:
+    from coreselect.__main__ import parser
+    from coreselect.api import SelectArgs
+    from coreselect.cli import build_args
+    from coreselect.compare import CompareArgs
+    from coreselect.methods.p2d import HeadsArgs
+    from coreselect.train.command import TrainCommandArgs
+
+    classes = {"select": SelectArgs, "fingerprint": SelectArgs, "score": SelectArgs, "compare": CompareArgs,
+               "train": TrainCommandArgs, "heads": HeadsArgs}
+    ns = parser().parse_args([command, "--template-date", "2024-01-02"])
+    del ns.verbose  # a global flag, dropped by the CLI's main
+    assert build_args(classes[command], ns).template_date == "2024-01-02"
+    assert classes[command]().template_date == DEFAULT_TEMPLATE_DATE
+
+
+def test_bad_template_date_fails_validation(tmp_path) -> None:
+    from coreselect.api import SelectArgs
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match="template_date 'someday'"):
+        SelectArgs(pool=[str(pool)], target=[str(pool)], out=str(tmp_path / "o"), template_date="someday").validate()
