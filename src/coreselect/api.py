@@ -191,6 +191,9 @@ class SelectArgs(WarmupSettings):
             raise ConfigError(f"unknown method {self.method!r} (known: {', '.join(known_methods())})")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record must be error or skip, got {self.on_bad_record!r}")
+        from coreselect.data.formatting import parse_template_date
+
+        parse_template_date(self.template_date)  # a bad --template-date fails before the model loads
         if self.scope not in ("all", "prompt", "response"):
             raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
         if self.resume and self.overwrite:
