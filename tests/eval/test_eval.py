@@ -101,6 +101,22 @@ def test_drop_docs_removes_target_questions_from_eval_and_shots():
     assert lmeval.drop_docs(task, contains=["short"]) == 0  # < 20 characters: no containment match
 
 
+def test_drop_docs_ignores_fields_shared_by_several_docs(tmp_path):
+    """A field every doc shares (SocialIQA's generic questions) identifies no doc; a unique one does."""
+    shared = "What will Others want to do next?"
+    rows = [{"context": f"Context number {i} is about a person who did something.", "question": shared,
+             "choices": ["a", "b"], "answer": 0} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    y = tmp_path / "shared.yaml"
+    y.write_text(f"task: shared\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {tmp_path / 'd.jsonl'}}}}}\n"
+                 "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"{{context}} {{question}}\"\n"
+                 "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n")
+    _, [task] = lmeval.load_tasks([str(y)])
+    target = f"Context number 2 is about a person who did something. {shared}\nA. a\nB. b"
+    assert lmeval.drop_docs(task, contains=[target, shared]) == 1
+    assert [d["context"][:16] for d in task.eval_docs] == ["Context number 0", "Context number 1", "Context number 3"]
+
+
 def test_summarize_ci_is_normal_approximation():
     res = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len,none": 10,
                              "exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": "N/A"}},

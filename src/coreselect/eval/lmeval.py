@@ -30,6 +30,9 @@ __all__ = ["Z95", "drop_docs", "is_task_file", "normalize_question", "run", "sum
 
 #: Two-sided 95% normal quantile: a metric's CI is ``value ± Z95 * stderr`` (lm-eval's stderr).
 Z95 = 1.959963984540054
+#: exception names that mean "the data is not here and cannot be fetched"
+_NETWORK_ERRORS = ("ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+                   "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError")
 _MANAGERS: dict[tuple[bool, tuple[str, ...]], Any] = {}
 
 
@@ -95,8 +98,8 @@ def load_tasks(specs: Sequence[str], include: Sequence[str] = (), packaged: bool
     except Exception as e:  # noqa: BLE001 - lm-eval/datasets raise many kinds; report one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         name = type(e).__name__
-        if _offline() or "offline" in msg.lower() or "connect" in msg.lower() or name in (
-                "ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        if "offline" in msg.lower() or "connect" in msg.lower() or name in _NETWORK_ERRORS or (
+                _offline() and isinstance(e, (OSError, FileNotFoundError))):
             raise CoreselectError(
                 f"cannot load task data for {', '.join(specs)} ({name}: {msg[:200]}); this machine is offline "
                 "(HF_DATASETS_OFFLINE / no network) and the data is not in the local Hugging Face cache: use a "
@@ -113,51 +116,58 @@ def _strings(doc: Any) -> list[str]:
     return [v for v in (doc.values() if isinstance(doc, dict) else [doc]) if isinstance(v, str)]
 
 
-def drop_docs(task: Any, contains: Iterable[str] = (), exact: Iterable[str] = ()) -> int:
-    """Remove docs from a lm-eval task's eval split and few-shot pool; return how many eval docs went.
+def _doc_keys(task: Any, raw: dict[str, Any], processed: dict[str, Any]) -> tuple[list[str], str]:
+    """Normalized top-level string fields of a doc (raw and processed), and its ``doc_to_text`` prompt."""
+    fields = list(dict.fromkeys(normalize_question(k) for k in _strings(raw) + _strings(processed) if k.strip()))
+    prompt = ""
+    with contextlib.suppress(Exception):  # a prompt that cannot render is not a match
+        text = task.doc_to_text(processed)
+        prompt = normalize_question(text) if isinstance(text, str) else ""
+    return fields, prompt
 
-    A doc goes when one of its top-level string fields or its ``doc_to_text`` prompt,
-    normalized (:func:`normalize_question`), equals a text of ``contains`` or ``exact``, or
-    (20+ characters) is contained in a text of ``contains`` (e.g. a target example whose
-    user turn holds the question plus lettered options). Few-shot docs that are also eval
-    docs are removed from the pool as well.
+
+def drop_docs(task: Any, contains: Iterable[str] = (), exact: Iterable[str] = ()) -> int:
+    """Remove docs from a lm-eval task's eval split and few-shot split; return how many eval docs went.
+
+    A doc goes when one of its identifying strings (normalized, :func:`normalize_question`)
+    equals a text of ``contains`` or ``exact``, or has 20+ characters and is contained in a
+    text of ``contains`` (a target example whose user turn holds the question plus lettered
+    options). Identifying strings are the ``doc_to_text`` prompt and the top-level string
+    fields whose value is unique within the split: a field shared by several docs (SocialIQA's
+    "What will Others want to do next?", a HellaSwag activity label) identifies none of them.
     """
+    from collections import Counter
+
     whole = [normalize_question(t) for t in contains if str(t).strip()]
     eq = set(whole) | {normalize_question(t) for t in exact if str(t).strip()}
     joined = "\x00".join(whole)
     if not eq:
         return 0
     cfg = task.config
+    fs = getattr(task, "fewshot_cfg", None)
     eval_split = cfg.test_split or cfg.validation_split
-    splits = {eval_split, getattr(task.fewshot_cfg, "split", None) if hasattr(task, "fewshot_cfg") else None}
-    splits.discard(None)
-    procs = {eval_split: cfg.process_docs, getattr(getattr(task, "fewshot_cfg", None), "split", None):
-             getattr(getattr(task, "fewshot_cfg", None), "process_docs", None) or cfg.process_docs}
-
-    def hit(doc: dict[str, Any], processed: dict[str, Any]) -> bool:
-        keys = _strings(doc) + _strings(processed)
-        with contextlib.suppress(Exception):  # a prompt that cannot render is not a match
-            text = task.doc_to_text(processed)
-            if isinstance(text, str):
-                keys.append(text)
-        for k in map(normalize_question, keys):
-            if k in eq or (len(k) >= 20 and k in joined):
-                return True
-        return False
-
+    shot_split = getattr(fs, "split", None) or cfg.training_split
+    procs = {shot_split: getattr(fs, "process_docs", None) or cfg.process_docs, eval_split: cfg.process_docs}
     dropped = 0
-    for split in sorted(splits):
+    for split, proc in procs.items():
+        if split is None or split not in task.dataset:
+            continue
         raw = task.dataset[split]
-        proc = procs.get(split)
         processed = proc(raw) if proc is not None else raw
         if len(processed) != len(raw):
             raise ConfigError(f"{cfg.task}: process_docs changes the number of docs; cannot exclude texts")
-        keep = [i for i in range(len(raw)) if not hit(raw[i], processed[i])]
+        keys = [_doc_keys(task, raw[i], processed[i]) for i in range(len(raw))]
+        freq = Counter(k for fields, _ in keys for k in fields)
+        keep = []
+        for i, (fields, prompt) in enumerate(keys):
+            ids = [k for k in fields if freq[k] == 1] + ([prompt] if prompt else [])
+            if not any(k in eq or (len(k) >= 20 and k in joined) for k in ids):
+                keep.append(i)
         if split == eval_split:
             dropped = len(raw) - len(keep)
         if len(keep) != len(raw):
             task.dataset[split] = raw.select(keep)
-    if hasattr(task, "sampler") and getattr(task.fewshot_cfg, "split", None) in splits:
+    if hasattr(task, "sampler") and task.fewshot_docs() is not None:
         task.sampler = type(task.sampler)(list(task.fewshot_docs()), rnd=None)
     task.task_docs = task.eval_docs
     if len(task.task_docs) == 0:
