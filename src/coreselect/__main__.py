@@ -171,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
         TrainCommandArgs)
     cmd("heads", "P2D stage 1: locate the task-sensitive attention heads on the target (heads.json + heat map)",
         _heads, HeadsArgs)
-    cmd("eval", "evaluate a model (optionally with a LoRA adapter) on a task, write eval.json", _eval,
+    cmd("eval", "evaluate a model (+ LoRA adapter) with lm-eval-harness and/or its held-out target loss, "
+        "write eval.json", _eval,
         EvalCommandArgs)
     cmd("experiment", "select, fine-tune and evaluate every method; write the Table 1 results", _experiment,
         ExperimentArgs)
