@@ -353,3 +353,18 @@ def test_bad_template_date_fails_validation(tmp_path) -> None:
     pool.write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match="template_date 'someday'"):
         SelectArgs(pool=[str(pool)], target=[str(pool)], out=str(tmp_path / "o"), template_date="someday").validate()
+
+
+def test_template_that_moves_the_system_prompt(bos_tokenizer) -> None:
+    # Mistral-style: the system prompt is written into the last user turn
+    tok = bos_tokenizer(chat_template=(
+        "{{ bos_token }}{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}[INST] "
+        "{% if loop.last or loop.revindex == 2 %}{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"))
+    rendered, spans = Formatter(tok, 512).render(CONV)
+    assert rendered.index("Be brief.") > rendered.index("what is two plus two?")
+    found = sorted((rendered[s:e], c) for s, e, c in spans)
+    assert found == sorted([("Be brief.", PROMPT), ("what is two plus two?", PROMPT), ("the answer is four", RESPONSE),
+                            ("and the cat?", PROMPT), ("it sat on the mat", RESPONSE)])
+    assert [s for s, _, _ in spans] == sorted(s for s, _, _ in spans)

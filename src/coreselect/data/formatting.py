@@ -326,27 +326,30 @@ class Formatter:
 
         A content equal to template text (a user message ``user`` under ChatML) cannot be told
         apart from the template by searching; the skeleton can. Templates that ``trim`` /
-        ``strip`` content are matched too. Returns None when the skeleton does not describe
-        ``text`` (templates that branch on content, drop or repeat messages).
+        ``strip`` content, or move a message (Mistral puts the system prompt into the last user
+        turn), are matched too. Returns None when the skeleton does not describe ``text``
+        (templates that branch on content, drop or repeat messages). Spans are in text order.
         """
         marks = [_SENTINEL.format(i) for i in range(len(msgs))]
         try:
             skeleton = self._apply([{**m, "content": s} for m, s in zip(msgs, marks)])
         except Exception:  # noqa: BLE001 - a template that rejects the sentinels: search instead
             return None
+        if any(skeleton.count(s) != 1 for s in marks):
+            return None
+        order = sorted(range(len(msgs)), key=lambda i: skeleton.index(marks[i]))
         literals, cursor = [], 0
-        for s in marks:
-            at = skeleton.find(s, cursor)
-            if at < 0 or skeleton.count(s) != 1:
-                return None
+        for i in order:
+            at = skeleton.index(marks[i])
             literals.append(skeleton[cursor:at])
-            cursor = at + len(s)
+            cursor = at + len(marks[i])
         literals.append(skeleton[cursor:])
         if not text.startswith(literals[0]):
             return None
         pos, spans = len(literals[0]), []
-        for i, m in enumerate(msgs):
-            content, after, last = m["content"], literals[i + 1], i == len(msgs) - 1
+        for k, i in enumerate(order):
+            m = msgs[i]
+            content, after, last = m["content"], literals[k + 1], k == len(order) - 1
             for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
                 end = pos + len(cand)
                 if text.startswith(cand, pos) and text.startswith(after, end) and (
