@@ -204,8 +204,9 @@ def test_admissible_keys_match_the_models_own_masks(tmp_path, small_pool, family
 def test_min_context_drops_each_records_first_content_token(loaded, small_pool):
     tgt = list(read_records([small_pool[1]]))
     pool = list(read_records([small_pool[0]]))
-    base = _trim(loaded).fit(tgt)
+    base = _trim(loaded, min_context=0).fit(tgt)
     k1 = _trim(loaded, min_context=1).fit(tgt)
+    assert TrimConfig().min_context == 1  # the default (measurement in TrimConfig's docstring)
     assert int(base.fingerprints.counts.sum()) - int(k1.fingerprints.counts.sum()) == len(tgt)
     n0 = base._score_encoded([base.formatter.encode(r) for r in pool])[1]
     n1 = k1._score_encoded([k1.formatter.encode(r) for r in pool])[1]
@@ -218,11 +219,12 @@ def test_min_context_drops_each_records_first_content_token(loaded, small_pool):
 def test_coverage_readings_shift_scores_by_eta_times_kappa(loaded, small_pool):
     tgt = list(read_records([small_pool[1]]))
     pool = list(read_records([small_pool[0]]))
-    tokens = _trim(loaded, coverage="tokens").fit(tgt)
+    tokens = _trim(loaded, coverage="tokens", min_context=0).fit(tgt)
     fmt = tokens.formatter
     s_tok = tokens.score(pool)
-    s_con = _trim(loaded, coverage="content").fit(tgt).score(pool)
-    s_len = _trim(loaded, coverage="length").fit(tgt).score(pool)
+    s_con = _trim(loaded, coverage="content", min_context=0).fit(tgt).score(pool)
+    s_len = _trim(loaded, coverage="length", min_context=0).fit(tgt).score(pool)
+    assert TrimConfig().coverage == "length"
     enc = [fmt.encode(r) for r in pool]
     n = np.array([scope_mask(e.codes, "all").sum() for e in enc], dtype=np.float64)
     total = np.array([len(e) for e in enc], dtype=np.float64)
