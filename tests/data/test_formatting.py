@@ -368,3 +368,13 @@ def test_template_that_moves_the_system_prompt(bos_tokenizer) -> None:
     assert found == sorted([("Be brief.", PROMPT), ("what is two plus two?", PROMPT), ("the answer is four", RESPONSE),
                             ("and the cat?", PROMPT), ("it sat on the mat", RESPONSE)])
     assert [s for s, _, _ in spans] == sorted(s for s, _, _ in spans)
+
+
+def test_a_record_that_spells_out_bos_is_reported(bos_tokenizer, caplog) -> None:
+    tok = bos_tokenizer()
+    fmt = Formatter(tok, 512)
+    with caplog.at_level("WARNING", logger="coreselect.data.formatting"):
+        ids = fmt.encode(text("<s>the cat")).input_ids.tolist()
+        fmt.encode(text("<s>the mat"))
+    assert ids[:2] == [tok.bos_token_id] * 2 and ids == tok("<s>the cat</s>")["input_ids"]  # as tokenizer(text)
+    assert [r.getMessage()[:40] for r in caplog.records] == ["pool.jsonl:7 starts with two BOS tokens:"]

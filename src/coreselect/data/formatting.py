@@ -48,6 +48,7 @@ are tokenized only as far as needed (see :meth:`Formatter.encode`).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import ChainMap
@@ -87,6 +88,7 @@ _CUT_MARGIN = 64
 _SENTINEL = "\ue000coreselect{}\ue001"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CLOCK_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def scope_mask(codes: np.ndarray, scope: Scope) -> np.ndarray:
@@ -215,6 +217,7 @@ class Formatter:
         self._chat_template = self._resolve_chat_template(tokenizer) if self.use_chat else None
         self._reads_clock = bool(self._chat_template and "strftime_now" in self._chat_template)
         self._probed = False  # determinism probe done (first chat record)
+        self._warned_double_bos = False
         self._eos = tokenizer.eos_token or ""
         prefix, suffix = self._added_special(tokenizer)
         eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -430,6 +433,14 @@ class Formatter:
         text, spans = self.render(record)
         add_special = record.kind == "text" or not self.use_chat
         ids, offsets, n_total = self._tokenize(record, text, add_special)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos and not self._warned_double_bos:
+            # coreselect adds no BOS of its own to a template that writes one; a second one comes
+            # from the template or the record itself (a text starting with the BOS string)
+            self._warned_double_bos = True
+            log.warning("%s:%s starts with two BOS tokens: the %s spells one out itself; kept as the tokenizer "
+                        "reads it (further such records are not reported)", record.file, record.line,
+                        "record" if add_special else "chat template")
         codes = np.zeros(len(ids), dtype=np.int8)
         loss = np.zeros(len(ids), dtype=bool)
         starts, ends = offsets[:, 0], offsets[:, 1]
