@@ -500,6 +500,12 @@ def coverage_term(
     * ``length``: ``|M(c)| / (|M(c)| + n_0)`` with ``n_0 =`` :data:`COVERAGE_LENGTH_N0`:
       the same saturating length prior made explicit and template-independent.
 
+    Measured (SmolLM2, demo pool, docs/performance.md): SmolLM2's template is 30-32 tokens,
+    so ``length`` and ``tokens`` rank the pool identically (Spearman 1.0000 for the GSM8K and
+    CSQA targets); ``content`` (= no prior, like ``eta = 0``) lowers the CSQA target source's
+    AUC from 0.9933 to 0.9916. TRIM's default is ``length``; this function's default stays
+    the literal ``tokens``.
+
     Args:
         n_scored: ``[B]`` ``|M(c)|``.
         attention_mask: ``[B, T]`` 0/1.
