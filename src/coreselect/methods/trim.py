@@ -291,7 +291,7 @@ class TrimMethod(SelectionMethod):
         if nan.any():
             raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
         self.cost.forward_passes += len(records)
-        return chunk_from_scores(records, scores, n_tokens=[len(e) for e in encoded], n_scored=n_scored)
+        return chunk_from_scores(records, scores, n_tokens=np.array([len(e) for e in encoded]), n_scored=n_scored)
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         """All pool scores in pool order."""

@@ -85,7 +85,7 @@ class Batch:
         """``[B, T]`` bool on the batch's device: the non-pad tokens of ``scope`` (never template or
         special tokens). :func:`coreselect.data.formatting.scope_mask` is a plain comparison on the
         codes, so it runs on the tensor where it is, with no copy to the CPU and back."""
-        return scope_mask(self.codes, scope) & self.attention_mask.bool()  # type: ignore[arg-type]
+        return scope_mask(self.codes, scope) & self.attention_mask.bool()  # type: ignore[arg-type,return-value]
 
 
 def response_losses(logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
