@@ -87,3 +87,14 @@ def test_resume_after_an_interruption_gives_the_same_adapter(tiny_model_dir, sma
     assert ref.keys() == got.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k])
+
+
+def test_target_modules_packing_and_precision_flags(tiny_model_dir, small_pool, tmp_path):
+    pool, _ = small_pool
+    out = tmp_path / "t"
+    assert _train(tiny_model_dir, pool, out, "--lora-target-modules", "q_proj,v_proj", "--packing",
+                  "--precision", "fp32", "--report-to", "none", "--no-plot") == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["train_args"]["packing"] is True and run["loss_plot"] is None and not (out / "loss.png").exists()

@@ -1,4 +1,4 @@
-"""LoRA training loop: loss masking, learning, adapters, checkpoints and exact resume."""
+"""LoRA training on transformers.Trainer: loss masking, learning, adapters, checkpoints, safe exact resume."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from coreselect.data.formatting import PROMPT, RESPONSE, TEMPLATE, Formatter
 from coreselect.data.records import Message, Record
 from coreselect.errors import ConfigError
 from coreselect.models.runner import collate
-from coreselect.train.lora import TrainArgs, eval_loss, make_labels, masked_lm_loss, train_lora, warmup_subset
+from coreselect.train.lora import (
+    TrainArgs,
+    collate_for_lm,
+    eval_loss,
+    lm_features,
+    make_labels,
+    masked_lm_loss,
+    train_lora,
+    warmup_subset,
+)
 
 PAIRS = [
     ("What is 7 plus 5?", "7 + 5 = 12. The answer is 12."),
@@ -86,6 +95,23 @@ def test_labels_are_ignored_exactly_outside_the_response(tiny_model_dir):
         hf = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
     assert count == int((labels[:, 1:] != -100).sum())
     assert float(s) / count == pytest.approx(float(hf), rel=1e-5)
+    # the Trainer collator builds the very same labels
+    fed = collate_for_lm(tok.pad_token_id)(lm_features(enc))
+    assert torch.equal(fed["labels"], labels) and torch.equal(fed["input_ids"], batch.input_ids)
+    assert torch.equal(fed["attention_mask"].bool(), batch.attention_mask.bool())
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trainer_loss_is_the_hand_computed_response_loss(tiny_model_dir, tmp_path, packing):
+    """One optimizer step over all 6 records (3 x 2 accumulation): Trainer's logged loss is the
+    token-mean cross-entropy on exactly the Formatter's loss-mask tokens (LoRA B = 0 at step 1,
+    so the model is the base model), split over micro-batches or packed into one row."""
+    model, tok = fresh(tiny_model_dir)
+    hand = eval_loss(model, tok, RECORDS, max_length=128)
+    result = train_lora(model, tok, RECORDS, small(epochs=1, batch_size=3, grad_accum=2, packing=packing),
+                        tmp_path, progress=False)
+    assert result.steps == 1
+    assert result.losses[0] == pytest.approx(hand, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- a trained run
@@ -131,6 +157,8 @@ def test_adapter_loads_and_changes_outputs(trained, tiny_model_dir):
     assert torch.allclose(y_peft, y_merged, atol=1e-4)
     state = json.loads((out / "train_state.json").read_text())
     assert state["steps"] == result.steps and state["losses"] == result.losses and state["tokens_per_s"] > 0
+    assert result.plot == out / "loss.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
+    assert set(json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]) == set(ALL_LINEAR)
 
 
 def test_only_lora_weights_change(trained, tiny_model_dir):
@@ -159,7 +187,8 @@ def test_checkpoints_keep_lr_and_count(trained):
         assert c.epoch == c.step / 2
         assert c.lr == pytest.approx(sum(lrs[prev:c.step]) / (c.step - prev))
         assert (c.path / "adapter_config.json").is_file() and (c.path / "optimizer.safetensors").is_file()
-        assert not list(c.path.glob("*.pt")) and not list(c.path.glob("*.bin"))
+        assert not list(c.path.glob("*.pt")) and not list(c.path.glob("*.bin"))  # no pickle anywhere
+        assert not list(c.path.glob("*.pth")) and (c.path / "coreselect.json").is_file()
         prev = c.step
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-2)  # warmup ceil(0.1 * 16) = 2 steps, then linear
     assert lrs[-1] < lrs[2]
@@ -192,15 +221,14 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     (cut / "train_state.json").unlink()
     for step in (4, 6):
         shutil.rmtree(cut / f"checkpoint-{step}")
-    (cut / "checkpoint-4").mkdir()  # a half folder with no trainer_state.json is not a checkpoint
+    (cut / "checkpoint-4").mkdir()  # a half folder with no manifest is not a checkpoint
     (cut / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"junk")
-    (cut / ".checkpoint-6.abc.tmp").mkdir()
 
     with pytest.raises(ConfigError, match="differ"):
         train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, small(epochs=3, save_every=2, lora_dropout=0.1, lr=1e-3),
                    cut, progress=False, resume=True)
     resumed = train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, args, cut, progress=False, resume=True)
-    assert resumed.steps == 6 and not (cut / ".checkpoint-6.abc.tmp").exists()
+    assert resumed.steps == 6
     assert resumed.losses == pytest.approx(ref.losses, abs=1e-6)
     assert [c.step for c in resumed.checkpoints] == [c.step for c in ref.checkpoints] == [2, 4, 6]
     assert [c.lr for c in resumed.checkpoints] == pytest.approx([c.lr for c in ref.checkpoints])
@@ -209,6 +237,32 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert json.loads((cut / "train_state.json").read_text())["resumed_from"] == 2
+
+
+def test_resume_loads_only_what_this_run_wrote(tiny_model_dir, tmp_path):
+    """A checkpoint is loaded only when its manifest names this run and every file hash matches:
+    a changed byte, an extra file (a planted optimizer.pt / rng_state.pth pickle) or another
+    run's checkpoint is refused before anything is read."""
+    args = small(epochs=1, save_every=1, max_steps=1)
+    tok = fresh(tiny_model_dir)[1]
+    train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, args, tmp_path / "a", progress=False)
+    train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, args, tmp_path / "b", progress=False)
+    ck = tmp_path / "a" / "checkpoint-1"
+
+    def refused(match: str, folder=tmp_path / "a") -> None:
+        with pytest.raises(ConfigError, match=match):
+            train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, args, folder, progress=False, resume=True)
+
+    (ck / "optimizer.pt").write_bytes(b"not a pickle this run wrote")
+    refused("extra")
+    (ck / "optimizer.pt").unlink()
+    data = bytearray((ck / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 1
+    (ck / "optimizer.safetensors").write_bytes(bytes(data))
+    refused("changed")
+    shutil.rmtree(ck)
+    shutil.copytree(tmp_path / "b" / "checkpoint-1", ck)  # same args and data, but another run's folder
+    refused("another run")
 
 
 # ---------------------------------------------------------------------------- small pieces
@@ -227,10 +281,21 @@ def test_warmup_subset_is_seeded_sorted_and_sized():
 def test_defaults_are_table_7():
     a = TrainArgs()
     assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (128, 512, 0.1)
-    assert a.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert a.target_modules is None  # = attention_projections(model): q/k/v/o_proj on Llama
     assert (a.lr, a.warmup_ratio, a.schedule, a.weight_decay) == (2e-5, 0.03, "linear", 0.0)
     assert (a.epochs, a.batch_size, a.grad_accum, a.max_length, a.keep_checkpoints) == (4, 2, 32, 2048, 15)
+    assert (a.precision, a.packing, a.report_to) == ("auto", False, "none")
     assert TrainArgs(target_modules=["q_proj"]).target_modules == ("q_proj",)
+    assert TrainArgs(target_modules="q_proj,v_proj").target_modules == ("q_proj", "v_proj")
+
+
+def test_default_targets_are_the_attention_projections(tiny_model_dir, tmp_path):
+    model, tok = fresh(tiny_model_dir)
+    train_lora(model, tok, RECORDS, small(epochs=1, batch_size=6, grad_accum=1, plot=False), tmp_path,
+               progress=False)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not (tmp_path / "loss.png").exists()
 
 
 @pytest.mark.parametrize("kw", [
@@ -238,7 +303,7 @@ def test_defaults_are_table_7():
     {"warmup_ratio": 1.0}, {"schedule": "step"}, {"weight_decay": -1}, {"epochs": 0}, {"batch_size": 0},
     {"grad_accum": 1.5}, {"max_length": 1}, {"seed": -1}, {"save_every": "step"}, {"save_every": 0},
     {"keep_checkpoints": 0}, {"max_steps": 0}, {"target_modules": ()}, {"batch_size": True},
-    {"max_grad_norm": 0},
+    {"max_grad_norm": 0}, {"precision": "fp8"}, {"report_to": ""},
 ])
 def test_bad_args_raise(kw):
     with pytest.raises(ConfigError):

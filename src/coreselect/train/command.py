@@ -2,11 +2,15 @@
 
 Writes ``OUT/adapter/`` (a PEFT adapter: ``lm_eval --model hf --model_args
 pretrained=BASE,peft=OUT/adapter`` loads it), ``OUT/checkpoint-{step}/`` (resumable with
-``--resume``), ``OUT/train_state.json`` (losses, learning rates) and ``OUT/run.json``.
+``--resume``), ``OUT/train_state.json`` (losses, learning rates), ``OUT/loss.png`` and
+``OUT/run.json``. Runs on ``transformers.Trainer`` (:mod:`coreselect.train.lora`), so it also
+runs under ``accelerate launch -m coreselect train ...`` or ``torchrun -m coreselect train ...``
+(one process per GPU; see ``docs/distributed.md``); only the main process writes.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,9 +33,11 @@ class TrainCommandArgs:
         lora_r: LoRA rank (Table 7: 128).
         lora_alpha: LoRA alpha (Table 7: 512).
         lora_dropout: LoRA dropout (Table 7: 0.1).
+        lora_target_modules: comma-separated module names to adapt; default: the model's
+            attention projections (q/k/v/o_proj on Llama, as Table 7).
         lr: peak AdamW learning rate (Table 7: 2e-5).
         epochs: passes over the data, may be fractional (Table 7: 4).
-        batch_size: records per micro-batch (Table 7: 2).
+        batch_size: records per micro-batch per process (Table 7: 2).
         grad_accum: micro-batches per optimizer step (Table 7: 32).
         max_length: truncate records to this many tokens (Table 7: 2048).
         warmup_ratio: fraction of steps with linear lr warmup (Table 7: 0.03).
@@ -40,7 +46,13 @@ class TrainCommandArgs:
         save_every: ``epoch`` or a number of optimizer steps between checkpoints.
         keep_checkpoints: newest checkpoints kept on disk (Table 7: 15).
         max_steps: cap on optimizer steps (quick runs).
+        precision: ``auto`` (the model's dtype: bf16 on GPU), ``bf16``, ``fp16`` or ``fp32``.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        packing: padding-free micro-batches (the loss mask is kept; see coreselect.train.lora).
+        report_to: ``none``, or ``tensorboard`` / ``wandb`` / ``all`` (Trainer integrations).
+        plot: save the training-loss curve as ``OUT/loss.png``.
         template: ``auto`` / ``chat`` / ``plain`` prompt formatting.
+        template_date: the date chat templates see (fixed, see ``coreselect select --help``).
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         trust_remote_code: allow model code from the hub.
         on_bad_record: ``error`` or ``skip`` bad input records.
@@ -52,12 +64,12 @@ class TrainCommandArgs:
     """
 
     model: str = "smollm2"
-        template_date: the date chat templates see (fixed, see ``coreselect select --help``).
     data: list[str] = field(default_factory=list)
     out: str = ""
     lora_r: int = 128
     lora_alpha: int = 512
     lora_dropout: float = 0.1
+    lora_target_modules: str | None = None
     lr: float = 2e-5
     epochs: float = 4.0
     batch_size: int = 2
@@ -69,7 +81,13 @@ class TrainCommandArgs:
     save_every: str = "epoch"
     keep_checkpoints: int = 15
     max_steps: int | None = None
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    report_to: str = "none"
+    plot: bool = True
     template: str = "auto"
+    template_date: str = "26 Jul 2024"
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -87,15 +105,18 @@ class TrainCommandArgs:
     def train_args(self) -> Any:
         """The :class:`~coreselect.train.lora.TrainArgs` these flags describe (validated)."""
         from coreselect.train.lora import TrainArgs
-    template_date: str = "26 Jul 2024"
 
         save: Any = "epoch" if self.save_every == "epoch" else _int(self.save_every, "save_every")
         schedule: Any = self.schedule
-        return TrainArgs(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lr=self.lr,
-                         warmup_ratio=self.warmup_ratio, schedule=schedule, epochs=self.epochs,
-                         batch_size=self.batch_size, grad_accum=self.grad_accum, max_length=self.max_length,
-                         seed=self.seed, save_every=save, keep_checkpoints=self.keep_checkpoints,
-                         max_steps=self.max_steps)
+        precision: Any = self.precision
+        targets = tuple(m.strip() for m in (self.lora_target_modules or "").split(",") if m.strip()) or None
+        return TrainArgs(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                         target_modules=targets, lr=self.lr, warmup_ratio=self.warmup_ratio, schedule=schedule,
+                         epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                         max_length=self.max_length, seed=self.seed, save_every=save,
+                         keep_checkpoints=self.keep_checkpoints, max_steps=self.max_steps, precision=precision,
+                         gradient_checkpointing=self.gradient_checkpointing, packing=self.packing,
+                         report_to=self.report_to, plot=self.plot)
 
 
 def _int(text: str, name: str) -> int:
@@ -139,21 +160,31 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
         if Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz") and not Path(p).expanduser().exists():
             raise CoreselectError(f"{p}: no such file")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    main = rank == 0  # under torchrun / accelerate launch only process 0 checks, clears and writes OUT
+    if args.heads and world > 1:
+        raise ConfigError("--heads training runs in one process; start it without torchrun / accelerate launch")
+    if main and out.exists() and any(out.iterdir()):
         if args.overwrite:
             shutil.rmtree(out)
         elif not args.resume:
             raise ConfigError(f"{out} is not empty; pass --resume to continue it or --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     rejects = RejectLog()
     records = list(read_records(args.data, on_bad_record=args.on_bad_record, rejects=rejects))  # type: ignore[arg-type]
     if not records:
         raise CoreselectError("the training data is empty")
-    if rejects.count:
+    if rejects.count and main:
         rejects.write(out / "rejects.jsonl")
     t_load = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    device = args.device
+    if world > 1 and device == "auto":  # one GPU per process (Trainer would move it there from GPU 0 anyway)
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t_load
     spec = resolve_model(args.model)
     model_info = {"name": args.model, "resolved": model_name(model), "path": spec.path,
@@ -173,6 +204,7 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     else:
         res = train_lora(model, tok, records, targs, out, progress=args.progress, resume=args.resume, formatter=fmt)
         model_info["device"] = str(next(model.parameters()).device)
+        model_info["processes"] = world
         del model
         adapter = res.adapter_dir.resolve()
         info = {
@@ -185,8 +217,10 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
             "tokens": res.tokens,
             "adapter": str(adapter),
             "checkpoints": [c.path.name for c in res.checkpoints],
+            "loss_plot": str(res.plot) if res.plot else None,
             "timings": {"model_load_s": load_s, "train_s": res.wall_s, "total_s": time.perf_counter() - t0},
             "lm_eval": f"lm_eval --model hf --model_args pretrained={spec.path},peft={adapter}",
         }
-    write_json(out / "run.json", info)
+    if main:
+        write_json(out / "run.json", info)
     return info

@@ -2,7 +2,7 @@
 
 * :func:`load_checkpoints` / :func:`warmup_checkpoints`: the warmup's ``checkpoint-*``
   folders (PEFT adapters written by :func:`coreselect.train.lora.train_lora`) with their
-  step, epoch and learning rate (from ``trainer_state.json``).
+  step, epoch and learning rate (from the ``coreselect.json`` manifest; JSON only).
 * :class:`AdapterSwitcher`: puts one checkpoint's adapter on the *un-merged* base model at a
   time (``PeftModel.from_pretrained`` once, then ``load_adapter`` / ``set_adapter`` /
   ``delete_adapter``), so the base weights are loaded once.
@@ -56,14 +56,15 @@ def missing_attention_projections(base: Any, adapted: Sequence[str]) -> list[str
 def load_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """Checkpoints from folders, oldest first (by step).
 
-    Step, epoch and lr come from the folder's ``trainer_state.json``; a folder without one
-    (a plain adapter) gets step = its ``checkpoint-N`` number (else its position), epoch = step
-    and lr = 1.0 (equal weights).
+    Step, epoch and lr come from the folder's ``coreselect.json`` manifest (written by
+    ``train_lora``); a folder without one (a plain adapter, or another trainer's checkpoint)
+    gets step = its ``checkpoint-N`` number (else its position), epoch = step and lr = 1.0
+    (equal weights).
     """
     out: list[Checkpoint] = []
     for i, p in enumerate(paths):
         path = require_adapter_dir(p)
-        state_file = path / "trainer_state.json"
+        state_file = path / "coreselect.json"
         m = _CKPT.match(path.name)
         step = int(m.group(1)) if m else i
         state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -144,7 +145,9 @@ Moments = tuple[list[Tensor], list[Tensor], dict[str, float]]
 
 def adam_moments(folder: str | Path, params: Sequence[Tensor]) -> Moments | None:
     """AdamW first/second moments saved with a checkpoint (``optimizer.safetensors`` +
-    ``optimizer.json`` as written by ``train_lora``), matched to ``params`` by position.
+    ``optimizer.json`` as written by ``train_lora``: key ``{i}.exp_avg`` is the ``i``-th
+    trainable parameter in ``named_parameters`` order), matched to ``params`` by position.
+    A DeepSpeed / FSDP checkpoint has no such file (its optimizer state is sharded).
 
     Returns ``None`` when there is no optimizer state or it does not match the adapter's
     shapes (the caller then falls back to plain SGD gradients).

@@ -1,0 +1,140 @@
+"""Small training helpers shared outside :mod:`transformers.Trainer`.
+
+LoRA fine-tuning (:mod:`coreselect.train.lora`) runs on ``transformers.Trainer``. What is
+left here is used by code that runs its own forward passes: the response-only loss
+(:func:`make_labels`, :func:`masked_lm_loss`, :func:`forward`) for scoring and evaluation,
+and the step plan / epoch order / micro-batch helpers that the P2D-double-dagger heads-only
+loop (:mod:`coreselect.train.heads`) still uses until it moves onto ``Trainer`` too.
+
+Conventions (the same as ``Trainer`` with :func:`coreselect.train.lora.collate_for_lm`):
+labels are ``input_ids`` where ``loss_mask`` else ``-100``; token ``t`` is predicted from
+``t - 1``; an optimizer step's loss is normalized by the total number of target tokens of
+all its micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coreselect.data.formatting import Encoded, Formatter
+from coreselect.data.records import Record
+from coreselect.errors import CoreselectError
+from coreselect.models.runner import Batch, collate
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+SCHEDULES = ("linear", "cosine", "constant")
+
+__all__ = ["IGNORE", "SCHEDULES", "accumulate", "device_of", "encode_for_training", "epoch_order", "forward",
+           "make_labels", "masked_lm_loss", "micro_batches", "n_targets", "pad_id", "plan_steps", "scheduler"]
+
+
+def make_labels(batch: Batch) -> Tensor:
+    """Unshifted HF-style labels: ``input_ids`` where ``loss_mask`` else ``-100``."""
+    return torch.where(batch.loss_mask, batch.input_ids, torch.full_like(batch.input_ids, IGNORE))
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy of the target tokens and their count (token ``t`` from ``t-1``)."""
+    lab = labels[:, 1:]
+    keep = lab != IGNORE
+    picked = logits[:, :-1][keep].float()
+    return torch.nn.functional.cross_entropy(picked, lab[keep], reduction="sum"), int(keep.sum())
+
+
+def n_targets(e: Encoded) -> int:
+    """Target tokens of a record (position 0 has no previous token to predict it from)."""
+    return int(e.loss_mask[1:].sum())
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its eos id, else 0."""
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward(model: Any, batch: Batch) -> Tensor:
+    """Logits of a collated batch (no KV cache)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False).logits
+
+
+def encode_for_training(fmt: Formatter, records: Sequence[Record]) -> tuple[list[Encoded], int]:
+    """Encoded records that have a target token, and how many were skipped for having none."""
+    encoded_all = [fmt.encode(r) for r in records]
+    encoded = [e for e in encoded_all if n_targets(e) > 0]
+    skipped = len(encoded_all) - len(encoded)
+    if skipped:
+        log.warning("%d of %d records have no target token (after truncation) and are skipped",
+                    skipped, len(encoded_all))
+    if not encoded:
+        raise CoreselectError("no record has a target token to train on")
+    return encoded, skipped
+
+
+def plan_steps(n: int, args: Any, world_size: int = 1) -> tuple[int, int]:
+    """``(steps_per_epoch, total optimizer steps)`` for ``n`` records (``max_steps`` applied).
+
+    With ``world_size`` processes each takes every ``world_size``-th micro-batch, as
+    ``Trainer`` / accelerate shard them.
+    """
+    micro = math.ceil(math.ceil(n / args.batch_size) / world_size)
+    steps_per_epoch = math.ceil(micro / args.grad_accum)
+    total = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    return steps_per_epoch, total
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled record order of one epoch (``torch.Generator`` seeded ``seed + epoch``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def micro_batches(perm: list[int], g: int, args: Any) -> list[list[int]]:
+    """The micro-batches (record positions) of optimizer step ``g`` of an epoch whose order is ``perm``."""
+    lo = g * args.grad_accum * args.batch_size
+    hi = min(len(perm), lo + args.grad_accum * args.batch_size)
+    return [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
+
+
+def accumulate(model: Any, encoded: Sequence[Encoded], groups: list[list[int]], targets: Sequence[int],
+               pad: int, device: torch.device) -> tuple[float, int]:
+    """Forward + backward of one optimizer step's micro-batches, normalized by the step's target tokens.
+
+    Returns the step's token-mean loss and its real (non-pad) token count.
+    """
+    denom = sum(targets[i] for mb in groups for i in mb)
+    step_loss, step_tokens = 0.0, 0
+    for mb in groups:
+        batch = collate(encoded, mb, pad, "right", device)
+        loss_sum, _ = masked_lm_loss(forward(model, batch), make_labels(batch))
+        (loss_sum / denom).backward()
+        step_loss += float(loss_sum.detach()) / denom
+        step_tokens += batch.n_real_tokens
+    return step_loss, step_tokens
+
+
+def scheduler(optimizer: torch.optim.Optimizer, args: Any, total: int) -> Any:
+    """The Table 7 learning-rate schedule: ``ceil(warmup_ratio * total)`` warmup steps, then decay."""
+    import transformers
+
+    warm = math.ceil(args.warmup_ratio * total)
+    if args.schedule == "linear":
+        return transformers.get_linear_schedule_with_warmup(optimizer, warm, total)
+    if args.schedule == "cosine":
+        return transformers.get_cosine_schedule_with_warmup(optimizer, warm, total)
+    return transformers.get_constant_schedule_with_warmup(optimizer, warm)
