@@ -218,6 +218,7 @@ class Formatter:
         self._reads_clock = bool(self._chat_template and "strftime_now" in self._chat_template)
         self._probed = False  # determinism probe done (first chat record)
         self._warned_double_bos = False
+        self._skeletons: dict[tuple[str, ...], str | None] = {}  # by role sequence, see _spans_by_skeleton
         self._eos = tokenizer.eos_token or ""
         prefix, suffix = self._added_special(tokenizer)
         eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -334,12 +335,24 @@ class Formatter:
         (templates that branch on content, drop or repeat messages). Spans are in text order.
         """
         marks = [_SENTINEL.format(i) for i in range(len(msgs))]
-        try:
-            skeleton = self._apply([{**m, "content": s} for m, s in zip(msgs, marks)])
-        except Exception:  # noqa: BLE001 - a template that rejects the sentinels: search instead
+        # The skeleton depends on the roles only (a template that branches on content fails the
+        # exact alignment below and falls back to searching), so it is rendered once per role
+        # sequence.
+        roles = tuple(m["role"] for m in msgs)
+        if roles not in self._skeletons:
+            try:
+                sk: str | None = self._apply([{**m, "content": s} for m, s in zip(msgs, marks)])
+            except Exception:  # noqa: BLE001 - a template that rejects the sentinels: search instead
+                sk = None
+            if sk is not None and any(sk.count(s) != 1 for s in marks):
+                sk = None
+            if len(self._skeletons) < 256:
+                self._skeletons[roles] = sk
+        else:
+            sk = self._skeletons[roles]
+        if sk is None:
             return None
-        if any(skeleton.count(s) != 1 for s in marks):
-            return None
+        skeleton = sk
         order = sorted(range(len(msgs)), key=lambda i: skeleton.index(marks[i]))
         literals, cursor = [], 0
         for i in order:
