@@ -71,7 +71,9 @@ PLAIN_ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 #: The plain template: LESS's ``concat_messages`` (Xia et al. 2024, ``less/data_selection/
 #: get_training_dataset.py``), itself open-instruct's / Tulu's ``encode_with_messages_format``,
 #: the format the TRIM paper inherits. Contents are stripped; ``{eos}`` is the tokenizer's EOS
-#: string; the result is tokenized with ``tokenizer(text)`` (BOS where the tokenizer adds one).
+#: string; the result is tokenized with ``tokenizer(text)`` (BOS where the tokenizer adds one),
+#: e.g. ``<s><|user|>\nHi\n<|assistant|>\nHello</s>\n`` for Llama-2. One difference from LESS's
+#: labels: the loss mask covers each response and its EOS, not the newline after that EOS.
 PLAIN_FORMAT = {
     "system": "<|system|>\n{content}\n",
     "user": "<|user|>\n{content}\n",
