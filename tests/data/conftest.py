@@ -19,7 +19,14 @@ def make_bos_tokenizer(*, add_eos: bool = False, chat_template: str | None = Non
     Built from a ``tokenizers.Tokenizer`` with a ``TemplateProcessing`` post-processor, the way
     Llama / Mistral / Gemma tokenizers add BOS; no download.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -125,8 +125,7 @@ class RejectLog:
         Raw values that are not JSON (e.g. Parquet timestamps) are written with ``str()``.
         """
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for entry in self.entries:
-                fh.write(json.dumps(entry, default=str) + "\n")
+            fh.writelines(json.dumps(entry, default=str) + "\n" for entry in self.entries)
 
 
 # --------------------------------------------------------------------------- sources
