@@ -378,3 +378,26 @@ def test_a_record_that_spells_out_bos_is_reported(bos_tokenizer, caplog) -> None
         fmt.encode(text("<s>the mat"))
     assert ids[:2] == [tok.bos_token_id] * 2 and ids == tok("<s>the cat</s>")["input_ids"]  # as tokenizer(text)
     assert [r.getMessage()[:40] for r in caplog.records] == ["pool.jsonl:7 starts with two BOS tokens:"]
+
+
+# --------------------------------------------------------------------------- a real BOS tokenizer (slow)
+
+
+def check_bos_once(tok: Any) -> None:
+    """A real tokenizer that adds BOS: plain and text records get it once, at position 0."""
+    bos = tok.bos_token_id
+    assert tok("x")["input_ids"][0] == bos  # the premise: tokenizer(text) adds BOS
+    for fmt, rec in [(Formatter(tok, 256, "plain"), CONV), (Formatter(tok, 256), text("the cat sat"))]:
+        ids = fmt.encode(rec).input_ids.tolist()
+        assert ids[0] == bos and ids.count(bos) == 1
+        assert ids == tok(fmt.render(rec)[0])["input_ids"]
+    if tok.chat_template:  # Gemma's template writes {{ bos_token }} itself: still once
+        ids = Formatter(tok, 256).encode(CONV).input_ids.tolist()
+        assert ids[0] == bos and ids.count(bos) == 1
+
+
+@pytest.mark.slow
+def test_gemma3_gets_bos_once() -> None:
+    from coreselect.models.loading import load_tokenizer, resolve_model
+
+    check_bos_once(load_tokenizer(resolve_model("gemma3-270m")))
