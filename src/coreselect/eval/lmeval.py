@@ -99,7 +99,7 @@ def load_tasks(specs: Sequence[str], include: Sequence[str] = (), packaged: bool
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         name = type(e).__name__
         if "offline" in msg.lower() or "connect" in msg.lower() or name in _NETWORK_ERRORS or (
-                _offline() and isinstance(e, (OSError, FileNotFoundError))):
+                _offline() and isinstance(e, OSError)):
             raise CoreselectError(
                 f"cannot load task data for {', '.join(specs)} ({name}: {msg[:200]}); this machine is offline "
                 "(HF_DATASETS_OFFLINE / no network) and the data is not in the local Hugging Face cache: use a "
@@ -175,6 +175,17 @@ def drop_docs(task: Any, contains: Iterable[str] = (), exact: Iterable[str] = ()
     return dropped
 
 
+class _Quiet(logging.Filter):
+    """Drops lm-eval's warnings about how coreselect calls it (a loaded model, packaged loaders)."""
+
+    NOISE = ("Custom kwargs can be passed", "model kwarg is not of type", "Passed an already-initialized model",
+             "specified through cli")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.NOISE)
+
+
 def _leaf_tasks(objs: Iterable[Any]) -> list[Any]:
     from lm_eval.api.group import Group
 
@@ -185,7 +196,7 @@ def _leaf_tasks(objs: Iterable[Any]) -> list[Any]:
 
 
 def run(model: Any, tokenizer: Any, specs: Sequence[str], *, shots: int | None = None, limit: int | None = None,
-        batch_size: int = 8, max_new_tokens: int | None = None, seed: int = 0, include: Sequence[str] = (),
+        batch_size: int = 8, max_new_tokens: int | None = None, seed: int = 1234, include: Sequence[str] = (),
         packaged: bool = True, exclude: Iterable[str] = (), exact: Iterable[str] = (), bootstrap_iters: int = 1000,
         log_samples: bool = True) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on an already loaded ``model`` / ``tokenizer``; lm-eval's results dict.
@@ -198,21 +209,24 @@ def run(model: Any, tokenizer: Any, specs: Sequence[str], *, shots: int | None =
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    tm, top = load_tasks(specs, include, packaged)
-    exclude, exact = list(exclude), list(exact)
-    dropped = {t.task_name: drop_docs(t, exclude, exact) for t in _leaf_tasks(top)} if (exclude or exact) else {}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    quiet = _Quiet()
+    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator")]
+    for lg in loggers:
+        lg.addFilter(quiet)
     was_training = getattr(model, "training", False)
-    model.eval()
-    level = logging.getLogger("lm_eval").level
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
+        tm, top = load_tasks(specs, include, packaged)
+        exclude, exact = list(exclude), list(exact)
+        dropped = {t.task_name: drop_docs(t, exclude, exact) for t in _leaf_tasks(top)} if (exclude or exact) else {}
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        model.eval()
         res = lm_eval.simple_evaluate(
             model=lm, tasks=top, num_fewshot=shots, limit=limit, task_manager=tm, bootstrap_iters=bootstrap_iters,
             log_samples=log_samples, gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     finally:
-        logging.getLogger("lm_eval").setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(quiet)
         if was_training:
             model.train()
     if res is None:  # a non-zero rank of a distributed run
