@@ -73,7 +73,7 @@ class EvalCommandArgs:
         bootstrap_iters: lm-eval bootstrap iterations for the stderr of non-mean metrics.
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         trust_remote_code: allow model code from the hub.
-        progress: show progress bars.
+        progress: show progress bars (lm-eval shows its own in any case).
     """
 
     model: str = "smollm2"
@@ -103,9 +103,9 @@ class EvalCommandArgs:
                 setattr(self, name, [getattr(self, name)])
 
     def task_list(self) -> list[str]:
-        """The ``task`` specs, aliases resolved."""
+        """The ``task`` specs (packaged-task aliases resolved unless ``--no-packaged``)."""
         specs = [s.strip() for s in str(self.task or "").split(",") if s.strip()]
-        return [ALIASES.get(s.lower(), s) for s in specs]
+        return [ALIASES.get(s.lower(), s) for s in specs] if self.packaged else specs
 
 
 def default_shots(task: str) -> int:
