@@ -298,6 +298,16 @@ def test_default_targets_are_the_attention_projections(tiny_model_dir, tmp_path)
     assert not (tmp_path / "loss.png").exists()
 
 
+def test_report_to_an_integration_that_is_not_installed_is_a_config_error(tiny_model_dir, tmp_path):
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "tensorboard" in get_available_reporting_integrations():
+        pytest.skip("tensorboard is installed")
+    model, tok = fresh(tiny_model_dir)
+    with pytest.raises(ConfigError, match="tensorboard: not installed"):
+        train_lora(model, tok, RECORDS, small(report_to="tensorboard"), tmp_path, progress=False)
+
+
 @pytest.mark.parametrize("kw", [
     {"lora_r": 0}, {"lora_alpha": 0}, {"lora_dropout": 1.0}, {"lora_dropout": -0.1}, {"lr": 0}, {"lr": float("nan")},
     {"warmup_ratio": 1.0}, {"schedule": "step"}, {"weight_decay": -1}, {"epochs": 0}, {"batch_size": 0},

@@ -543,9 +543,17 @@ def _precision(args: TrainArgs, model: Any) -> tuple[bool, bool]:
 
 
 def _report_to(value: str) -> str | list[str]:
+    """Trainer's ``report_to``; a named integration that is not installed is a ConfigError up front."""
+    from transformers.integrations import get_available_reporting_integrations
+
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names in (["none"], ["all"]):
         return names[0]
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"report_to {', '.join(missing)}: not installed (pip install {' '.join(missing)}); "
+                          "use 'none' or one of the installed integrations: "
+                          f"{', '.join(get_available_reporting_integrations()) or 'none installed'}")
     return names
 
 
@@ -556,6 +564,7 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "training loss
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log.warning("matplotlib is not installed: no loss plot")
         return None
@@ -567,6 +576,7 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "training loss
         smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1:], smooth, lw=2, label=f"mean of {w}")
         ax.legend()
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="optimizer step", ylabel="response-token cross-entropy", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -602,6 +612,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
 
     if hasattr(model, "peft_config"):
         raise ConfigError("the model already has adapters; merge or unload them before training")
+    report_to = _report_to(args.report_to)
     t0 = time.perf_counter()
     out = Path(out_dir)
     world, rank = _world()
@@ -651,7 +662,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         optim="adamw_torch", seed=args.seed, data_seed=args.seed,
         save_strategy="epoch" if args.save_every == "epoch" else "steps", save_steps=every,
         save_total_limit=args.keep_checkpoints, logging_strategy="steps", logging_steps=1,
-        report_to=_report_to(args.report_to), disable_tqdm=not progress, bf16=bf16, fp16=fp16,
+        report_to=report_to, disable_tqdm=not progress, bf16=bf16, fp16=fp16,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
@@ -684,8 +695,10 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
 
     trainer = trainer_cls(model=model, args=targs, train_dataset=lm_features(encoded), data_collator=collator,
                           callbacks=_callbacks(lrs, progress))
-    # Trainer's own bar prints every log as a line (one per step here); ours (a subclass, added after it) does not
-    trainer.remove_callback(ProgressCallback if progress else transformers.PrinterCallback)
+    # Trainer's own bar prints every log as a line (one per step here); ours (a subclass) does not
+    for cb in list(trainer.callback_handler.callbacks):
+        if type(cb) in (ProgressCallback, transformers.PrinterCallback):
+            trainer.remove_callback(cb)
     trainer.coreselect_meta = {"on_save": on_save}
     if resume_from:
         log.info("resuming from %s (step %d of %d)", resume_from[1], resume_from[0], total)
