@@ -238,7 +238,7 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike[str] | None = No
 
     The first call converts the model's GGUF (see :func:`packaged_gguf`) into
     ``<cache_dir>/models/<dirname>`` (SmolLM2: about a minute; Gemma-3-270M: a few minutes
-    and ~8 GB of RAM, the cost of reading a GGUF); later calls load that folder in seconds.
+    and ~3.3 GB peak RSS, the cost of reading a GGUF); later calls load that folder in seconds.
     The conversion is written into a temporary folder and moved into place with
     :func:`os.replace`, so an interrupted run never leaves a half folder behind (a folder
     without the marker file is rebuilt), and it runs under a file lock, so two processes
