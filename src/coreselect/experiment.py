@@ -343,9 +343,11 @@ def run_eval(args: ExperimentArgs, task: str, target: str, adapter: Path | None,
             and (not held or old.get("heldout")):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
         return old
+    targs = TrainCommandArgs(model=args.model, **args.train)
     eargs = EvalCommandArgs(model=args.model, adapter=str(adapter) if adapter else None, task=task,
                             shots=args.shots.get(task, args.shots.get(task_label(task))), limit=args.eval_limit,
                             out=str(out), exclude=[target], heldout=[held] if held else [],
+                            max_length=targs.max_length, template=targs.template,  # held-out records as trained
                             batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
                             dtype=args.dtype, device=args.device, progress=args.progress)
     model = tok = None
