@@ -9,7 +9,7 @@ __all__ = ["__version__", "load_coreset", "select"]
 
 def __getattr__(name: str):  # lazy: keep `import coreselect` cheap (no torch import)
     if name == "select":
-        from coreselect.api import select
+        from coreselect.pipeline import select
 
         return select
     if name == "load_coreset":

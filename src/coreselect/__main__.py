@@ -1,4 +1,4 @@
-"""``coreselect COMMAND ...``: each command maps to one function of :mod:`coreselect.api`."""
+"""``coreselect COMMAND ...``: each command maps to one function (re-exported by :mod:`coreselect.api`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from coreselect.cli import add_dataclass_args, build_args, run
+from coreselect.cli import add_dataclass_args, add_method_args, build_args, chosen_methods, run
 
 
 def _select(ns: argparse.Namespace) -> int:
-    from coreselect.api import SelectArgs, select
+    from coreselect.config import SelectArgs
+    from coreselect.pipeline import select
 
     info = select(build_args(SelectArgs, ns))
     _summary(info)
@@ -19,7 +20,8 @@ def _select(ns: argparse.Namespace) -> int:
 
 
 def _fingerprint(ns: argparse.Namespace) -> int:
-    from coreselect.api import SelectArgs, fingerprint
+    from coreselect.config import SelectArgs
+    from coreselect.pipeline import fingerprint
 
     info = fingerprint(build_args(SelectArgs, ns))
     print(f"wrote {info['settings']['out']}/fingerprints.safetensors ({info['counts']['classes']} token classes)")
@@ -27,7 +29,8 @@ def _fingerprint(ns: argparse.Namespace) -> int:
 
 
 def _score(ns: argparse.Namespace) -> int:
-    from coreselect.api import SelectArgs, select
+    from coreselect.config import SelectArgs
+    from coreselect.pipeline import select
 
     args = build_args(SelectArgs, ns)
     args.method = "trim"
@@ -131,9 +134,19 @@ def _summary(info: dict) -> None:
           f"({info['timings']['total_s']:.1f} s)")
 
 
-def parser() -> argparse.ArgumentParser:
+SELECT_EXAMPLE = """example:
+  coreselect select --pool pool.jsonl --target target.jsonl --out runs/trim --budget 5%
+  coreselect select --method bm25 --k1 1.2 --pool pool.jsonl --target target.jsonl --out runs/bm25
+
+The method's own options are flat flags (--layers, --k1); `--method NAME --help` lists them.
+"""
+
+
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; ``argv`` picks which method's options ``select`` & co. show."""
     from coreselect import __version__
-    from coreselect.api import SelectArgs
+    from coreselect.config import GROUPS
+    from coreselect.config import SelectArgs
     from coreselect.compare import CompareArgs
     from coreselect.demo import DemoArgs
     from coreselect.engine.merge import MergeArgs
@@ -150,22 +163,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cmd(name: str, help: str, func, cls, skip=()) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    argv = sys.argv[1:] if argv is None else argv
+
+    def cmd(name: str, help: str, func, cls, skip=(), methods=None, epilog=None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if methods is None:
+            add_dataclass_args(sp, cls, skip)
+        else:  # by concern: inputs/outputs (required first), the method's own knobs, the rest
+            first, *others = GROUPS.items()
+            add_dataclass_args(sp, cls, skip, groups=dict([first]), rest=None)
+            add_method_args(sp, methods, skip)
+            add_dataclass_args(sp, cls, (*skip, *first[1]), groups=dict(others))
         sp.add_argument("--config", help="YAML file whose keys are this command's flags (flags override it)")
-        add_dataclass_args(sp, cls, skip)
         sp.set_defaults(func=func)
         return sp
 
-    cmd("select", "rank the pool and write the top --budget as a coreset (TRIM, baselines)", _select, SelectArgs)
+    cmd("select", "rank the pool and write the top --budget as a coreset (TRIM, baselines)", _select, SelectArgs,
+        methods=chosen_methods(argv), epilog=SELECT_EXAMPLE)
     cmd("fingerprint", "TRIM Stage I only: build token fingerprints from the target", _fingerprint, SelectArgs,
-        skip=("method", "budget", "fingerprints", "shard_records", "on_bad_record"))
+        skip=("method", "budget", "fingerprints", "shard_records", "on_bad_record"), methods=["trim"])
     cmd("score", "TRIM Stage II only: score the pool with saved --fingerprints and select", _score, SelectArgs,
-        skip=("method", "layers", "w_row", "w_col"))
+        skip=("method", "layers", "w_row", "w_col"), methods=["trim"])
     cmd("merge", "combine the score shards of --num-shards processes and write the selection", _merge,
         MergeArgs)
     cmd("compare", "run several methods on the same pool/target/budget and compare their coresets", _compare,
-        CompareArgs, skip=("method", "fingerprints"))
+        CompareArgs, skip=("method", "fingerprints"),
+        methods=chosen_methods(argv, default="trim,random,bm25,dsir") if "compare" in argv else ["trim"])
     cmd("demo", "run TRIM on the packaged default (SmolLM2-135M + a small real pool), offline", _demo, DemoArgs)
     cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train,
         TrainCommandArgs)
@@ -186,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
-    ns = parser().parse_args(argv)
+    ns = parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     ns.__dict__.pop("verbose", None)
     return ns.func(ns)

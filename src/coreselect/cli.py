@@ -31,7 +31,7 @@ def _doc_attributes(doc: str) -> dict[str, str]:
     out: dict[str, str] = {}
     current = None
     for line in doc.splitlines():
-        m = re.match(r"\s{8}([a-z_, ]+):\s+(.*)", line)
+        m = re.match(r"\s{8}([a-z0-9_, ]+):\s+(.*)", line)
         if m:
             names = [n.strip() for n in m.group(1).split(",")]
             for n in names:
@@ -54,15 +54,57 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null") else float(text)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add one ``--flag`` per dataclass field; defaults are SUPPRESSed so only given flags are set."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                       groups: dict[str, tuple[str, ...]] | None = None, rest: str | None = "run control") -> None:
+    """Add one ``--flag`` per dataclass field; defaults are SUPPRESSed so only given flags are set.
+
+    With ``groups`` (title -> field names, in order) the flags are shown by concern, the
+    groups first and every other field under ``rest`` (``None``: left out).
+    """
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    if not groups:
+        _add_fields(parser, list(by_name.values()), helps, hints, skip)
+        return
+    listed = [n for names in groups.values() for n in names]
+    todo = list(groups.items())
+    if rest:
+        todo.append((rest, tuple(n for n in by_name if n not in listed and n not in skip)))
+    for title, names in todo:
+        chosen = [by_name[n] for n in names if n in by_name and n not in skip]
+        if chosen:
+            _add_fields(parser.add_argument_group(title), chosen, helps, hints, skip)
+
+
+def add_method_args(parser: argparse.ArgumentParser, methods: Sequence[str], skip: Sequence[str] = ()) -> None:
+    """One group per method with its config's options as flat flags (``--k1``, ``--layers``).
+
+    A flag shared by several methods (``--scope``) appears once, under the first one.
+    """
+    from coreselect.methods import registry
+
+    seen = set(skip)
+    for name in methods:
+        spec = registry.get(name)
+        opts = [f for f in dataclasses.fields(spec.config) if f.name in spec.option_names() and f.name not in seen]
+        seen |= {f.name for f in opts}
+        if opts:
+            group = parser.add_argument_group(f"{name} options", f"the {name} method's own knobs")
+            _add_fields(group, opts, _field_help(spec.config), typing.get_type_hints(spec.config), ())
+
+
+def _add_fields(parser: Any, fields: Sequence[dataclasses.Field], helps: dict[str, str], hints: dict[str, Any],
+                skip: Sequence[str]) -> None:
+    for f in fields:
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -79,6 +121,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
             parser.add_argument(flag, nargs="+", metavar=f.name.upper(), **kw)
+        elif tp is int and optional:
+            parser.add_argument(flag, type=_optional_int, metavar="INT|none", **kw)
         elif origin is dict:
             continue
         elif tp is float and optional:
@@ -87,6 +131,27 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
             parser.add_argument(flag, type=tp, **kw)
         else:
             parser.add_argument(flag, type=str, **kw)
+
+
+def chosen_methods(argv: Sequence[str], default: str = "trim") -> list[str]:
+    """The method(s) a command line asks for (``--method``, ``--methods``, or its ``--config``),
+    read before the full parse so ``--help`` and the flags show only their options."""
+    from coreselect.methods import registry
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--methods")
+    pre.add_argument("--config")
+    ns, _ = pre.parse_known_args(list(argv))
+    data: dict[str, Any] = {}
+    if ns.config and Path(ns.config).is_file():
+        try:
+            data = load_yaml(ns.config)
+        except CoreselectError:
+            data = {}  # the real parse reports it
+    text = ns.methods or ns.method or data.get("methods") or data.get("method") or default
+    names = [m.strip() for m in str(text).split(",") if m.strip()]
+    return [m for m in names if m in registry.names()] or [default]
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -108,7 +173,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def build_args(cls: type, ns: argparse.Namespace) -> Any:
     """Merge defaults < YAML config < flags into a ``cls`` instance."""
-    from coreselect.api import args_from_dict
+    from coreselect.config import args_from_dict
 
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
     # unknown keys can only come from the YAML file; args_from_dict rejects them naming it

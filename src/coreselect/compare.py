@@ -25,28 +25,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coreselect.api import (
-    SelectArgs,
-    check_out_dir,
-    known_methods,
-    scan_pool,
-    select,
-    warmup_model,
-)
+from coreselect.config import SelectArgs, accepts_method_options, known_methods
 from coreselect.errors import ConfigError
 from coreselect.io import atomic_path, write_json
+from coreselect.methods import registry
 
 
+@accepts_method_options
 @dataclass
 class CompareArgs(SelectArgs):
     """Arguments of ``coreselect compare``: those of ``select`` plus the method list.
+
+    Method options follow ``select``'s rule (:mod:`coreselect.config`): a flat key goes to
+    every compared method that has it; ``options: {bm25: {k1: 1.2}}`` to one method only.
 
     Attributes:
         methods: comma-separated methods to compare, e.g. ``trim,random,bm25,dsir``.
     """
 
     methods: str = "trim,random,bm25,dsir"
-    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def method_list(self) -> list[str]:
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -57,23 +54,32 @@ class CompareArgs(SelectArgs):
             raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(known_methods())})")
         if len(set(names)) != len(names):
             raise ConfigError("--methods lists a method twice")
+        flat = {k for k in self.options if k not in known_methods()}
+        unused = sorted(flat - {o for m in names for o in registry.get(m).option_names()})
+        if unused:
+            raise ConfigError(f"option(s) {', '.join(unused)} belong to none of {', '.join(names)}")
         return names
 
 
 def compare(args: CompareArgs) -> dict[str, Any]:
     """Run every method of ``args.methods`` and write the comparison files."""
-    from coreselect.methods import needs_model
+    from coreselect.pipeline import select
+    from coreselect.runtime import scan_pool, warmup_model
+    from coreselect.selection import check_out_dir
 
     methods = args.method_list()
     out = Path(args.out)
     args.method = methods[0]
+    per_method = {m: args.method_options(m, strict=False) for m in methods}
+    given, args.options = args.options, per_method[methods[0]]  # validate() checks the first method's
     args.validate()
+    args.options = given
     check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
     out.mkdir(parents=True, exist_ok=True)
 
     shared_warmup = args.warmup
     warm_info: dict[str, Any] = {"mode": args.warmup}
-    if args.warmup == "auto" and any(needs_model(m) for m in methods):
+    if args.warmup == "auto" and any(registry.get(m).needs_model for m in methods):
         n_pool, _ = scan_pool(args)
         t0 = time.perf_counter()
         adapter, warm_info = warmup_model(args, out, n_pool)
@@ -86,8 +92,7 @@ def compare(args: CompareArgs) -> dict[str, Any]:
         if args.resume and (sub / "run.json").exists() and (sub / "coreset.jsonl").exists():
             runs[name] = json.loads((sub / "run.json").read_text())
             continue
-        margs = replace(args, method=name, out=str(sub), warmup=shared_warmup,
-                        method_options=dict(args.method_settings.get(name, {})))
+        margs = replace(args, method=name, out=str(sub), warmup=shared_warmup, options=per_method[name])
         runs[name] = select(SelectArgs(**{k: v for k, v in asdict(margs).items() if k in SelectArgs.__dataclass_fields__}))
 
     table = summarize(out, methods, runs, args)
@@ -106,7 +111,7 @@ def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, in
         n_tokens = t.column("n_tokens").to_numpy()
         if len(n_tokens) and (n_tokens > 0).all():
             return dict(zip(t.column("index").to_pylist(), n_tokens.tolist()))
-    from coreselect.api import iter_pool
+    from coreselect.runtime import iter_pool
     from coreselect.data.formatting import Formatter
     from coreselect.models.loading import load_tokenizer, resolve_model
 

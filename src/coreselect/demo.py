@@ -51,7 +51,8 @@ class DemoArgs:
 def demo(args: DemoArgs) -> dict:
     """Build the packaged pool, run TRIM with SmolLM2, print the top picks with their source."""
     from coreselect import assets
-    from coreselect.api import SelectArgs, select
+    from coreselect.config import SelectArgs
+    from coreselect.pipeline import select
 
     if args.task not in ("gsm8k", "csqa"):
         raise ConfigError(f"demo task must be gsm8k or csqa, got {args.task!r}")

@@ -57,16 +57,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from coreselect.api import (
-    MODEL_METHODS,
-    SelectArgs,
-    WarmupSettings,
-    known_methods,
-    scan_pool,
-    select,
-    versions,
-    warmup_model,
-)
+from coreselect.config import SelectArgs, WarmupSettings, known_methods
+from coreselect.methods import registry
+from coreselect.pipeline import select
+from coreselect.runtime import scan_pool, versions, warmup_model
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.eval.command import EvalCommandArgs, evaluate_command, exclude_texts, metric_name
 from coreselect.io import write_json
@@ -100,8 +94,7 @@ def row_plan(method: str) -> tuple[str, bool, str]:
 
 def _uses_warmup(method: str) -> bool:
     """Whether a row's selection scores with the shared warmup (P2D never does)."""
-    sel = row_plan(method)[0]
-    return sel in MODEL_METHODS and sel != "p2d"
+    return registry.get(row_plan(method)[0]).uses_warmup
 
 
 @dataclass
@@ -194,6 +187,8 @@ class ExperimentArgs(WarmupSettings):
         for key, allowed, own in (("select", SelectArgs, _SELECT_OWN), ("train", TrainCommandArgs, _TRAIN_OWN)):
             opts = getattr(self, key)
             names = {f.name for f in fields(allowed)} - own
+            if key == "select":  # method options too (each selection takes those its method has)
+                names |= {o for m in registry.names() for o in registry.get(m).option_names()}
             bad = sorted(set(opts) - names)
             if bad:
                 raise ConfigError(f"{key}: unknown or experiment-owned key(s) {', '.join(bad)}")
@@ -295,6 +290,7 @@ def run_select(args: ExperimentArgs, pool: list[str], target: str, method: str, 
     sel = SelectArgs(pool=pool, target=[target], out=str(out), method=method, model=args.model, budget=budget,
                      warmup=warmup or "none", dtype=args.dtype, device=args.device, progress=args.progress,
                      resume=out.exists(), **args.select)
+    sel.options = sel.method_options(strict=False)  # the options of `select:` this method has
     info = select(sel)
     _say(f"select {out.parent.parent.name}/{out.name}: {info['counts']['selected']} of {info['counts']['pool']} "
          f"records ({info['timings']['total_s']:.0f} s)")

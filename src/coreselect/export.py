@@ -140,7 +140,7 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
     Call it with an :class:`ExportArgs` or with its fields as keywords
     (``export(dir="runs/x", format="trl")``).
     """
-    from coreselect.api import args_from_dict
+    from coreselect.config import args_from_dict
     from coreselect.coreset import selected_rows
     from coreselect.data.readers import read_records
     from coreselect.progress import progress_bar

@@ -11,19 +11,33 @@ from pathlib import Path
 from typing import Any
 
 
+def output_mode() -> int:
+    """The mode of every output file: ``0o666`` minus the process umask, as ``open()`` gives.
+
+    (``os.umask`` can only be read by setting it; it is set straight back.)
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success rename it over ``path``, else delete it."""
+    """Yield a temp path beside ``path``; on success rename it over ``path``, else delete it.
+
+    Whatever wrote the temp file (mkstemp makes it 0600, some libraries write their own), the
+    final file gets :func:`output_mode`, so every output has the same umask-respecting mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp makes it 0600; outputs are ordinary files (as RejectLog.write does)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, output_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -93,6 +93,18 @@ _CLOCK_LOCK = threading.Lock()
 log = logging.getLogger(__name__)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad id, else its eos id, else 0.
+
+    The one rule for every batch in coreselect (scoring, training, losses). Padded positions
+    are masked out, so the choice never changes a score; it only has to be a valid id.
+    """
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if v is not None:
+            return int(v)
+    return 0
+
+
 def scope_mask(codes: np.ndarray, scope: Scope) -> np.ndarray:
     """Bool mask of the tokens a scope selects (``all`` = prompt and response, never template)."""
     if scope == "all":

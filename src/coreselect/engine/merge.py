@@ -64,7 +64,8 @@ class MergeArgs:
 
 def merge(args: MergeArgs) -> dict[str, Any]:
     """Merge shard outputs into the final selection; returns the ``run.json`` dictionary."""
-    from coreselect.api import SelectArgs, iter_pool, scan_pool, versions
+    from coreselect.config import SelectArgs
+    from coreselect.runtime import iter_pool, scan_pool, versions
     from coreselect.selection import (
         check_coverage,
         existing_shards,

@@ -1,16 +1,17 @@
-"""``--engine ray``: TRIM Stage II on a Ray Data actor pool (one model per actor).
+"""``--engine ray``: scoring on a Ray Data actor pool (one model per actor), any streaming method.
 
-The driver (``select``) runs the warmup and Stage I once and saves the fingerprints. Then:
+The driver (``select``) runs the warmup and the method's ``fit`` once and saves its state
+into the run folder (``save_state``: TRIM fingerprints, P2D heads, RDS target vectors). Then:
 
 1. the pool is streamed once on the driver into ``DIR/ray/input/part-NNNNN.parquet``
    (pool position, id, source, kind, messages as JSON; ``shard_records`` rows a file) and
    read back with ``ray.data.read_parquet``, so workers never need the driver's memory
    and pool positions stay global;
-2. ``map_batches`` runs :class:`TrimScorer` on ``ray_actors`` actors (``num_gpus=1`` each
-   when CUDA is available, else ``num_cpus=1``); each actor loads the model (+ adapter)
-   and the fingerprints file once, tokenizes its batch with
-   :class:`~coreselect.data.formatting.Formatter` and scores it with
-   :meth:`TrimMethod._score_encoded <coreselect.methods.trim.TrimMethod._score_encoded>`;
+2. ``map_batches`` runs :class:`MethodScorer` on ``ray_actors`` actors (``num_gpus=1`` each
+   when CUDA is available, else ``num_cpus=1``); each actor loads the model (+ adapter),
+   builds the method from the run's settings, restores its state (``load_state``; a
+   method without saved state fits on the target again) and scores each batch with the
+   public :meth:`~coreselect.methods.base.SelectionMethod.score_batch`;
 3. ``write_parquet`` writes the per-record scores to ``DIR/ray/scores/``; the driver
    reads them back and the usual global ranking (``finalize_scores``) follows.
 
@@ -24,38 +25,45 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from coreselect.config import SelectArgs
+from coreselect.engine.base import Engine, EngineJob, Scored
 from coreselect.errors import CoreselectError
+from coreselect.methods.base import SelectionMethod
+from coreselect.runtime import iter_pool
 
 INPUT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("source", pa.string()),
                           ("kind", pa.string()), ("messages", pa.string())])
 
 
-class TrimScorer:
-    """Ray Data callable class: one per actor; loads the model and fingerprints once."""
+class MethodScorer:
+    """Ray Data callable class: one per actor; builds the model and the fitted method once.
 
-    def __init__(self, model: str, adapter: str | None, fingerprints: str, config: dict[str, Any],
-                 dtype: str = "auto", device: str = "auto", max_length: int = 2048, template: str = "auto",
-                 trust_remote_code: bool = False, torch_threads: int = 0,
-                 template_date: str = "26 Jul 2024") -> None:
+    Args:
+        settings: the run's ``SelectArgs.settings()`` (method, model, options, ...).
+        adapter: the warmup adapter the driver's model used, or ``None``.
+        state_dir: the run folder holding the method's saved state.
+        torch_threads: torch threads per actor on CPU (0 = leave torch's default).
+    """
+
+    def __init__(self, settings: dict[str, Any], adapter: str | None, state_dir: str, torch_threads: int = 0) -> None:
         import torch
 
-        from coreselect.data.formatting import Formatter
-        from coreselect.methods.trim import Fingerprints, TrimConfig, TrimMethod
-        from coreselect.models.loading import load_model
-        from coreselect.models.runner import ModelRunner
+        from coreselect.runtime import load_context, make_method, read_target
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        m, tok = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, adapter=adapter)
-        self.formatter = Formatter(tok, max_length, template, template_date=template_date)  # type: ignore[arg-type]
-        self.method = TrimMethod(ModelRunner(m, tok), self.formatter, TrimConfig(**config), progress=False)
-        self.method.set_fingerprints(Fingerprints.load(fingerprints))
+        args = SelectArgs.from_settings({**settings, "warmup": adapter or "none", "progress": False,
+                                         "resume": False, "overwrite": False})
+        ctx = load_context(args, Path(state_dir), 0) if _needs_model(args.method) else None
+        self.method: SelectionMethod = make_method(args, ctx)
+        if not self.method.load_state(Path(state_dir)):
+            self.method.fit_targets({"target": read_target(args)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coreselect.data.records import Message, Record
@@ -66,23 +74,30 @@ class TrimScorer:
             for i, rid, src, kind, msgs in zip(batch["index"], batch["id"], batch["source"], batch["kind"],
                                                batch["messages"])
         ]
-        encoded = [self.formatter.encode(r) for r in records]
-        scores, n_scored = self.method._score_encoded(encoded)
+        before = self.method.n_truncated
+        chunk = self.method.score_batch(records)
+        truncated = np.zeros(len(records), dtype=np.int64)
+        if len(records):
+            truncated[0] = self.method.n_truncated - before  # summed by the driver
         return {
-            "index": np.array([r.index for r in records], dtype=np.int64),
-            "id": np.array([r.id for r in records], dtype=object),
-            "source": np.array([r.source for r in records], dtype=object),
-            "n_tokens": np.array([len(e) for e in encoded], dtype=np.int64),
-            "n_scored": n_scored.astype(np.int64),
-            "score": scores.astype(np.float64),
-            "truncated": np.array([bool(e.truncated) for e in encoded]),
+            "index": chunk.index.astype(np.int64),
+            "id": np.array(chunk.ids, dtype=object),
+            "source": np.array(chunk.sources, dtype=object),
+            "n_tokens": chunk.n_tokens.astype(np.int64),
+            "n_scored": chunk.n_scored.astype(np.int64),
+            "score": chunk.score.astype(np.float64),
+            "truncated": truncated,
         }
 
 
-def stage_pool(args: Any, folder: Path) -> int:
-    """Stream the pool into parquet parts Ray can read (global pool positions kept)."""
-    from coreselect.api import iter_pool
+def _needs_model(method: str) -> bool:
+    from coreselect.methods import registry
 
+    return registry.get(method).needs_model
+
+
+def stage_pool(args: SelectArgs, folder: Path) -> int:
+    """Stream the pool into parquet parts Ray can read (global pool positions kept)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     n = part = 0
@@ -105,8 +120,8 @@ def stage_pool(args: Any, folder: Path) -> int:
     return n
 
 
-def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -> tuple[pa.Table, dict[str, Any]]:
-    """Stage II of ``select --engine ray``; returns the score table (SCORE_SCHEMA) and engine info."""
+def score_with_ray(args: SelectArgs, out: Path, ctx: Any, method: SelectionMethod) -> tuple[pa.Table, dict[str, Any]]:
+    """The scoring of ``select --engine ray``; returns the score table (SCORE_SCHEMA) and engine info."""
     try:
         import ray
     except ImportError:
@@ -131,17 +146,13 @@ def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -
         cpus = float(resources.get("CPU", 1))
         res = {"num_cpus": 1.0 if actors <= cpus - 1 else max(cpus - 1, cpus / 2) / actors}
     adapter = ctx.warmup.get("adapter") if ctx is not None else None
-    cfg = method.settings()
+    settings = {**args.settings(), "device": "auto" if use_gpu else "cpu"}
     n_parts = len(list((work / "input").glob("part-*.parquet")))
     ds = ray.data.read_parquet(str((work / "input").resolve()), override_num_blocks=max(n_parts, 1))
     scored = ds.map_batches(
-        TrimScorer,
-        fn_constructor_kwargs={
-            "model": args.model, "adapter": adapter, "fingerprints": str(fp_path.resolve()), "config": cfg,
-            "dtype": args.dtype, "device": "auto" if use_gpu else "cpu", "max_length": args.max_length,
-            "template": args.template, "template_date": args.template_date, "trust_remote_code": args.trust_remote_code,
-            "torch_threads": 0 if use_gpu else 1,
-        },
+        MethodScorer,
+        fn_constructor_kwargs={"settings": settings, "adapter": adapter, "state_dir": str(out.resolve()),
+                               "torch_threads": 0 if use_gpu else 1},
         batch_size=args.shard_records, batch_format="numpy", concurrency=actors, **res,
     )
     scored.write_parquet(str((work / "scores").resolve()))
@@ -155,3 +166,13 @@ def score_with_ray(args: Any, out: Path, fp_path: Path, ctx: Any, method: Any) -
     method.stats["stage2"] = {"wall_s": dt, "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9)}
     return table, {"name": "ray", "actors": actors, "actor_resources": res, "records": n,
                    "address": args.ray_address}
+
+
+class RayEngine(Engine):
+    """``--engine ray``: see the module doc. No partial resume: the pool is rescored as a whole."""
+
+    name: ClassVar[str] = "ray"
+
+    def score(self, method: SelectionMethod, job: EngineJob) -> Scored:
+        table, info = score_with_ray(job.args, job.out, job.model, method)
+        return Scored(table, info)

@@ -208,7 +208,7 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
     """
     import importlib.metadata as md
 
-    from coreselect.api import versions
+    from coreselect.runtime import versions
     from coreselect.io import write_json, write_jsonl
     from coreselect.models.loading import load_model
 

@@ -50,7 +50,7 @@ def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length
     "truncated", "files", "ci_method"}`` plus ``per_example`` (``id``, ``loss``, ``tokens``).
     Records with no response token left after truncation to ``max_length`` are skipped.
     """
-    from coreselect.data.formatting import Formatter
+    from coreselect.data.formatting import Formatter, pad_id
     from coreselect.data.readers import read_records
     from coreselect.models.runner import collate, response_losses
 
@@ -64,7 +64,7 @@ def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length
     keep = [i for i, e in enumerate(enc) if e.loss_mask[1:].any()]
     if not keep:
         raise CoreselectError("held-out records: none has a response token to score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(keep, key=lambda i: -len(enc[i]))
     sums: dict[int, float] = {}

@@ -1,27 +1,50 @@
-"""The shape every selection method has: ``fit`` on the target, ``score`` on the pool.
+"""The contract every selection method keeps: ``fit`` on the targets, ``score`` the pool.
 
-Selection (top-k, budgets) and writing outputs are shared (``coreselect.selection``), never
-re-implemented per method. A method that samples rather than ranks (``random``, DSIR's
-resample mode) returns scores whose top-k *is* the sample (e.g. seeded Gumbel keys).
+Selection (top-k, budgets), engines (local, sharded, Ray) and writing outputs are shared
+(:mod:`coreselect.selection`, :mod:`coreselect.engine`), never re-implemented per method. A
+method that samples rather than ranks (``random``, DSIR's resample mode) returns scores
+whose top-k *is* the sample (e.g. seeded Gumbel keys).
+
+What a method declares (class attributes) and what callers may rely on:
+
+* ``needs_model`` / ``uses_warmup``: the pipeline loads the scoring model (and runs the
+  warmup) only for methods that ask for it;
+* ``streaming``: ``score_batch`` scores any slice of the pool on its own, so any engine can
+  split the pool (shards, resume, Ray actors);
+* ``n_truncated`` (records cut at ``max_length``), ``cost`` and ``stats``: counters every
+  method has, read by the pipeline for ``run.json``;
+* ``save_state`` / ``load_state``: what ``fit`` learned, written into the output folder
+  (TRIM fingerprints, P2D heads, RDS target representations), so a resumed run or a Ray
+  actor scores without fitting again;
+* ``run_info``: extra ``run.json`` keys once the selection is known.
+
+Several target sets (issue 14): :meth:`SelectionMethod.fit_targets` takes them by name. A
+method that handles more than one overrides it (and sets ``multi_target``); the default
+accepts exactly one set and calls :meth:`~SelectionMethod.fit`, so single-target methods
+need no change when multi-target selection arrives.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from coreselect.data.records import Record
+from coreselect.errors import ConfigError, CoreselectError
+
+#: several named target sets: ``{"csqa": [...], "siqa": [...]}`` (one unnamed set: ``{"target": [...]}``)
+TargetSets = Mapping[str, Sequence[Record]]
 
 
 @dataclass
 class Cost:
-    """Selection cost a method reports in ``run.json``."""
+    """Selection cost a method reports in ``run.json`` (``wall_s`` is set by the pipeline)."""
 
     wall_s: float = 0.0
     forward_passes: int = 0
@@ -41,19 +64,78 @@ def peak_memory_mb(device: Any = "cpu") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class MethodContext:
+    """What a method may use when it is built (:meth:`SelectionMethod.create`).
+
+    Attributes:
+        model: the loaded scoring model (:class:`coreselect.runtime.ModelContext`: ``model``,
+            ``tokenizer``, ``runner``, ``formatter``, ``warmup``) for ``needs_model`` methods, else ``None``.
+        model_name, dtype, device, trust_remote_code: how that model was loaded (checkpoint
+            methods reload the base model the same way).
+        budget: the run's budget (set-selecting methods such as TAGCOS select exactly it).
+        out: the run's output folder.
+        progress: show progress bars.
+    """
+
+    model: Any = None
+    model_name: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    budget: str = "5%"
+    out: str = ""
+    progress: bool = True
+
+    def require_model(self, method: str) -> Any:
+        if self.model is None:
+            raise CoreselectError(f"internal error: {method} needs the scoring model but none was loaded")
+        return self.model
+
+
 class SelectionMethod(ABC):
-    """Base class. Subclasses set ``name`` and implement ``fit`` and ``score``."""
+    """Base class. Subclasses register with :func:`coreselect.methods.registry.register`
+    and implement ``fit`` and ``score`` (streaming ones ``score_batch``)."""
 
     name: ClassVar[str] = ""
+    #: the pipeline loads the scoring model for this method
+    needs_model: ClassVar[bool] = False
+    #: the model is the warmed-up scorer (``--warmup``); False for methods that use the base model
+    uses_warmup: ClassVar[bool] = False
+    #: ``score_batch`` scores any contiguous slice of the pool on its own (per-record scores that
+    #: do not depend on the rest of the pool), so engines may split, resume and distribute the
+    #: pool. Corpus-statistics methods (BM25, DSIR) and set selectors (TAGCOS, S2L) are not.
+    streaming: ClassVar[bool] = False
+    #: ``fit_targets`` accepts several named target sets
+    multi_target: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.cost = Cost()
-        self._t0 = time.perf_counter()
+        self.n_truncated = 0  # records longer than max_length, cut (fit and score)
+        self.stats: dict[str, Any] = {}
 
+    @classmethod
+    def requires_target(cls, config: Any) -> bool:
+        """Whether a run with ``config`` needs target examples (``random`` does not)."""
+        return True
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> SelectionMethod:
+        """Build the method from its registered config (default: the config's fields as keywords)."""
+        return cls(**asdict(config))
+
+    # ------------------------------------------------------------------ fit
     @abstractmethod
-    def fit(self, target: Sequence[Record]) -> "SelectionMethod":
+    def fit(self, target: Sequence[Record]) -> SelectionMethod:
         """Learn whatever the method needs from the few target examples."""
 
+    def fit_targets(self, targets: TargetSets) -> SelectionMethod:
+        """Fit on named target sets; single-target methods take exactly one."""
+        if len(targets) > 1 and not self.multi_target:
+            raise ConfigError(f"{self.name} takes one target set, got {len(targets)} ({', '.join(targets)})")
+        return self.fit(next(iter(targets.values()), []))
+
+    # ------------------------------------------------------------------ score
     @abstractmethod
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         """Return one float64 score per pool record, in pool order; higher is better.
@@ -61,15 +143,39 @@ class SelectionMethod(ABC):
         ``-inf`` means "never select unless the budget forces it".
         """
 
-    #: True when ``score_chunks`` can score any contiguous slice of the pool on its own
-    #: (per-record scores that do not depend on the rest of the pool), so the pool can be
-    #: streamed shard by shard and resumed. Corpus-statistics methods (BM25, DSIR) are not.
-    streaming: ClassVar[bool] = False
+    def score_batch(self, records: Sequence[Record]) -> ScoreChunk:
+        """Scores of one slice of the pool (streaming methods; what engines call per chunk)."""
+        if not self.streaming:
+            raise CoreselectError(f"{self.name} scores the whole pool at once (not a streaming method)")
+        return chunk_from_scores(records, self.score(records))
 
-    def score_chunks(self, pool: Iterable[Record]) -> Iterator["ScoreChunk"]:
-        """Score records, yielding :class:`ScoreChunk` s in pool order (default: one chunk)."""
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
+                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+        """Score records, yielding :class:`ScoreChunk` s in pool order.
+
+        A streaming method yields one chunk per ``chunk_records`` records (the engine's shard
+        size; default: its own setting), by calling :meth:`score_batch`; a method may override
+        this to overlap reading with scoring. Others yield one chunk for the whole pool.
+        """
+        if self.streaming and chunk_records:
+            for records in record_chunks(pool, chunk_records):
+                yield self.score_batch(records)
+            return
         records = list(pool)
         yield chunk_from_scores(records, self.score(records))
+
+    # ------------------------------------------------------------------ state and run.json
+    def save_state(self, out: Path) -> list[Path]:
+        """Write what ``fit`` learned into ``out``; return the files written (default: none)."""
+        return []
+
+    def load_state(self, out: Path) -> bool:
+        """Restore what :meth:`save_state` wrote into ``out``; False when there is nothing to restore."""
+        return False
+
+    def run_info(self, table: Any, info: dict[str, Any]) -> dict[str, Any]:
+        """Extra ``run.json`` keys once the selection is known (``table`` = final scores)."""
+        return {}
 
     def settings(self) -> dict[str, Any]:
         """The method's settings, recorded in run.json."""

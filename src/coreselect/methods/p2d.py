@@ -73,12 +73,14 @@ from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.base import (
+    MethodContext,
     ScoreChunk,
     SelectionMethod,
     chunk_from_scores,
     record_chunks,
     scores_from_chunks,
 )
+from coreselect.methods.registry import register
 from coreselect.methods.trim import TokenScoring
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
@@ -451,11 +453,16 @@ class P2DConfig(TokenScoring):
             raise CoreselectError(f"{self.heads}: --heads must be auto, random or a heads.json file")
 
 
+@register("p2d", config=P2DConfig)
 class P2DMethod(SelectionMethod):
     """P2D-dagger: score pool records through the task-sensitive heads only (module doc)."""
 
     name: ClassVar[str] = "p2d"
+    needs_model: ClassVar[bool] = True
+    uses_warmup: ClassVar[bool] = False  # the experiment never gives P2D the shared warmup
     streaming: ClassVar[bool] = True
+    #: the target side of the fit (pooled centre or fingerprints), beside heads.json
+    STATE_FILE: ClassVar[str] = "p2d_target.safetensors"
 
     def __init__(self, runner: ModelRunner, formatter: Formatter, config: P2DConfig | None = None, *,
                  model_name: str = "", out_dir: str | Path | None = None, progress: bool = True) -> None:
@@ -472,11 +479,56 @@ class P2DMethod(SelectionMethod):
         self._table: NearestClassTable | None = None
         self._center: Tensor | None = None
         self._target_encoded: list[Encoded] = []
-        self.n_truncated = 0
-        self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> P2DMethod:
+        model = ctx.require_model(cls.name)
+        return cls(model.runner, model.formatter, config, model_name=ctx.model_name, progress=ctx.progress)
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
+
+    def save_state(self, out: Path) -> list[Path]:
+        """``heads.json`` (+ ``heads.png`` when localized) and the target side of the fit."""
+        from safetensors.torch import save_file
+
+        from coreselect.io import atomic_path
+
+        if self.head_set is None:
+            return []
+        written = [out / "heads.json"]
+        self.head_set.save(out / "heads.json")
+        if self.head_set.scores:
+            written.append(plot_heatmap(self.head_set, out / "heads.png"))
+        if self.fingerprints is not None:
+            self.fingerprints.save(out / "p2d_fingerprints.safetensors")
+            written.append(out / "p2d_fingerprints.safetensors")
+        elif self._center is not None:
+            with atomic_path(out / self.STATE_FILE) as tmp:
+                save_file({"center": self._center.detach().cpu().contiguous()}, str(tmp))
+            written.append(out / self.STATE_FILE)
+        return written
+
+    def load_state(self, out: Path) -> bool:
+        """Restore heads and target side (not the AER estimate's encoded targets: fit again for that)."""
+        from safetensors.torch import load_file
+
+        fp, centre = out / "p2d_fingerprints.safetensors", out / self.STATE_FILE
+        if not (out / "heads.json").is_file() or not (fp.is_file() or centre.is_file()):
+            return False
+        hs = HeadSet.load(out / "heads.json")
+        hs.check(self.geom)
+        self.head_set = hs
+        if self.config.feature == "fingerprint":
+            if not fp.is_file():
+                return False
+            self.fingerprints = Fingerprints.load(fp)
+            self._table = NearestClassTable(self.fingerprints, self.runner.embeddings())
+        else:
+            if not centre.is_file():
+                return False
+            self._center = load_file(str(centre))["center"]
+        return True
 
     # ------------------------------------------------------------ stage 1 + target side
     def resolve_heads(self, target: Sequence[Record]) -> HeadSet:
@@ -564,14 +616,15 @@ class P2DMethod(SelectionMethod):
             n_scored[positions] = n.cpu().numpy()
         return scores, n_scored
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
+                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
         if self.head_set is None:
             raise CoreselectError("P2DMethod.score called before fit")
         from coreselect.progress import progress_bar
 
         t0 = time.perf_counter()
         with progress_bar(total=total, desc="P2D: scoring", enabled=self.progress) as bar:
-            for chunk in record_chunks(pool, self.config.chunk_records):
+            for chunk in record_chunks(pool, chunk_records or self.config.chunk_records):
                 encoded = [self.formatter.encode(r) for r in chunk]
                 self.n_truncated += sum(e.truncated for e in encoded)
                 scores, n_scored = self._score_encoded(encoded)
@@ -584,13 +637,26 @@ class P2DMethod(SelectionMethod):
                 yield chunk_from_scores(chunk, scores, n_tokens=n_tokens, n_scored=n_scored)
         self.stats["score_s"] = self.stats.get("score_s", 0.0) + time.perf_counter() - t0
 
+    def score_batch(self, records: Sequence[Record]) -> ScoreChunk:
+        """Scores of one slice of the pool (what engines call per chunk)."""
+        if self.head_set is None:
+            raise CoreselectError("P2DMethod.score called before fit")
+        chunk = list(records)
+        encoded = [self.formatter.encode(r) for r in chunk]
+        self.n_truncated += sum(e.truncated for e in encoded)
+        scores, n_scored = self._score_encoded(encoded)
+        if np.isnan(scores).any():
+            raise CoreselectError(f"non-finite score for pool record id {chunk[int(np.isnan(scores).argmax())].id}")
+        self.cost.forward_passes += len(chunk)
+        return chunk_from_scores(chunk, scores, n_tokens=np.array([len(e) for e in encoded]), n_scored=n_scored)
+
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         return scores_from_chunks(self.score_chunks(pool))
 
     # ------------------------------------------------------------ run.json
     def run_info(self, table: Any, info: dict[str, Any]) -> dict[str, Any]:
         """Extra run.json keys: ``aer`` (estimated, see :func:`coreselect.train.heads.estimate_aer`)."""
-        if not self.config.aer or self.head_set is None:
+        if not self.config.aer or self.head_set is None or not self._target_encoded:
             return {}
         from coreselect.train.heads import estimate_aer
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +21,7 @@ from coreselect.data.formatting import Encoded, Formatter, Scope
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.base import (
+    MethodContext,
     ScoreChunk,
     SelectionMethod,
     chunk_from_scores,
@@ -37,6 +39,7 @@ from coreselect.methods.trim_math import (
     token_saliency,
     token_scores,
 )
+from coreselect.methods.registry import register
 from coreselect.models.runner import ModelRunner, token_budget_batches
 from coreselect.progress import progress_bar
 
@@ -150,11 +153,36 @@ class TrimConfig(TokenScoring):
         return m
 
 
+@dataclass
+class TrimOptions(TrimConfig):
+    """TRIM's ``select`` options: :class:`TrimConfig` plus where Stage I may come from.
+
+    Attributes:
+        fingerprints: reuse a fingerprints file (skip Stage I; the target may be omitted).
+    """
+
+    fingerprints: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fingerprints and not Path(self.fingerprints).is_file():
+            raise CoreselectError(f"{self.fingerprints}: no such fingerprints file")
+
+    def trim_config(self) -> TrimConfig:
+        """The scoring knobs alone (what the fingerprints file records)."""
+        return TrimConfig(**{f.name: getattr(self, f.name) for f in fields(TrimConfig)})
+
+
+@register("trim", config=TrimOptions)
 class TrimMethod(SelectionMethod):
     """Forward-only, token-level selection (Algorithm 3 minus the warmup)."""
 
     name: ClassVar[str] = "trim"
+    needs_model: ClassVar[bool] = True
+    uses_warmup: ClassVar[bool] = True
     streaming: ClassVar[bool] = True
+    #: Stage I's output in the run folder (:meth:`save_state`)
+    STATE_FILE: ClassVar[str] = "fingerprints.safetensors"
 
     def __init__(self, runner: ModelRunner, formatter: Formatter, config: TrimConfig | None = None,
                  *, progress: bool = True) -> None:
@@ -165,15 +193,41 @@ class TrimMethod(SelectionMethod):
         self.progress = progress
         self.fingerprints: Fingerprints | None = None
         self._table: NearestClassTable | None = None
-        self.n_truncated = 0
-        self.stats: dict[str, Any] = {}
+        self.fingerprints_file: str | None = None  # --fingerprints: fit loads it instead of Stage I
+
+    @classmethod
+    def requires_target(cls, config: Any) -> bool:
+        return not getattr(config, "fingerprints", None)
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> TrimMethod:
+        model = ctx.require_model(cls.name)
+        opts = config if isinstance(config, TrimOptions) else TrimOptions(**asdict(config))
+        method = cls(model.runner, model.formatter, opts.trim_config(), progress=ctx.progress)
+        method.fingerprints_file = opts.fingerprints
+        return method
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
 
+    def save_state(self, out: Path) -> list[Path]:
+        if self.fingerprints is None:
+            return []
+        self.fingerprints.save(out / self.STATE_FILE)
+        return [out / self.STATE_FILE]
+
+    def load_state(self, out: Path) -> bool:
+        if not (out / self.STATE_FILE).is_file():
+            return False
+        self.set_fingerprints(Fingerprints.load(out / self.STATE_FILE))
+        return True
+
     # ---------------------------------------------------------------- Stage I
     def fit(self, target: Sequence[Record]) -> TrimMethod:
-        """Build the fingerprints (Algorithm 1) from the target examples."""
+        """Build the fingerprints (Algorithm 1) from the target examples (or load ``--fingerprints``)."""
+        if self.fingerprints_file:
+            self.set_fingerprints(Fingerprints.load(self.fingerprints_file))
+            return self
         if not target:
             raise CoreselectError("the target set is empty")
         t0 = time.perf_counter()
@@ -252,7 +306,8 @@ class TrimMethod(SelectionMethod):
                 bar.update(len(positions), tokens=batch.n_real_tokens)
         return scores, n_scored
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
+                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
         """Stage II (Algorithm 2), streaming: ``chunk_records`` records at a time."""
         if self.fingerprints is None:
             raise CoreselectError("TrimMethod.score called before fit (no fingerprints)")
@@ -260,7 +315,7 @@ class TrimMethod(SelectionMethod):
 
         t0 = time.perf_counter()
         tokens0 = self.runner.tokens_seen
-        chunks = record_chunks(pool, self.config.chunk_records)
+        chunks = record_chunks(pool, chunk_records or self.config.chunk_records)
 
         def read_and_encode() -> tuple[list[Record], list[Encoded]]:
             chunk = next(chunks, [])
@@ -292,6 +347,12 @@ class TrimMethod(SelectionMethod):
             raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
         self.cost.forward_passes += len(records)
         return chunk_from_scores(records, scores, n_tokens=np.array([len(e) for e in encoded]), n_scored=n_scored)
+
+    def score_batch(self, records: Sequence[Record]) -> ScoreChunk:
+        """Stage II for one slice of the pool (what the Ray engine's actors call)."""
+        if self.fingerprints is None:
+            raise CoreselectError("TrimMethod.score called before fit (no fingerprints)")
+        return self._chunk(list(records), None)
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         """All pool scores in pool order."""

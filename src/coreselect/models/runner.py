@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coreselect.data.formatting import Encoded, Scope, scope_mask
+from coreselect.data.formatting import Encoded, Scope, pad_id, scope_mask
 from coreselect.errors import ConfigError
 from coreselect.models.introspect import attention_module as _attention_module  # noqa: F401 (old name)
 from coreselect.models.introspect import decoder_layers as _decoder_layers  # noqa: F401 (old name)
@@ -207,7 +207,7 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.base = model.base_model if hasattr(model, "base_model") else model
         self.layers = _decoder_layers(self.base)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.pad_id = pad_id(tokenizer)
         self.forward_passes = 0
         self.tokens_seen = 0
 

@@ -162,7 +162,7 @@ def _distribution_sections(r: RunData, img: _Images) -> list[tuple[str, str, str
 
 def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
     """Target saliency, fingerprint classes, top and below-cut records (recomputed with the run's model)."""
-    from coreselect.api import read_target
+    from coreselect.runtime import read_target
     from coreselect.progress import progress_bar
     from coreselect.report.tokens import Explainer
 

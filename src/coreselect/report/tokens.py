@@ -33,11 +33,10 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_args(run: dict[str, Any]) -> Any:
-    """The run's :class:`~coreselect.api.SelectArgs` (keys this version does not know are dropped)."""
-    from coreselect.api import SelectArgs
+    """The run's :class:`~coreselect.config.SelectArgs` (keys this version does not know are dropped)."""
+    from coreselect.config import SelectArgs
 
-    names = {f.name for f in fields(SelectArgs)}
-    return SelectArgs(**{k: v for k, v in run.get("settings", {}).items() if k in names})
+    return SelectArgs.from_settings(run.get("settings", {}))
 
 
 def warmup_adapter(run: dict[str, Any]) -> str | None:
@@ -105,7 +104,6 @@ class Explainer:
     """
 
     def __init__(self, run_dir: str | Path) -> None:
-        from coreselect.api import trim_config
         from coreselect.data.formatting import Formatter
         from coreselect.methods.trim_math import Fingerprints, NearestClassTable
         from coreselect.models.loading import load_model
@@ -117,7 +115,7 @@ class Explainer:
         if not fp_path.is_file():
             raise CoreselectError(f"{run_dir}: no fingerprints.safetensors (token views need a TRIM run)")
         self.args = run_args(self.run)
-        self.config = trim_config(self.args)
+        self.config = self.args.method_config("trim", strict=False).trim_config()
         adapter = warmup_adapter(self.run)
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise CoreselectError(f"{adapter}: the run's warmup adapter is gone, cannot recompute its scores")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import bm25s
@@ -11,9 +11,39 @@ import numpy as np
 
 from coreselect.data.records import Record
 from coreselect.data.text import Scope, record_text
+from coreselect.errors import ConfigError
 from coreselect.methods.base import SelectionMethod
+from coreselect.methods.registry import register
 
 
+@dataclass
+class BM25Config:
+    """Options of ``bm25`` (see :class:`BM25Method` for the choices).
+
+    Attributes:
+        aggregate: ``max`` (a record close to any target ranks high) or ``mean`` over target queries.
+        scope: turns that form the text: ``all``, ``prompt`` or ``response``.
+        k1: BM25 term-frequency saturation.
+        b: BM25 length normalization.
+        stopwords: ``english`` to drop English stopwords (default: keep every word).
+    """
+
+    aggregate: str = "max"
+    scope: str = "all"
+    k1: float = 1.5
+    b: float = 0.75
+    stopwords: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in ("max", "mean"):
+            raise ConfigError(f"bm25 aggregate must be max or mean, got {self.aggregate!r}")
+        if self.scope not in ("all", "prompt", "response"):
+            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
+        if self.k1 < 0 or not 0 <= self.b <= 1:
+            raise ConfigError(f"bm25 needs k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}")
+
+
+@register("bm25", config=BM25Config)
 class BM25Method(SelectionMethod):
     """BM25 (Robertson et al., 2009; TRIM App. C) built on ``bm25s``.
 
@@ -52,11 +82,9 @@ class BM25Method(SelectionMethod):
         self._queries: list[str] = []
 
     def fit(self, target: Sequence[Record]) -> "BM25Method":
-        t0 = time.perf_counter()
         self._queries = [record_text(r, self.scope) for r in target]
         if not self._queries:
             raise ValueError("BM25 needs at least one target example")
-        self.cost.wall_s += time.perf_counter() - t0
         return self
 
     def _tokenize(self, texts: list[str], return_ids: bool) -> Any:
@@ -67,7 +95,6 @@ class BM25Method(SelectionMethod):
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         if not self._queries:
             raise RuntimeError("call fit() before score()")
-        t0 = time.perf_counter()
         texts = [record_text(r, self.scope) for r in pool]
         out = np.zeros(len(texts), dtype=np.float64)
         corpus = self._tokenize(texts, return_ids=False)
@@ -81,7 +108,6 @@ class BM25Method(SelectionMethod):
                 rows.append(retriever.get_scores(known) if known else np.zeros(len(texts)))
             matrix = np.asarray(rows, dtype=np.float64)  # (n_targets, n_pool)
             out = matrix.max(axis=0) if self.aggregate == "max" else matrix.mean(axis=0)
-        self.cost.wall_s += time.perf_counter() - t0
         return out
 
     def settings(self) -> dict[str, Any]:

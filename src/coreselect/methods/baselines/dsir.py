@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +14,9 @@ from data_selection import HashedNgramDSIR, hashed_ngram_dsir
 
 from coreselect.data.records import Record
 from coreselect.data.text import Scope, record_text
+from coreselect.errors import ConfigError
 from coreselect.methods.base import SelectionMethod
+from coreselect.methods.registry import register
 
 
 def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
@@ -41,6 +43,38 @@ def _unshard(directory: Path, num_shards: int, n: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class DSIRConfig:
+    """Options of ``dsir`` (see :class:`DSIRMethod` for the choices).
+
+    Attributes:
+        mode: ``resample`` (seeded Gumbel importance resampling, as DSIR) or ``topk`` (log-weights).
+        num_buckets: hashed n-gram buckets.
+        ngrams: 2 = unigrams + bigrams.
+        seed: seeds the resampling noise (inherited from the run's ``--seed``).
+        scope: turns that form the text: ``all``, ``prompt`` or ``response``.
+        min_example_length: records with fewer tokens score -inf (0 = off).
+        num_proc: the library's worker processes.
+    """
+
+    mode: str = "resample"
+    num_buckets: int = 10000
+    ngrams: int = 2
+    seed: int = 0
+    scope: str = "all"
+    min_example_length: int = 0
+    num_proc: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("resample", "topk"):
+            raise ConfigError(f"dsir mode must be resample or topk, got {self.mode!r}")
+        if self.scope not in ("all", "prompt", "response"):
+            raise ConfigError(f"scope must be all, prompt or response, got {self.scope!r}")
+        if self.num_buckets < 1 or self.ngrams < 1 or self.num_proc < 1 or self.min_example_length < 0:
+            raise ConfigError("dsir needs num_buckets, ngrams, num_proc >= 1 and min_example_length >= 0")
+
+
+@register("dsir", config=DSIRConfig)
 class DSIRMethod(SelectionMethod):
     """DSIR (Xie et al., 2023; TRIM App. C) using ``data_selection.HashedNgramDSIR``.
 
@@ -89,17 +123,14 @@ class DSIRMethod(SelectionMethod):
         self.log_weights: np.ndarray | None = None  # last pool's noiseless log-weights
 
     def fit(self, target: Sequence[Record]) -> "DSIRMethod":
-        t0 = time.perf_counter()
         self._targets = [record_text(r, self.scope) for r in target]
         if not self._targets:
             raise ValueError("DSIR needs at least one target example")
-        self.cost.wall_s += time.perf_counter() - t0
         return self
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         if not self._targets:
             raise RuntimeError("call fit() before score()")
-        t0 = time.perf_counter()
         texts = [record_text(r, self.scope) for r in pool]
         n = len(texts)
         if n == 0:
@@ -136,7 +167,6 @@ class DSIRMethod(SelectionMethod):
         if self.mode == "resample":
             rng = np.random.Generator(np.random.PCG64(self.seed))
             scores += rng.gumbel(size=n)
-        self.cost.wall_s += time.perf_counter() - t0
         return scores
 
     def settings(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -22,7 +24,9 @@ import torch
 
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
+from coreselect.data.formatting import pad_id
 from coreselect.methods.base import (
+    MethodContext,
     ScoreChunk,
     SelectionMethod,
     chunk_from_scores,
@@ -40,8 +44,9 @@ from coreselect.methods.baselines.gradients import (
     per_example_losses,
     warmup_checkpoints,
 )
+from coreselect.methods.registry import register
 from coreselect.models.runner import token_budget_batches
-from coreselect.train.lora import Checkpoint, _pad_id
+from coreselect.train.lora import Checkpoint
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -149,7 +154,107 @@ def _budget(budget: str | int, n: int) -> int:
     return parse_budget(budget, n)
 
 
+# ------------------------------------------------------------------------------ configs
+@dataclass
+class RDSConfig:
+    """Options of ``rds``.
+
+    Attributes:
+        aggregate: ``mean`` (cosine to the mean target representation) or ``max`` over targets.
+        batch_tokens: padded-token budget per forward batch.
+        chunk_records: records scored together (inherited from the run's ``--shard-records``).
+    """
+
+    aggregate: str = "mean"
+    batch_tokens: int = 8192
+    chunk_records: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in ("mean", "max"):
+            raise ConfigError(f"rds aggregate must be mean or max, got {self.aggregate!r}")
+        if self.batch_tokens < 1 or self.chunk_records < 1:
+            raise ConfigError("batch_tokens and chunk_records must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Options shared by the checkpoint methods (LESS, TAGCOS, S2L, CLD).
+
+    Attributes:
+        checkpoints: PEFT checkpoint folders, oldest first (default: the warmup's ``checkpoint-*``).
+        seed: seeds projections, k-means and sampling (inherited from the run's ``--seed``).
+    """
+
+    checkpoints: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class GradientConfig(CheckpointConfig):
+    """Options of the gradient methods (LESS, TAGCOS).
+
+    Attributes:
+        proj_dim: Rademacher projection size (capped at the number of LoRA weights).
+        optimizer: ``adam`` (Adam-aware pool gradients from the saved moments) or ``sgd``.
+        proj_batch: gradients projected together.
+    """
+
+    proj_dim: int | None = 8192
+    optimizer: str = "adam"
+    proj_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+
+
+@dataclass
+class TAGCOSConfig(GradientConfig):
+    """Options of ``tagcos``.
+
+    Attributes:
+        n_clusters: k-means clusters (default ``min(100, n // 10)``).
+    """
+
+    n_clusters: int | None = None
+
+
+@dataclass
+class S2LConfig(CheckpointConfig):
+    """Options of ``s2l``.
+
+    Attributes:
+        n_clusters: k-means clusters (default ``min(100, n // 10)``).
+        batch_tokens: padded-token budget per forward batch of the loss trajectories.
+    """
+
+    n_clusters: int | None = None
+    batch_tokens: int = 4096
+
+
+@dataclass
+class CLDConfig(CheckpointConfig):
+    """Options of ``cld``.
+
+    Attributes:
+        batch_tokens: padded-token budget per forward batch of the losses.
+    """
+
+    batch_tokens: int = 4096
+
+
+def _base_and_checkpoints(name: str, config: CheckpointConfig, ctx: MethodContext, need: int) -> tuple[Any, Any, list]:
+    """The *base* model (no adapter, loaded like the scorer) and the checkpoints to read."""
+    from coreselect.models.loading import load_model
+
+    model = ctx.require_model(name)
+    ckpts = load_checkpoints(config.checkpoints) if config.checkpoints else warmup_checkpoints(model.warmup, name, need)
+    base, _ = load_model(ctx.model_name, dtype=ctx.dtype, device=ctx.device, trust_remote_code=ctx.trust_remote_code)
+    return base, model, ckpts
+
+
 # ------------------------------------------------------------------------------ RDS
+@register("rds", config=RDSConfig)
 class RDSMethod(SelectionMethod):
     """RDS as LESS implements it (Xia et al. 2024; TRIM App. C).
 
@@ -162,7 +267,11 @@ class RDSMethod(SelectionMethod):
     """
 
     name: ClassVar[str] = "rds"
+    needs_model: ClassVar[bool] = True
+    uses_warmup: ClassVar[bool] = True
     streaming: ClassVar[bool] = True
+    #: the fitted target representations (:meth:`save_state`)
+    STATE_FILE: ClassVar[str] = "rds_targets.safetensors"
 
     def __init__(self, runner: Any, formatter: Any, aggregate: Literal["mean", "max"] = "mean",
                  batch_tokens: int = 8192, chunk_records: int = 2048) -> None:
@@ -172,7 +281,32 @@ class RDSMethod(SelectionMethod):
         self.runner, self.formatter = runner, formatter
         self.aggregate, self.batch_tokens, self.chunk_records = aggregate, int(batch_tokens), int(chunk_records)
         self.targets: torch.Tensor | None = None
-        self.n_truncated = 0
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> RDSMethod:
+        model = ctx.require_model(cls.name)
+        return cls(model.runner, model.formatter, config.aggregate, config.batch_tokens, config.chunk_records)
+
+    def save_state(self, out: Path) -> list[Path]:
+        from safetensors.torch import save_file
+
+        from coreselect.io import atomic_path
+
+        if self.targets is None:
+            return []
+        path = out / self.STATE_FILE
+        with atomic_path(path) as tmp:
+            save_file({"targets": self.targets.contiguous()}, str(tmp), metadata={"aggregate": self.aggregate})
+        return [path]
+
+    def load_state(self, out: Path) -> bool:
+        from safetensors.torch import load_file
+
+        path = out / self.STATE_FILE
+        if not path.is_file():
+            return False
+        self.targets = load_file(str(path))["targets"]
+        return True
 
     def _reps(self, records: Sequence[Record]) -> tuple[torch.Tensor, np.ndarray]:
         enc = [self.formatter.encode(r) for r in records]
@@ -200,16 +334,16 @@ class RDSMethod(SelectionMethod):
         return self
 
     def _account(self, t0: float) -> None:
-        self.cost.wall_s += time.perf_counter() - t0
         self.cost.peak_memory_mb = max(self.cost.peak_memory_mb, peak_memory_mb(self.runner.device))
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
+                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+        for chunk in record_chunks(pool, chunk_records or self.chunk_records):
+            yield self.score_batch(chunk)
+
+    def score_batch(self, records: Sequence[Record]) -> ScoreChunk:
         if self.targets is None:
             raise CoreselectError("RDSMethod.score called before fit")
-        for chunk in record_chunks(pool, self.chunk_records):
-            yield self._chunk(chunk)
-
-    def _chunk(self, records: list[Record]) -> ScoreChunk:
         t0 = time.perf_counter()
         reps, n_tok = self._reps(records)
         scores = (reps @ self.targets.T).max(dim=1).values.double().numpy()  # type: ignore[union-attr]
@@ -227,6 +361,9 @@ class RDSMethod(SelectionMethod):
 class _CheckpointMethod(SelectionMethod):
     """Holds the base model, the checkpoints and the shared feature / loss code."""
 
+    needs_model: ClassVar[bool] = True
+    uses_warmup: ClassVar[bool] = True
+
     def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
                  seed: int = 0) -> None:
         super().__init__()
@@ -235,8 +372,7 @@ class _CheckpointMethod(SelectionMethod):
         self.checkpoints = [c if isinstance(c, Checkpoint) else load_checkpoints([c])[0] for c in checkpoints]
         self.switcher = AdapterSwitcher(base_model)
         self.tokenizer, self.formatter, self.seed = tokenizer, formatter, int(seed)
-        self.pad_id = _pad_id(tokenizer)
-        self.n_truncated = 0
+        self.pad_id = pad_id(tokenizer)
 
     def _encode(self, records: Sequence[Record]) -> list[Any]:
         enc = [self.formatter.encode(r) for r in records]
@@ -248,7 +384,6 @@ class _CheckpointMethod(SelectionMethod):
         return next(self.switcher.base.parameters()).device
 
     def _account(self, t0: float) -> None:
-        self.cost.wall_s += time.perf_counter() - t0
         self.cost.peak_memory_mb = max(self.cost.peak_memory_mb, peak_memory_mb(self._device))
 
     def _losses(self, records: Sequence[Record], batch_tokens: int) -> np.ndarray:
@@ -299,6 +434,7 @@ class _GradientMethod(_CheckpointMethod):
 
 
 # ------------------------------------------------------------------------------ LESS
+@register("less", config=GradientConfig)
 class LESSMethod(_GradientMethod):
     """LESS (Xia et al. 2024): optimizer-aware LoRA gradient similarity over checkpoints.
 
@@ -318,6 +454,12 @@ class LESSMethod(_GradientMethod):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.target_feats: list[torch.Tensor] = []
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> LESSMethod:
+        base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
+        return cls(base, m.tokenizer, m.formatter, ckpts, proj_dim=config.proj_dim, seed=config.seed,
+                   optimizer=config.optimizer, proj_batch=config.proj_batch)
 
     def fit(self, target: Sequence[Record]) -> "LESSMethod":
         if not target:
@@ -343,6 +485,7 @@ class LESSMethod(_GradientMethod):
 
 
 # ------------------------------------------------------------------------------ TAGCOS
+@register("tagcos", config=TAGCOSConfig)
 class TAGCOSMethod(_GradientMethod):
     """TAGCOS (Zhang et al. 2025b): gradient clustering + OMP coreset, task-agnostic.
 
@@ -362,7 +505,13 @@ class TAGCOSMethod(_GradientMethod):
                  budget: str | int, n_clusters: int | None = None, **kw: Any) -> None:
         super().__init__(base_model, tokenizer, formatter, list(checkpoints)[-1:], **kw)
         self.budget, self.n_clusters = budget, n_clusters
-        self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> TAGCOSMethod:
+        base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
+        return cls(base, m.tokenizer, m.formatter, ckpts, budget=ctx.budget, n_clusters=config.n_clusters,
+                   proj_dim=config.proj_dim, seed=config.seed, optimizer=config.optimizer,
+                   proj_batch=config.proj_batch)
 
     def fit(self, target: Sequence[Record]) -> "TAGCOSMethod":
         """Task-agnostic: the target is ignored."""
@@ -413,6 +562,7 @@ def select_by_clusters_omp(feats: np.ndarray, k: int, n_clusters: int, seed: int
 
 
 # ------------------------------------------------------------------------------ S2L
+@register("s2l", config=S2LConfig)
 class S2LMethod(_CheckpointMethod):
     """S2L (Yang et al. 2024): cluster loss trajectories, sample clusters evenly.
 
@@ -431,7 +581,12 @@ class S2LMethod(_CheckpointMethod):
                  budget: str | int, n_clusters: int | None = None, seed: int = 0, batch_tokens: int = 4096) -> None:
         super().__init__(base_model, tokenizer, formatter, checkpoints, seed)
         self.budget, self.n_clusters, self.batch_tokens = budget, n_clusters, int(batch_tokens)
-        self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> S2LMethod:
+        base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
+        return cls(base, m.tokenizer, m.formatter, ckpts, budget=ctx.budget, n_clusters=config.n_clusters,
+                   seed=config.seed, batch_tokens=config.batch_tokens)
 
     def fit(self, target: Sequence[Record]) -> "S2LMethod":
         """Task-agnostic: the target is ignored."""
@@ -456,6 +611,7 @@ class S2LMethod(_CheckpointMethod):
 
 
 # ------------------------------------------------------------------------------ CLD
+@register("cld", config=CLDConfig)
 class CLDMethod(_CheckpointMethod):
     """CLD (Nagaraj et al. 2025): correlation of loss differences (see :func:`cld_scores`).
 
@@ -471,6 +627,11 @@ class CLDMethod(_CheckpointMethod):
         super().__init__(base_model, tokenizer, formatter, checkpoints, seed)
         self.batch_tokens = int(batch_tokens)
         self.target_losses: np.ndarray | None = None
+
+    @classmethod
+    def create(cls, config: Any, ctx: MethodContext) -> CLDMethod:
+        base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 3)
+        return cls(base, m.tokenizer, m.formatter, ckpts, seed=config.seed, batch_tokens=config.batch_tokens)
 
     def fit(self, target: Sequence[Record]) -> "CLDMethod":
         if not target:
@@ -490,41 +651,3 @@ class CLDMethod(_CheckpointMethod):
 
     def settings(self) -> dict[str, Any]:
         return {"checkpoints": [str(c.path) for c in self.checkpoints], "zero_variance_score": 0.0}
-
-
-# ------------------------------------------------------------------------------ factories
-def build(name: str, args: Any, ctx: Any) -> SelectionMethod:
-    """Construct a model-based baseline from ``SelectArgs`` and the ``ModelContext``.
-
-    RDS uses the (merged) warmed-up scoring model of ``ctx``. The checkpoint methods reload
-    the *base* model (``args.model``, no adapter) and read the warmup's checkpoints
-    (:func:`warmup_checkpoints`; ConfigError asking for ``--warmup auto`` when absent).
-    ``args.method_options`` go to the constructor.
-    """
-    opts = dict(args.method_options)
-    if name == "rds":
-        opts.setdefault("batch_tokens", args.batch_tokens)
-        opts.setdefault("chunk_records", args.shard_records)
-        return RDSMethod(ctx.runner, ctx.formatter, **opts)
-    from coreselect.models.loading import load_model
-
-    need = 3 if name == "cld" else 1
-    ckpts = opts.pop("checkpoints", None)
-    ckpts = load_checkpoints(ckpts) if ckpts else warmup_checkpoints(ctx.warmup, name, need)
-    base, _ = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    opts.setdefault("seed", args.seed)
-    common = (base, ctx.tokenizer, ctx.formatter, ckpts)
-    if name == "less":
-        return LESSMethod(*common, **opts)
-    if name == "tagcos":
-        return TAGCOSMethod(*common, budget=opts.pop("budget", args.budget), **opts)
-    if name == "s2l":
-        return S2LMethod(*common, budget=opts.pop("budget", args.budget), **opts)
-    if name == "cld":
-        return CLDMethod(*common, **opts)
-    raise ConfigError(f"unknown model-based baseline {name!r}")
-
-
-MODEL_BASED_METHODS: dict[str, type[SelectionMethod]] = {
-    "rds": RDSMethod, "less": LESSMethod, "tagcos": TAGCOSMethod, "s2l": S2LMethod, "cld": CLDMethod,
-}

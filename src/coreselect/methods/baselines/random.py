@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from coreselect.data.records import Record
 from coreselect.methods.base import SelectionMethod
+from coreselect.methods.registry import register
 
 
+@dataclass
+class RandomConfig:
+    """Options of ``random``.
+
+    Attributes:
+        seed: seeds the keys (inherited from the run's ``--seed``).
+    """
+
+    seed: int = 0
+
+
+@register("random", config=RandomConfig)
 class RandomMethod(SelectionMethod):
     """Uniform random selection (TRIM App. C "Random").
 
@@ -26,16 +39,17 @@ class RandomMethod(SelectionMethod):
         super().__init__()
         self.seed = int(seed)
 
+    @classmethod
+    def requires_target(cls, config: Any) -> bool:
+        return False
+
     def fit(self, target: Sequence[Record]) -> "RandomMethod":
         """Nothing to learn; the target is ignored."""
         return self
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
-        t0 = time.perf_counter()
         n = sum(1 for _ in pool)
-        keys = np.random.Generator(np.random.PCG64(self.seed)).random(n).astype(np.float64)
-        self.cost.wall_s += time.perf_counter() - t0
-        return keys
+        return np.random.Generator(np.random.PCG64(self.seed)).random(n).astype(np.float64)
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed}
