@@ -618,7 +618,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     world, rank = _world()
     main = rank == 0
     existing = _checkpoints(out)
-    if existing and not resume:
+    if existing and not resume and main:  # (other processes: process 0 may be clearing an --overwrite folder)
         raise ConfigError(f"{out} already has checkpoints; pass resume=True or use an empty folder")
     encoded, skipped = encode_for_training(formatter or Formatter(tokenizer, args.max_length), records)
     steps_per_epoch, total = plan_steps(len(encoded), args, world)
@@ -639,7 +639,8 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         run_id = uuid.uuid4().hex
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            for old in out.glob("checkpoint-*"):  # half-written folders of an interrupted, unresumable run
+            for old in out.glob("checkpoint-*"):  # folders without a manifest: cut off mid-write, or a foreign format
+                log.warning("%s has no %s (incomplete, or not written by coreselect): removed", old, MANIFEST)
                 shutil.rmtree(old, ignore_errors=True)
             write_json(run_file, {"run_id": run_id, "fingerprint": fp})
 
