@@ -19,7 +19,7 @@ from typing import Any
 
 from coreselect.errors import ConfigError, CoreselectError
 
-__all__ = ["TrainCommandArgs", "train", "is_trained"]
+__all__ = ["TrainCommandArgs", "is_trained", "train"]
 
 
 @dataclass
@@ -187,7 +187,7 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     model, tok = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t_load
     spec = resolve_model(args.model)
-    model_info = {"name": args.model, "resolved": model_name(model), "path": spec.path,
+    model_info: dict[str, Any] = {"name": args.model, "resolved": model_name(model), "path": spec.path,
                   "dtype": str(next(model.parameters()).dtype)}
     common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
                               "versions": versions(), "model": model_info}

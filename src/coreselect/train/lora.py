@@ -287,7 +287,7 @@ def lm_features(encoded: Sequence[Encoded]) -> list[dict[str, list[int]]]:
              "labels": np.where(e.loss_mask, e.input_ids, IGNORE).tolist()} for e in encoded]
 
 
-class collate_for_lm:  # noqa: N801 (a callable, used like a function)
+class collate_for_lm:  # a callable, used like a function
     """Right-pad :func:`lm_features` rows: ``input_ids`` (pad id), ``labels`` (-100), ``attention_mask``."""
 
     def __init__(self, pad: int) -> None:
@@ -409,11 +409,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, folder: Path) -
 def _save_rng(path: Path) -> None:
     from safetensors.torch import save_file
 
-    t = {"cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    np_state: Any = np.random.get_state()  # ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    t = {"cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             t[f"cuda{i}"] = s
-    _, _, npos, has_gauss, gauss = np.random.get_state()
+    _, _, npos, has_gauss, gauss = np_state
     meta = {"python": json.dumps(random.getstate()), "numpy": json.dumps([int(npos), int(has_gauss), float(gauss)])}
     save_file(t, str(path), metadata=meta)
 
@@ -448,13 +449,14 @@ def _trainer_class() -> Any:
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             super()._save(output_dir, state_dict)
-            bin_file = Path(output_dir or self.args.output_dir) / "training_args.bin"
+            bin_file = Path(str(output_dir or self.args.output_dir)) / "training_args.bin"
             if self.args.should_save and bin_file.is_file():
                 bin_file.unlink()  # a pickle Trainer never reads back; the JSON copy is in the manifest
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if self._sharded():
                 return super()._save_optimizer_and_scheduler(output_dir)
+            assert self.optimizer is not None and self.lr_scheduler is not None
             if self.args.should_save:
                 save_optimizer(self.optimizer, self.model, Path(output_dir))
                 (Path(output_dir) / "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
@@ -476,6 +478,7 @@ def _trainer_class() -> Any:
             if self._sharded():
                 return super()._load_optimizer_and_scheduler(checkpoint)  # verified by train_lora first
             folder = Path(checkpoint)
+            assert self.optimizer is not None and self.lr_scheduler is not None
             load_optimizer(self.optimizer, self.model, folder)
             self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
             scaler = getattr(self.accelerator, "scaler", None)
@@ -496,7 +499,7 @@ def _trainer_class() -> Any:
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every rank's rng file is written
             if self.args.should_save:
-                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                folder = Path(str(self.args.output_dir)) / f"checkpoint-{self.state.global_step}"
                 self.coreselect_meta["on_save"](folder, self.state.global_step)
             self.accelerator.wait_for_everyone()
 
