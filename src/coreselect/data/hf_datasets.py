@@ -34,6 +34,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from coreselect.data.sources import Source
 from coreselect.errors import CoreselectError
 
 __all__ = ["DatasetInput", "as_inputs", "dataset_source", "is_dataset"]
@@ -155,13 +156,11 @@ def dataset_source(p: object) -> Any:
 
     A label string without its object (read back from ``run.json``) raises a clear error.
     """
-    from coreselect.data.readers import _Source
-
     if is_dataset(p):
         p = DatasetInput(p)
     if isinstance(p, DatasetInput):
         label, ds = str(p), p.dataset
-        return _Source(label, p.stem, "row", lambda: _rows(label, ds))
+        return Source(label, p.stem, "row", lambda: _rows(label, ds))
     if isinstance(p, str) and _LABEL_RE.match(p):
         raise CoreselectError(
             f"{p}: an in-memory datasets object passed to coreselect.select() cannot be re-read from run.json; "

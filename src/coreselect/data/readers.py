@@ -32,13 +32,13 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from coreselect.data.formatting import surrogate_error
 from coreselect.data.records import Message, Record
+from coreselect.data.sources import Item, Source
 from coreselect.errors import BadRecordError, CoreselectError
 from coreselect.io import atomic_path
 
@@ -63,7 +63,7 @@ _KNOWN_SUFFIXES = (*_LINE_SUFFIXES, ".json", ".parquet")
 _HUB_RE = re.compile(r"^(?:hf:)?(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<split>.+))?$")
 
 # One decoded input position: (line or row, decoded value or None, error or None).
-_Item = tuple[int, Any, "BadRecordError | None"]
+_Item = Item
 
 
 def _one_line(text: str, limit: int = _MAX_REASON) -> str:
@@ -131,14 +131,7 @@ class RejectLog:
 # --------------------------------------------------------------------------- sources
 
 
-@dataclass(frozen=True)
-class _Source:
-    """One input: its name as given, default ``source`` name, position kind and row iterator."""
-
-    file: str
-    stem: str
-    kind: str  # "line" or "row"
-    rows: Callable[[], Iterator[_Item]]
+_Source = Source  # the readers' name for it
 
 
 def _decode_line(file: str, n: int, data: bytes) -> _Item | None:

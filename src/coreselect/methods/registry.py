@@ -78,6 +78,8 @@ def register(name: str, *, config: type) -> Callable[[C], C]:
         raise TypeError(f"{name}: config must be a dataclass, got {config!r}")
 
     def deco(cls: C) -> C:
+        if not isinstance(cls, type):  # e.g. a helper inserted between the decorator and its class
+            raise TypeError(f"@register({name!r}) must decorate a SelectionMethod class, not {cls!r}")
         old = _SPECS.get(name)
         if old is not None and old.cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"method {name!r} registered twice ({old.cls.__qualname__}, {cls.__qualname__})")

@@ -72,7 +72,7 @@ def omp_select(features: np.ndarray, target: np.ndarray, k: int) -> tuple[np.nda
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "ended prematurely due to linear dependence"
         omp.fit(np.asarray(features, dtype=np.float64).T, np.asarray(target, dtype=np.float64))
-    coef = omp.coef_
+    coef = np.atleast_1d(omp.coef_)  # scikit-learn returns a scalar for a one-column dictionary
     idx = np.flatnonzero(coef)
     return idx.astype(np.int64), coef[idx]
 
