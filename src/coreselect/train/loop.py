@@ -22,7 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from coreselect.data.formatting import Encoded, Formatter
+from coreselect.data.formatting import (  # the one pad-id rule (re-exported)
+    Encoded,
+    Formatter,
+    pad_id,
+)
 from coreselect.data.records import Record
 from coreselect.errors import CoreselectError
 from coreselect.models.runner import Batch, collate
@@ -52,14 +56,6 @@ def masked_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
 def n_targets(e: Encoded) -> int:
     """Target tokens of a record (position 0 has no previous token to predict it from)."""
     return int(e.loss_mask[1:].sum())
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its eos id, else 0."""
-    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if v is not None:
-            return int(v)
-    return 0
 
 
 def device_of(model: Any) -> torch.device:
