@@ -452,14 +452,58 @@ class Formatter:
         module docstring. Raises :class:`~coreselect.errors.BadRecordError` (file, line, field)
         for a record that cannot be tokenized.
         """
+        text, spans, add_special = self._prepare(record)
+        ids, offsets, n_total = self._tokenize(record, text, add_special)
+        return self._finish(record, spans, add_special, ids, offsets, n_total)
+
+    def _prepare(self, record: Record) -> tuple[str, list[tuple[int, int, int]], bool]:
+        """Check, render: the rendered text, its content spans, and whether to add special tokens."""
         for i, m in enumerate(record.messages):
             reason = surrogate_error(m.content)
             if reason:
                 fld = "text" if record.kind == "text" else f"messages[{i}].content"
                 raise BadRecordError(record.file, record.line, fld, reason)
         text, spans = self.render(record)
-        add_special = record.kind == "text" or not self.use_chat
-        ids, offsets, n_total = self._tokenize(record, text, add_special)
+        return text, spans, record.kind == "text" or not self.use_chat
+
+    def encode_many(self, records: list[Record]) -> list[Encoded]:
+        """``[self.encode(r) for r in records]``, with one batched fast-tokenizer call per kind of
+        text (same ids and offsets: a batch without padding tokenizes each text on its own).
+        Texts past the char budget, and any batch the tokenizer refuses, go one by one through
+        :meth:`encode`'s path, so errors name the same record."""
+        prepared: list[Any] = []
+        for r in records:
+            try:
+                prepared.append(self._prepare(r))
+            except CoreselectError as e:  # raised when its record's turn comes, as encode() would
+                prepared.append(e)
+                break
+        toks: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * len(records)
+        for flag in (False, True):
+            idx = [i for i, p in enumerate(prepared)
+                   if not isinstance(p, Exception) and p[2] is flag and len(p[0]) <= self._char_budget]
+            if not idx:
+                continue
+            try:
+                enc = self.tokenizer([prepared[i][0] for i in idx], add_special_tokens=flag,
+                                     return_offsets_mapping=True)
+            except Exception:  # noqa: BLE001 - let the one-by-one path name the bad record
+                continue
+            for k, i in enumerate(idx):
+                ids = np.asarray(enc["input_ids"][k], dtype=np.int64)
+                toks[i] = ids, np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2), len(ids)
+        out = []
+        for r, p, tk in zip(records, prepared, toks):
+            if isinstance(p, Exception):
+                raise p
+            text, spans, add = p
+            ids, offsets, n_total = tk if tk is not None else self._tokenize(r, text, add)
+            out.append(self._finish(r, spans, add, ids, offsets, n_total))
+        return out
+
+    def _finish(self, record: Record, spans: list[tuple[int, int, int]], add_special: bool, ids: np.ndarray,
+                offsets: np.ndarray, n_total: int) -> Encoded:
+        """Scope codes, loss mask and truncation of one tokenized record."""
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos and not self._warned_double_bos:
             # coreselect adds no BOS of its own to a template that writes one; a second one comes
@@ -495,3 +539,51 @@ class Formatter:
         """Human-readable strings of token ids (for fingerprint files and reports)."""
         toks = self.tokenizer.convert_ids_to_tokens(list(ids))
         return {int(i): str(t) for i, t in zip(ids, toks)}
+
+
+def _worker_init(formatter: Formatter) -> None:
+    global _WORKER_FORMATTER
+    _WORKER_FORMATTER = formatter
+
+
+def _worker_encode(records: list[Record]) -> list[Encoded]:
+    return _WORKER_FORMATTER.encode_many(records)
+
+
+_WORKER_FORMATTER: Any = None
+
+
+class EncodePool:
+    """Encode record chunks in worker processes, results in pool order (``imap``).
+
+    ``workers=0`` encodes in the calling process (:meth:`Formatter.encode_many`). The outputs are
+    the same arrays either way (``tests/methods/test_trim_feed.py``). Workers start with a copy
+    of the formatter (its skeleton cache and determinism probe included).
+    """
+
+    def __init__(self, formatter: Formatter, workers: int = 0, chunk: int = 256) -> None:
+        self.formatter, self.workers, self.chunk = formatter, int(workers), max(1, int(chunk))
+        self._pool: Any = None
+        if self.workers > 0:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(formatter,))
+
+    def encode(self, records: list[Record]) -> list[Encoded]:
+        if self._pool is None:
+            return self.formatter.encode_many(records)
+        parts = [records[i:i + self.chunk] for i in range(0, len(records), self.chunk)]
+        return [e for part in self._pool.imap(_worker_encode, parts) for e in part]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> EncodePool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -100,6 +100,11 @@ class TrimConfig(TokenScoring):
 
     Attributes:
         layers: ``L``, attention of the last L layers feeds Stage I (Table 8: 6).
+        packing: Stage II packs each token-budget batch's records into rows of the longest
+            record's width (no attention mask; the kernel separates records by their position
+            ids: block-diagonal under SDPA, varlen under ``flash_attention_2``). Scores equal the
+            padded ones within float rounding (1e-5 in fp32, tests/methods/test_trim_feed.py).
+            Off by default: on CPU it did not pay (docs/performance.md, "Feeding the model").
         coverage: what ``kappa(c)`` of eq. 15 measures (see ``trim_math.coverage_term``):
             ``length`` (default) = ``|M(c)| / (|M(c)| + 32)``, an explicit length prior that
             does not depend on how long the model's chat template is; ``tokens`` =
@@ -129,6 +134,7 @@ class TrimConfig(TokenScoring):
     """
 
     layers: int = 6
+    packing: bool = False
     coverage: str = "length"
     saliency_minmax: str = "scope"
     min_context: int = 1
@@ -171,6 +177,16 @@ class TrimOptions(TrimConfig):
     def trim_config(self) -> TrimConfig:
         """The scoring knobs alone (what the fingerprints file records)."""
         return TrimConfig(**{f.name: getattr(self, f.name) for f in fields(TrimConfig)})
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """One device-to-host copy (pinned, non-blocking on CUDA, then one synchronize)."""
+    if t.device.type != "cuda":
+        return t.cpu().numpy()
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return buf.numpy()
 
 
 @register("trim", config=TrimOptions)
@@ -282,28 +298,59 @@ class TrimMethod(SelectionMethod):
 
     # ---------------------------------------------------------------- Stage II
     def _score_encoded(self, encoded: list[Encoded], bar: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ``|M(c)|`` for encoded records, in the given order."""
+        """Scores and ``|M(c)|`` for encoded records, in the given order.
+
+        No device round trip per batch: ids are checked against the embedding table and the
+        nearest-class table is filled for the chunk's ids on the host side before the loop;
+        per-batch scores, counts and finiteness flags stay on the device and are copied back
+        once per chunk (non-blocking, into pinned memory on CUDA). The next batch is collated
+        (and its host-to-device copy queued) before the current one is scored.
+        """
         assert self.fingerprints is not None and self._table is not None
         cfg = self.config
-        scores = np.empty(len(encoded), dtype=np.float64)
-        n_scored = np.zeros(len(encoded), dtype=np.int64)
-        for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
-            batch = self.runner.collate(encoded, positions)
-            hidden = self.runner.hidden(batch)
-            if not torch.isfinite(hidden).all():
-                bad = positions[int((~torch.isfinite(hidden)).flatten(1).any(1).nonzero()[0])]
-                raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
-                                      "(try --dtype float32)")
+        runner = self.runner
+        n = len(encoded)
+        scores = np.empty(n, dtype=np.float64)
+        n_scored = np.zeros(n, dtype=np.int64)
+        if not n:
+            return scores, n_scored
+        ids = np.unique(np.concatenate([e.input_ids for e in encoded] + [np.array([runner.pad_id])]))
+        vocab = self._table.vocab
+        if ids[0] < 0 or ids[-1] >= vocab:
+            bad = int(ids[-1] if ids[-1] >= vocab else ids[0])
+            raise CoreselectError(f"token id {bad} is outside the model's embedding table (V={vocab}): "
+                                  "the tokenizer does not match the model")
+        self._table.prefill(torch.from_numpy(ids))
+        batches = token_budget_batches([len(e) for e in encoded], cfg.batch_tokens)
+        collate = runner.collate_packed if cfg.packing else runner.collate
+        forward = runner.hidden_packed if cfg.packing else runner.hidden
+        outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        nxt = collate(encoded, batches[0])
+        for k in range(len(batches)):
+            cur = nxt
+            hidden = forward(cur)  # type: ignore[arg-type]
+            if k + 1 < len(batches):
+                nxt = collate(encoded, batches[k + 1])
+            batch = cur.batch if cfg.packing else cur  # type: ignore[union-attr]
+            finite = torch.isfinite(hidden).all(-1).all(-1)
             scored = cfg.scored_positions(batch)
             s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, scored,
-                                      oov_penalty=cfg.oov_penalty, table=self._table)
+                                      oov_penalty=cfg.oov_penalty, table=self._table, checked=True)
             sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
                                     coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
                                     content=batch.scope_mask(cfg.scope))
-            scores[positions] = sc.double().cpu().numpy()
-            n_scored[positions] = parts["n_scored"].cpu().numpy()
+            outs.append((sc.double(), parts["n_scored"], finite))
+            del hidden, s, in_m, scored
             if bar is not None:
-                bar.update(len(positions), tokens=batch.n_real_tokens)
+                bar.update(len(batch.positions), tokens=batch.n_real_tokens)
+        order = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches])
+        sc_all, n_all, ok_all = (_to_host(torch.cat([o[i] for o in outs])) for i in range(3))
+        if not ok_all.all():
+            bad = int(order[int(np.argmin(ok_all))])
+            raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
+                                  "(try --dtype float32)")
+        scores[order] = sc_all
+        n_scored[order] = n_all
         return scores, n_scored
 
     def score_chunks(self, pool: Iterable[Record], total: int | None = None,
@@ -319,7 +366,7 @@ class TrimMethod(SelectionMethod):
 
         def read_and_encode() -> tuple[list[Record], list[Encoded]]:
             chunk = next(chunks, [])
-            return chunk, [self.formatter.encode(r) for r in chunk]
+            return chunk, self.formatter.encode_many(chunk)
 
         # While the model scores chunk k, one background thread reads and tokenizes chunk
         # k+1 (the fast tokenizer releases the GIL). Only that thread touches the pool

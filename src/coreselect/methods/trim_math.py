@@ -409,11 +409,18 @@ class NearestClassTable:
         #: the fingerprint vectors on the embeddings' device, so scoring does not copy them per batch
         self.vectors = fingerprints.vectors.to(device=device, dtype=torch.float32)
 
-    def rows(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(row, is_direct)`` for each id: the fingerprint row used and whether it is the id's own."""
+    def prefill(self, token_ids: Tensor) -> None:
+        """Look up the nearest class of every id given now (e.g. a chunk's unique ids), so that
+        :meth:`rows` with ``filled=True`` needs no data-dependent step (no device sync)."""
+        self.rows(token_ids.to(self._direct.device))
+
+    def rows(self, token_ids: Tensor, *, filled: bool = False) -> tuple[Tensor, Tensor]:
+        """Return ``(row, is_direct)`` for each id: the fingerprint row used and whether it is the id's own.
+
+        ``filled=True``: every id was :meth:`prefill`-ed, skip the lookup of unseen ids."""
         direct = self._direct[token_ids]
         is_direct = direct >= 0
-        missing = token_ids[~is_direct]
+        missing = token_ids[~is_direct] if not filled else token_ids[:0]
         if missing.numel():
             uniq = torch.unique(missing)
             todo = uniq[self._nearest[uniq] == -2]
@@ -441,8 +448,12 @@ def token_scores(
     *,
     oov_penalty: float | None = 1.0,
     table: NearestClassTable | None = None,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token match scores ``s_j`` (eq. 10-12) and the scored set ``M(c)`` (eq. 14).
+
+    ``checked=True``: the caller has verified the ids are inside the embedding table and
+    :meth:`NearestClassTable.prefill`-ed them, so nothing here reads the device (Stage II's loop).
 
     Returns:
         ``(s, in_m, direct)``: ``s [B,T]`` float32 (0 outside ``M``), ``in_m [B,T]`` bool,
@@ -455,13 +466,13 @@ def token_scores(
     scored = scored_mask.bool()
     ids = token_ids.to(table._direct.device)
     outside = (ids < 0) | (ids >= table.vocab)
-    if bool((outside & scored.to(ids.device)).any()):
+    if not checked and bool((outside & scored.to(ids.device)).any()):
         from coreselect.errors import CoreselectError
 
         bad = int(ids[outside & scored.to(ids.device)][0])
         raise CoreselectError(f"token id {bad} is outside the model's embedding table (V={table.vocab}): "
                               "the tokenizer does not match the model")
-    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1))  # only unscored (pad) ids are clamped
+    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1), filled=checked)  # only unscored (pad) ids are clamped
     has_fp = rows >= 0
     in_m = scored & (direct | (has_fp & (oov_penalty is not None)))
     vec = table.vectors if table.fingerprints is fingerprints else fingerprints.vectors

@@ -72,9 +72,13 @@ class Batch:
     position_ids: Tensor
     codes: Tensor
     loss_mask: Tensor
+    #: ``[B]`` record lengths, kept on the host so that counting tokens never reads the device
+    lengths: np.ndarray | None = None
 
     @property
     def n_real_tokens(self) -> int:
+        if self.lengths is not None:
+            return int(self.lengths.sum())
         return int(self.attention_mask.sum())
 
     @property
@@ -105,33 +109,125 @@ def response_losses(logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
     return per_pos.sum(-1), keep.sum(-1)
 
 
+def _to_device(a: np.ndarray, device: torch.device | str) -> Tensor:
+    """A host array as a tensor on ``device``: on CUDA through pinned memory with a non-blocking copy
+    (the host buffer is not touched again, so the copy can overlap whatever the device is doing)."""
+    t = torch.from_numpy(a)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return t
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def collate(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int, padding_side: str = "right",
             device: torch.device | str = "cpu") -> Batch:
-    """Pad a batch; ``padding_side`` is ``right`` or ``left``."""
+    """Pad a batch; ``padding_side`` is ``right`` or ``left``.
+
+    Everything is built on the host with numpy (position ids included) and copied once per tensor
+    (pinned, non-blocking on CUDA); the record lengths stay on the host (:attr:`Batch.lengths`).
+    """
     items = [encoded[p] for p in positions]
-    width = max(len(e) for e in items)
+    lengths = np.fromiter((len(e) for e in items), dtype=np.int64, count=len(items))
+    width = int(lengths.max())
     b = len(items)
     ids = np.full((b, width), pad_id, dtype=np.int64)
     mask = np.zeros((b, width), dtype=np.int64)
+    pos = np.zeros((b, width), dtype=np.int64)
     codes = np.zeros((b, width), dtype=np.int8)
     loss = np.zeros((b, width), dtype=bool)
+    ramp = np.arange(width, dtype=np.int64)
     for r, e in enumerate(items):
         n = len(e)
         sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
         ids[r, sl] = e.input_ids
         mask[r, sl] = 1
+        pos[r, sl] = ramp[:n]  # (cumsum(mask) - 1).clamp(0): 0 on left padding, 0..n-1 on the record
+        if padding_side == "right":
+            pos[r, n:] = n - 1
         codes[r, sl] = e.codes
         loss[r, sl] = e.loss_mask
-    mask_t = torch.from_numpy(mask)
-    pos = (mask_t.cumsum(-1) - 1).clamp(min=0)
     return Batch(
         positions=list(positions),
-        input_ids=torch.from_numpy(ids).to(device),
-        attention_mask=mask_t.to(device),
-        position_ids=pos.to(device),
-        codes=torch.from_numpy(codes).to(device),
-        loss_mask=torch.from_numpy(loss).to(device),
+        input_ids=_to_device(ids, device),
+        attention_mask=_to_device(mask, device),
+        position_ids=_to_device(pos, device),
+        codes=_to_device(codes, device),
+        loss_mask=_to_device(loss, device),
+        lengths=lengths,
     )
+
+
+@dataclass
+class Packed:
+    """Several records laid end to end in rows of one width (sequence packing).
+
+    ``input_ids`` / ``position_ids`` are ``[R, W]``; positions restart at 0 for each record, and
+    the tail of a row is a padding segment of its own (positions 0, 1, ...), so the model's packed
+    sequence detection (``position_ids`` jumps, no ``attention_mask``) gives every record its own
+    causal block: a block-diagonal mask under SDPA / eager, varlen kernels under
+    ``flash_attention_2``. ``gather`` ``[B * T]`` indexes the flattened ``[R * W]`` output so that
+    ``hidden.flatten(0, 1)[gather].view(B, T, D)`` is the padded layout of :attr:`batch`
+    (positions past a record's end repeat its last state; pad positions are never scored).
+    """
+
+    batch: Batch
+    input_ids: Tensor
+    position_ids: Tensor
+    gather: Tensor
+    rows: int
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: record positions grouped into rows of at most ``width`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r, f in enumerate(free):
+            if f >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(width - n)
+    return rows
+
+
+def collate_packed(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int,
+                   device: torch.device | str = "cpu", width: int | None = None) -> Packed:
+    """:func:`collate` (right padding) plus the same records packed into rows of ``width`` tokens
+    (default: the longest record, so attention costs no more than the padded batch)."""
+    batch = collate(encoded, positions, pad_id, "right", "cpu")
+    lengths = batch.lengths
+    assert lengths is not None
+    b, t = batch.input_ids.shape
+    w = int(width or t)
+    rows = pack_rows(lengths.tolist(), w)
+    ids = np.full((len(rows), w), pad_id, dtype=np.int64)
+    pos = np.zeros((len(rows), w), dtype=np.int64)
+    gather = np.zeros((b, t), dtype=np.int64)
+    ramp = np.arange(w, dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = int(lengths[i])
+            ids[r, at:at + n] = encoded[positions[i]].input_ids
+            pos[r, at:at + n] = ramp[:n]
+            gather[i, :n] = r * w + at + ramp[:n]
+            gather[i, n:] = r * w + at + n - 1  # padding: the record's last state (never scored)
+            at += n
+        pos[r, at:] = ramp[:w - at]
+    dev = torch.device(device)
+    on_dev = Batch(positions=batch.positions, input_ids=_to_device(batch.input_ids.numpy(), dev),
+                   attention_mask=_to_device(batch.attention_mask.numpy(), dev),
+                   position_ids=_to_device(batch.position_ids.numpy(), dev),
+                   codes=_to_device(batch.codes.numpy(), dev), loss_mask=_to_device(batch.loss_mask.numpy(), dev),
+                   lengths=lengths)
+    return Packed(on_dev, _to_device(ids, dev), _to_device(pos, dev), _to_device(gather.reshape(-1), dev), len(rows))
 
 
 @contextlib.contextmanager
@@ -238,6 +334,22 @@ class ModelRunner:
         self.forward_passes += batch.input_ids.shape[0]
         self.tokens_seen += batch.n_real_tokens
         return out.last_hidden_state
+
+    def collate_packed(self, encoded: Sequence[Encoded], positions: Sequence[int]) -> Packed:
+        return collate_packed(encoded, positions, self.pad_id, self.device)
+
+    @torch.inference_mode()
+    def hidden_packed(self, packed: Packed) -> Tensor:
+        """:meth:`hidden` for a packed batch: one pass over the packed rows (no attention mask; the
+        model finds the records from the position ids), returned in the padded ``[B, T, D]`` layout
+        of ``packed.batch``. Needs a kernel that honours packed position ids (SDPA, eager,
+        flash_attention_2 in transformers >= 4.54)."""
+        out = self.base(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        h = out.last_hidden_state
+        b, t = packed.batch.input_ids.shape
+        self.forward_passes += b
+        self.tokens_seen += packed.batch.n_real_tokens
+        return h.flatten(0, 1).index_select(0, packed.gather).view(b, t, h.shape[-1])
 
     @contextlib.contextmanager
     def _eager(self) -> Iterator[None]:
