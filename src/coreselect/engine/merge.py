@@ -30,7 +30,6 @@ class MergeArgs:
         inputs: folders holding ``shards/scores-*.parquet`` (default: ``--out`` only).
         on_bad_record: what the shard processes used (``error`` or ``skip``), so pool
             positions agree.
-        progress: unused; accepted so select configs can be reused.
     """
 
     out: str = ""
@@ -38,7 +37,6 @@ class MergeArgs:
     budget: str = "5%"
     inputs: list[str] = field(default_factory=list)
     on_bad_record: str = "error"
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):

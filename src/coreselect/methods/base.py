@@ -64,6 +64,32 @@ def peak_memory_mb(device: Any = "cpu") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class ExperimentRow:
+    """One row a method contributes to ``coreselect experiment`` (a ``methods:`` entry).
+
+    Every method contributes its plain row (select with it, LoRA-train on the coreset); a
+    method may add variants through :meth:`SelectionMethod.experiment_rows` (P2D's three rows).
+
+    Attributes:
+        key: the ``methods:`` entry, also the run folders' prefix.
+        select: the method whose coreset is trained on.
+        label: the row's name in results.md.
+        train_heads_from: a method whose selection folder holds ``train_heads_file``; when set,
+            training updates only those heads (``train --heads``) instead of LoRA.
+        train_heads_file: that file's name.
+        extra_cost: ``(method, stats key)`` pairs: seconds from that selection's run.json
+            ``stats`` added to this row's selection cost.
+    """
+
+    key: str
+    select: str
+    label: str
+    train_heads_from: str | None = None
+    train_heads_file: str = "heads.json"
+    extra_cost: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass
 class MethodContext:
     """What a method may use when it is built (:meth:`SelectionMethod.create`).
@@ -113,6 +139,11 @@ class SelectionMethod(ABC):
         self.cost = Cost()
         self.n_truncated = 0  # records longer than max_length, cut (fit and score)
         self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def experiment_rows(cls) -> list[ExperimentRow]:
+        """The rows this method adds to ``coreselect experiment`` (default: its plain row)."""
+        return [ExperimentRow(cls.name, cls.name, cls.name)]
 
     @classmethod
     def requires_target(cls, config: Any) -> bool:

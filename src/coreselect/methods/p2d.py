@@ -73,6 +73,7 @@ from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.base import (
+    ExperimentRow,
     MethodContext,
     ScoreChunk,
     SelectionMethod,
@@ -479,6 +480,15 @@ class P2DMethod(SelectionMethod):
         self._table: NearestClassTable | None = None
         self._center: Tensor | None = None
         self._target_encoded: list[Encoded] = []
+
+    @classmethod
+    def experiment_rows(cls) -> list[ExperimentRow]:
+        """P2D (select + train the heads), P2D-dagger (select only) and P2D-double-dagger
+        (train the heads on random data; locating them counts as its selection cost)."""
+        return [ExperimentRow("p2d", "p2d", "P2D", train_heads_from="p2d"),
+                ExperimentRow("p2d_select", "p2d", "P2D† (select only)"),
+                ExperimentRow("p2d_train", "random", "P2D‡ (heads only, random data)", train_heads_from="p2d",
+                              extra_cost=(("p2d", "localize_s"),))]
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> P2DMethod:

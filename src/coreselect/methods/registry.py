@@ -109,3 +109,14 @@ def get(name: str) -> MethodSpec:
 def specs() -> dict[str, MethodSpec]:
     """Every spec (imports every method module)."""
     return {n: get(n) for n in names()}
+
+
+def experiment_rows() -> dict[str, Any]:
+    """Every ``methods:`` entry of ``coreselect experiment``: ``{key: ExperimentRow}``, from all methods."""
+    rows: dict[str, Any] = {}
+    for spec in specs().values():
+        for row in spec.cls.experiment_rows():
+            if row.key in rows and rows[row.key] != row:
+                raise ValueError(f"experiment row {row.key!r} contributed twice")
+            rows[row.key] = row
+    return rows

@@ -195,7 +195,7 @@ def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
         raise CoreselectError(f"pool record index {missing[0]} not found: the pool changed since the run")
     with progress_bar(len(want), "report: scoring shown records", enabled=args.progress) as bar:
         views = dict(zip(want, ex.record_views([records[i] for i in want], bar)))
-    lam = settings.oov_penalty
+    lam = ex.config.oov_penalty
     scored = np.concatenate([v.s[v.in_m] for v in views.values()] + [np.zeros(0)])
     scale = (float(scored.min()), float(scored.max())) if scored.size else (0.0, 1.0)
 
