@@ -8,11 +8,7 @@ from __future__ import annotations
 from coreselect.devtools.imports import cycles, graph
 
 #: cycles still being removed elsewhere (each with its reason); the test fails on any other
-KNOWN: list[list[str]] = [
-    # P2D's run_info times the heads-only training of train.heads, which reuses P2D's HeadSet:
-    # gone with the P2D package split (methods/p2d/{localize,select,train}.py)
-    ["coreselect.methods.p2d", "coreselect.train.heads"],
-]
+KNOWN: list[list[str]] = []
 
 
 def test_no_import_cycles():

@@ -21,7 +21,6 @@ from coreselect.methods.p2d import (
     attention_importance,
     gradient_importance,
     head_features,
-    head_features_and_attention,
     head_gates,
     localize_heads,
     n_top,
@@ -30,9 +29,10 @@ from coreselect.methods.p2d import (
     random_heads,
     top_heads,
 )
+from coreselect.methods.p2d.select import head_features_and_attention
+from coreselect.methods.p2d.train import alignment_efficiency_ratio
 from coreselect.models.loading import load_model
 from coreselect.models.runner import ModelRunner
-from coreselect.train.heads import alignment_efficiency_ratio
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""P2D sparse head adaptation: only the H_T slices move, GQA policy, the delta artifact."""
+"""P2D sparse head adaptation on ``Trainer``: only the H_T slices move (bit-identical elsewhere),
+GQA policy, the delta artifact, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 from coreselect.data.readers import read_records
 from coreselect.errors import CoreselectError
 from coreselect.methods.p2d import HeadGeometry, HeadSet
+from coreselect.methods.p2d.train import (
+    HeadDelta,
+    _merge,
+    apply_head_delta,
+    head_slices,
+    train_heads,
+    train_heads_from_file,
+)
 from coreselect.models.loading import load_model
-from coreselect.train.heads import HeadDelta, apply_head_delta, head_slices, train_heads, train_heads_from_file
 from coreselect.train.lora import TrainArgs, eval_loss
 
 HEADS = [(1, 0), (1, 1), (3, 2)]  # layer 1: both query heads of KV head 0; layer 3: query head 2 -> KV head 1
@@ -94,6 +102,43 @@ def test_sparse_training_moves_only_the_selected_slices_and_lowers_the_loss(tiny
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
     state = json.loads((tmp_path / "run" / "train_state.json").read_text())
     assert state["mode"] == "heads" and state["kv_policy"] == "any" and len(state["losses"]) == 16
+    # Trainer's outputs: the loss curve, and the base's requires_grad flags restored
+    assert (tmp_path / "run" / "loss.png").is_file() and res.plot is not None
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_checkpoints_hold_only_the_deltas_and_resume_matches_one_run(tiny_model_dir, small_pool, tmp_path):
+    """Per-epoch checkpoints carry the deltas and their AdamW state (no base weights, no pickle);
+    stopping after epoch 1 and resuming gives the same deltas as one uninterrupted run."""
+    from safetensors.torch import load_file
+
+    records = _records(small_pool)  # 8 records, batch 4: 2 steps per epoch
+    args = TrainArgs(lr=5e-3, epochs=2, batch_size=4, grad_accum=1, warmup_ratio=0.0, max_length=256, seed=0,
+                     max_grad_norm=None)
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    full = train_heads(model, tok, records, HEADS, args, tmp_path / "full", progress=False)
+    assert [c.step for c in full.checkpoints] == [2, 4]
+    ck = tmp_path / "full" / "checkpoint-2"
+    weights = load_file(str(ck / "model.safetensors"))
+    n_delta = sum(v.numel() for v in weights.values())
+    assert n_delta == full.n_trainable and all(k.startswith("delta.") for k in weights)
+    assert (ck / "optimizer.safetensors").is_file() and not list(ck.glob("*.bin")) and not list(ck.glob("*.pt*"))
+
+    # an interrupted run: stop after epoch 1 (remove the later checkpoint), then resume
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
+    model2, _ = load_model(str(tiny_model_dir), device="cpu")
+    resumed = train_heads(model2, tok, records, HEADS, args, tmp_path / "cut", progress=False, resume=True)
+    assert resumed.steps == 4
+    a, b = load_file(str(full.delta_path)), load_file(str(resumed.delta_path))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    # and a different head set is refused for that folder
+    with pytest.raises(Exception, match="differ"):
+        train_heads(model2, tok, records, [(0, 0)], args, tmp_path / "cut", progress=False, resume=True)
 
 
 def test_delta_hooks_equal_the_merged_weights(tiny_model_dir):
@@ -106,8 +151,6 @@ def test_delta_hooks_equal_the_merged_weights(tiny_model_dir):
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
     with torch.no_grad(), delta.attached(model):
         hooked = model(input_ids=ids).logits
-    from coreselect.train.heads import _merge
-
     _merge(model, delta.tensors())
     with torch.no_grad():
         merged = model(input_ids=ids).logits
@@ -134,8 +177,6 @@ def test_fused_qkv_deltas_hooked_equal_merged_and_touch_only_the_heads(family):
     """Fused QKV and Conv1D: the hooked deltas and the merged weights give the same logits, and
     the merge writes only the rows / columns :func:`head_slices` assigns to the heads."""
     from coreselect.models.introspect import projection, projection_weight
-    from coreselect.train.heads import _merge
-
     model = _tiny_fused(family)
     geom = HeadGeometry.of(model)
     heads = [(0, 1), (1, 2)]

@@ -192,10 +192,11 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
                               "versions": versions(), "model": model_info}
     fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
-    if args.heads:  # P2D sparse head adaptation instead of LoRA (coreselect.train.heads)
-        from coreselect.train.heads import train_heads_run
+    if args.heads:  # P2D sparse head adaptation instead of LoRA, on the same Trainer (coreselect.methods.p2d.train)
+        from coreselect.methods.p2d.train import train_heads_run
 
-        hinfo = train_heads_run(args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress)
+        hinfo = train_heads_run(args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress,
+                                resume=args.resume)
         hinfo["counts"]["rejected"] = rejects.count
         info: dict[str, Any] = {
             **common, **hinfo, "adapter": hinfo["delta"],

@@ -3,8 +3,8 @@
 LoRA fine-tuning (:mod:`coreselect.train.lora`) runs on ``transformers.Trainer``. What is
 left here is used by code that runs its own forward passes: the response-only loss
 (:func:`make_labels`, :func:`masked_lm_loss`, :func:`forward`) for scoring and evaluation,
-and the step plan / epoch order / micro-batch helpers that the P2D-double-dagger heads-only
-loop (:mod:`coreselect.train.heads`) still uses until it moves onto ``Trainer`` too.
+plus the encoding and step plan that :func:`coreselect.train.lora.train_lora` (LoRA and
+P2D-double-dagger's heads-only training) computes before handing over to ``Trainer``.
 
 Conventions (the same as ``Trainer`` with :func:`coreselect.train.lora.collate_for_lm`):
 labels are ``input_ids`` where ``loss_mask`` else ``-100``; token ``t`` is predicted from
@@ -29,15 +29,15 @@ from coreselect.data.formatting import (  # the one pad-id rule (re-exported)
 )
 from coreselect.data.records import Record
 from coreselect.errors import CoreselectError
-from coreselect.models.runner import Batch, collate
+from coreselect.models.runner import Batch
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
-__all__ = ["IGNORE", "SCHEDULES", "accumulate", "device_of", "encode_for_training", "epoch_order", "forward",
-           "make_labels", "masked_lm_loss", "micro_batches", "n_targets", "pad_id", "plan_steps", "scheduler"]
+__all__ = ["IGNORE", "SCHEDULES", "device_of", "encode_for_training", "forward", "make_labels", "masked_lm_loss",
+           "n_targets", "pad_id", "plan_steps"]
 
 
 def make_labels(batch: Batch) -> Tensor:
@@ -93,44 +93,3 @@ def plan_steps(n: int, args: Any, world_size: int = 1) -> tuple[int, int]:
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     return steps_per_epoch, total
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled record order of one epoch (``torch.Generator`` seeded ``seed + epoch``)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
-def micro_batches(perm: list[int], g: int, args: Any) -> list[list[int]]:
-    """The micro-batches (record positions) of optimizer step ``g`` of an epoch whose order is ``perm``."""
-    lo = g * args.grad_accum * args.batch_size
-    hi = min(len(perm), lo + args.grad_accum * args.batch_size)
-    return [perm[i:min(i + args.batch_size, hi)] for i in range(lo, hi, args.batch_size)]
-
-
-def accumulate(model: Any, encoded: Sequence[Encoded], groups: list[list[int]], targets: Sequence[int],
-               pad: int, device: torch.device) -> tuple[float, int]:
-    """Forward + backward of one optimizer step's micro-batches, normalized by the step's target tokens.
-
-    Returns the step's token-mean loss and its real (non-pad) token count.
-    """
-    denom = sum(targets[i] for mb in groups for i in mb)
-    step_loss, step_tokens = 0.0, 0
-    for mb in groups:
-        batch = collate(encoded, mb, pad, "right", device)
-        loss_sum, _ = masked_lm_loss(forward(model, batch), make_labels(batch))
-        (loss_sum / denom).backward()
-        step_loss += float(loss_sum.detach()) / denom
-        step_tokens += batch.n_real_tokens
-    return step_loss, step_tokens
-
-
-def scheduler(optimizer: torch.optim.Optimizer, args: Any, total: int) -> Any:
-    """The Table 7 learning-rate schedule: ``ceil(warmup_ratio * total)`` warmup steps, then decay."""
-    import transformers
-
-    warm = math.ceil(args.warmup_ratio * total)
-    if args.schedule == "linear":
-        return transformers.get_linear_schedule_with_warmup(optimizer, warm, total)
-    if args.schedule == "cosine":
-        return transformers.get_cosine_schedule_with_warmup(optimizer, warm, total)
-    return transformers.get_constant_schedule_with_warmup(optimizer, warm)

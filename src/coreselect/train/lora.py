@@ -56,7 +56,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -70,26 +70,20 @@ from coreselect.models.runner import collate
 from coreselect.train.loop import (
     IGNORE,
     SCHEDULES,
-    accumulate,
     device_of,
     encode_for_training,
-    epoch_order,
     forward,
     make_labels,
     masked_lm_loss,
-    micro_batches,
     n_targets,
     pad_id,
     plan_steps,
-    scheduler,
 )
 
 log = logging.getLogger(__name__)
 
-# Old private names, still imported by ``train/heads.py`` (its own loop) and a few scorers.
-_accumulate, _device, _encode_for_training, _epoch_order = accumulate, device_of, encode_for_training, epoch_order
-_forward, _micro_batches, _n_targets, _pad_id, _plan_steps, _scheduler = (
-    forward, micro_batches, n_targets, pad_id, plan_steps, scheduler)
+# Old private names, still imported by ``experiment.py`` and ``methods/baselines/gradients.py``.
+_forward, _pad_id = forward, pad_id
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "coreselect.json"
@@ -594,8 +588,23 @@ def _world() -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- training
+class Trainable(Protocol):
+    """What :func:`train_lora` trains instead of peft LoRA adapters (its ``trainable=``), e.g.
+    P2D-double-dagger's head deltas (:mod:`coreselect.methods.p2d.train`). The recipe, collator,
+    checkpoints, resume checks, loss plot and accelerate support stay the same."""
+
+    @property
+    def targets(self) -> Sequence[str]:
+        """What is trained, by name: written to train_state.json and part of the resume fingerprint."""
+
+    def wrap(self, model: Any) -> Any:
+        """The module ``Trainer`` trains (and saves: its ``state_dict``); its ``requires_grad``
+        parameters are the trained ones."""
+
+
 def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: TrainArgs, out_dir: str | os.PathLike,
-               *, progress: bool = True, resume: bool = False, formatter: Formatter | None = None) -> TrainResult:
+               *, progress: bool = True, resume: bool = False, formatter: Formatter | None = None,
+               trainable: Trainable | None = None) -> TrainResult:
     """Fine-tune LoRA adapters on ``records`` with the Table 7 recipe (see the module doc).
 
     ``model`` (a plain ``*ForCausalLM``) gets LoRA layers injected in place and is left in
@@ -608,6 +617,8 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         resume: continue from the newest complete checkpoint in ``out_dir`` (same records
             and args required, verified as in the module doc); without one, start from scratch.
         formatter: how records become tokens (default: ``Formatter(tokenizer, max_length)``).
+        trainable: train this instead of LoRA adapters (:class:`Trainable`; the LoRA fields of
+            ``args`` are then unused).
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -626,7 +637,10 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     encoded, skipped = encode_for_training(formatter or Formatter(tokenizer, args.max_length), records)
     steps_per_epoch, total = plan_steps(len(encoded), args, world)
 
-    targets = list(args.target_modules) if args.target_modules else _default_targets(model)
+    if trainable is not None:
+        targets = list(trainable.targets)
+    else:
+        targets = list(args.target_modules) if args.target_modules else _default_targets(model)
     fp = _fingerprint(args, targets, encoded)
     run_file = out / RUN_FILE
     resume_from: tuple[int, Path, dict[str, Any]] | None = None
@@ -650,7 +664,7 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     transformers.set_seed(args.seed)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=targets)
-    model = get_peft_model(model, config)
+    model = trainable.wrap(model) if trainable is not None else get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
 
