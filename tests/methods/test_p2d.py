@@ -29,7 +29,7 @@ from coreselect.methods.p2d import (
     random_heads,
     top_heads,
 )
-from coreselect.methods.p2d.select import head_features_and_attention
+from coreselect.methods.p2d.select import head_attentions
 from coreselect.methods.p2d.train import alignment_efficiency_ratio
 from coreselect.models.loading import load_model
 from coreselect.models.runner import ModelRunner
@@ -163,9 +163,82 @@ def test_head_features_are_the_o_proj_inputs_of_the_selected_heads(runner, loade
     want = torch.cat([seen[1][..., 0:d], seen[1][..., 3 * d:4 * d], seen[2][..., 2 * d:3 * d]], -1)
     assert feats.shape == (len(enc), batch.input_ids.shape[1], 3 * d)
     torch.testing.assert_close(feats, want)
-    full, attns = head_features_and_attention(runner, batch, by_layer)
-    torch.testing.assert_close(full, feats)
+    attns = head_attentions(runner, batch, by_layer)  # eager, stops after layer 2's attention
     assert [a.shape[1] for a in attns] == [2, 1]
+    every = runner.attentions(batch, runner.num_layers)  # the last L layers = all of them here
+    torch.testing.assert_close(attns[0], every[1][:, [0, 3]])
+    torch.testing.assert_close(attns[1], every[2][:, [2]])
+
+
+# ------------------------------------------------------------------------------ TRIM's conventions (issue 11)
+def test_p2d_shares_trims_conventions_and_defaults():
+    from dataclasses import fields
+
+    from coreselect.methods.trim import TrimConfig
+
+    p2d, trim = P2DConfig(), TrimConfig()
+    shared = {f.name for f in fields(TrimConfig)} & {f.name for f in fields(P2DConfig)}
+    assert {"coverage", "saliency_minmax", "min_context", "scope", "w_row", "oov_penalty"} <= shared
+    assert all(getattr(p2d, n) == getattr(trim, n) for n in shared)
+    for bad in ({"coverage": "x"}, {"saliency_minmax": "x"}, {"min_context": -1}):
+        with pytest.raises(ConfigError):
+            P2DConfig(**bad)
+
+
+def test_attention_proxy_uses_one_eager_pass(runner, loaded, small_pool, monkeypatch):
+    def no(*a, **k):
+        raise AssertionError("attn_hidden runs a second (SDPA) pass whose hidden state the proxy discards")
+
+    monkeypatch.setattr(runner, "attn_hidden", no)
+    assert attention_importance(runner, _encoded(loaded, small_pool[1])).sum() > 0
+
+
+def _fit(runner, loaded, small_pool, **kw):
+    fmt = Formatter(loaded[1], 256)
+    cfg = P2DConfig(heads="random", head_fraction=0.25, batch_tokens=64, aer=False, **kw)
+    return P2DMethod(runner, fmt, cfg, progress=False).fit(list(read_records([small_pool[1]])))
+
+
+def test_fingerprint_fit_uses_layer_windows_and_scope_minmax(runner, loaded, small_pool, monkeypatch):
+    """Stage I of the fingerprint feature is TRIM's: per-layer sliding windows in eq. 2 / eq. 4,
+    eq. 6's min-max over the fingerprinted positions, features from the scoring kernel."""
+    from coreselect.methods.trim_math import FingerprintBuilder, token_saliency
+    from coreselect.models.runner import attention_windows
+
+    monkeypatch.setattr(runner.model.config, "sliding_window", 3, raising=False)
+    monkeypatch.setattr(runner.model.config, "layer_types", None, raising=False)
+    m = _fit(runner, loaded, small_pool, feature="fingerprint", scope="all", min_context=0)
+    by_layer = m.head_set.by_layer()
+    windows = attention_windows(runner.model.config, sorted(by_layer))
+    assert windows == [3] * len(by_layer)
+    enc = m._target_encoded
+    batch = runner.collate(enc, list(range(len(enc))))
+    keep = m.config.scored_positions(batch)
+
+    def built(win, over):
+        b = FingerprintBuilder()
+        alpha = token_saliency(head_attentions(runner, batch, by_layer), batch.attention_mask, 0.5, 0.5,
+                               windows=win, minmax_mask=over)
+        b.add(head_features(runner, batch, by_layer), alpha, batch.input_ids, keep)
+        return b.finalize().vectors
+
+    want = built(windows, keep)
+    torch.testing.assert_close(m.fingerprints.vectors, want)
+    assert not torch.allclose(built(None, keep), want)  # the window changes the fingerprints
+    assert not torch.allclose(built(windows, None), want)  # so does where the min-max runs
+
+
+def test_coverage_reading_and_min_context_are_wired(runner, loaded, small_pool):
+    pool = list(read_records([small_pool[0]]))
+    a = _fit(runner, loaded, small_pool, feature="fingerprint").score_batch(pool)
+    b = _fit(runner, loaded, small_pool, feature="fingerprint", coverage="tokens").score_batch(pool)
+    n, c = a.n_scored.astype(np.float64), a.n_tokens.astype(np.float64)
+    # eq. 15: the two readings differ by eta * (kappa_length - kappa_tokens) and nothing else
+    np.testing.assert_allclose(a.score - b.score, 0.05 * (n / (n + 32.0) - n / c), rtol=1e-5, atol=1e-6)
+    # min_context=1 drops exactly each record's first content token from what is pooled and scored
+    p0 = _fit(runner, loaded, small_pool, min_context=0).score_batch(pool)
+    p1 = _fit(runner, loaded, small_pool).score_batch(pool)
+    assert (p0.n_scored - p1.n_scored == 1).all() and not np.allclose(p0.score, p1.score)
 
 
 @pytest.mark.parametrize("feature", ["fingerprint", "pooled"])

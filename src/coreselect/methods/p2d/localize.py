@@ -1,4 +1,4 @@
-"""P2D stage 1 (paper 003, §3.1 and Fig. 2-3): fast localization of the task-sensitive heads ``H_T``.
+"""P2D stage i (paper 003, Fig. 2; heat maps as Fig. 3): fast head localization of the task-sensitive heads ``H_T``.
 
 The paper names the stage but gives few formulas, so the choices below are ours (each is
 tested in ``tests/methods/test_p2d.py``).
@@ -259,7 +259,7 @@ def attention_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_
     total = np.zeros((geom.n_layers, geom.n_heads), dtype=np.float64)
     for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
         batch = runner.collate(encoded, positions)
-        attns, _ = runner.attn_hidden(batch, runner.num_layers)
+        attns = runner.attentions(batch, runner.num_layers)  # probabilities only: no second (SDPA) pass
         real = batch.attention_mask.bool()
         resp = (batch.codes == RESPONSE) & real  # [B, T] queries
         prompt = ((batch.codes == PROMPT) & real).float()  # [B, T] keys

@@ -1,7 +1,6 @@
-"""P2D stage 2 (paper 003, §3.2): parameter-guided selection, P2D-dagger.
+"""P2D stage ii (paper 003, Fig. 2): parameter-guided data selection, P2D-dagger.
 
-
-2. **Parameter-guided selection** (:class:`P2DMethod`, P2D-dagger): a pool record is seen
+**Parameter-guided selection** (:class:`P2DMethod`, the registered ``p2d`` method): a pool record is seen
    only through ``H_T``: the per-head context vectors at the ``o_proj`` input of the
    selected heads, concatenated (``|H_T| * d`` features per token). The forward pass
    stops right after the deepest selected layer. Two scorings:
@@ -13,6 +12,14 @@
      the final hidden state, the saliency ``alpha`` being TRIM's eq. 1-7 on the selected
      heads' attention maps only.
 
+   Both follow TRIM's conventions (``trim_math`` module doc, issue 11), with TRIM's defaults
+   (:class:`P2DConfig`): tokens are pooled / fingerprinted / scored only with ``min_context``
+   content tokens before them; the fingerprint feature counts eq. 2 / eq. 4's admissible keys
+   with each selected layer's sliding window, runs eq. 6's min-max over the fingerprinted
+   positions (``saliency_minmax``), reads eq. 15's ``kappa`` as ``coverage`` says, and takes
+   the fitted features from the same kernel as the scored ones (only the probabilities come
+   from an eager pass, :func:`head_attentions`).
+
    The default is ``pooled``. Quick check on the mixed math/other fixture (4 + 4 records,
    2 math targets, 10% of heads, gradient proxy): with SmolLM2-135M-Instruct, ``pooled``
    ranks every math record above every other one under both ``scope=all`` (margin 0.19
@@ -21,10 +28,14 @@
    the tiny random-init test model both put 3 math records in the top 4. ``pooled`` is
    also cheaper: no attention maps, no eager attention, one vector per record. Its
    weakness is the one TRIM addresses (a whole-record average can hide a few matching
-   tokens), so ``fingerprint`` stays available (``method_options: {feature: fingerprint}``).
+   tokens), so ``fingerprint`` stays available (``--feature fingerprint``). (That check predates
+   the conventions above, i.e. ``min_context=0`` and the ``tokens`` coverage reading.)
 
    ``heads="random"`` draws the same number of heads uniformly (seeded): the paper's
+   falsification test (task heads vs random heads).
 
+The method contributes three experiment rows (:meth:`P2DMethod.experiment_rows`): P2D,
+P2D-dagger and P2D-double-dagger, whose heads-only training is :mod:`coreselect.methods.p2d.train`.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
     NearestClassTable,
+    context_mask,
     pool_scores,
     token_saliency,
     token_scores,
@@ -82,10 +94,11 @@ from coreselect.models.runner import (
     Batch,
     ModelRunner,
     attention_probs,
+    attention_windows,
     token_budget_batches,
 )
 
-__all__ = ["FEATURES", "P2DConfig", "P2DMethod", "head_features", "head_features_and_attention"]
+__all__ = ["FEATURES", "P2DConfig", "P2DMethod", "head_attentions", "head_features"]
 
 FEATURES = ("pooled", "fingerprint")
 
@@ -142,34 +155,44 @@ def head_features(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[in
 
 
 @torch.inference_mode()
-def head_features_and_attention(runner: ModelRunner, batch: Batch,
-                                by_layer: dict[int, list[int]]) -> tuple[Tensor, list[Tensor]]:
-    """:func:`head_features` plus the selected heads' attention maps (one ``[B, h_l, T, T]`` per layer)."""
-    store: dict[int, Tensor] = {}
+def head_attentions(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[int]]) -> list[Tensor]:
+    """The selected heads' attention probabilities, one ``[B, h_l, T, T]`` per selected layer (sorted).
+
+    One eager pass (the SDPA / flash kernels return no probabilities), stopped after the
+    deepest selected layer's attention. Only the probabilities come from it: the features
+    fingerprinted next to them come from :func:`head_features`, the kernel that scores the
+    pool (TRIM's convention, ``trim_math`` module doc).
+    """
     attns: dict[int, Tensor] = {}
+    last = max(by_layer)
 
     def make(layer: int) -> Any:
         def post(_mod: Any, _args: Any, out: Any) -> None:
             attns[layer] = attention_probs(out)[:, by_layer[layer]]
+            if layer == last:
+                raise _Stop
         return post
 
     handles = [attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
     try:
-        with eager_attention(runner.model), _capture(runner.model, by_layer, store, stop=False):
+        with eager_attention(runner.model):
             _forward_base(runner, batch)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
     runner.forward_passes += batch.input_ids.shape[0]
     runner.tokens_seen += batch.n_real_tokens
-    feats = torch.cat([store[l].float() for l in sorted(by_layer)], dim=-1)
-    return feats, [attns[l] for l in sorted(by_layer)]
+    return [attns[l] for l in sorted(by_layer)]
 
 
 # ------------------------------------------------------------------------------ selection
 @dataclass
 class P2DConfig(TokenScoring):
-    """P2D selection knobs (plus TRIM's token-scoring ones, used by the ``fingerprint`` feature).
+    """P2D selection knobs, plus TRIM's token-scoring ones (:class:`~coreselect.methods.trim.TokenScoring`)
+    and TRIM's three conventions (issue 11), with TRIM's defaults (:class:`~coreselect.methods.trim.TrimConfig`
+    documents the measurements behind them).
 
     Attributes:
         heads: ``auto`` (locate on the target), ``random`` (same count, seeded) or a ``heads.json`` path.
@@ -180,6 +203,12 @@ class P2DConfig(TokenScoring):
         seed: seeds ``heads=random``.
         aer: estimate the Alignment Efficiency Ratio into run.json (times a few training steps).
         aer_epochs: epochs assumed for both trainings in that estimate (Table 7 of paper 002: 4).
+        coverage: ``kappa(c)`` of TRIM's eq. 15 for the ``fingerprint`` feature: ``length``
+            (default), ``tokens`` or ``content`` (``trim_math.coverage_term``).
+        saliency_minmax: where eq. 6's min-max runs for the ``fingerprint`` feature: ``scope``
+            (default: the fingerprinted positions) or ``all`` non-pad positions.
+        min_context: fingerprint, pool and score only tokens with at least this many content
+            tokens before them (``trim_math.context_mask``; both features); 0 keeps all.
     """
 
     heads: str = "auto"
@@ -189,9 +218,18 @@ class P2DConfig(TokenScoring):
     seed: int = 0
     aer: bool = True
     aer_epochs: float = 4.0
+    coverage: str = "length"
+    saliency_minmax: str = "scope"
+    min_context: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.coverage not in ("tokens", "content", "length"):
+            raise ConfigError(f"coverage must be tokens, content or length, got {self.coverage!r}")
+        if self.saliency_minmax not in ("scope", "all"):
+            raise ConfigError(f"saliency_minmax must be scope or all, got {self.saliency_minmax!r}")
+        if self.min_context < 0:
+            raise ConfigError(f"min_context must be >= 0, got {self.min_context}")
         if self.proxy not in PROXIES:
             raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
         if self.feature not in FEATURES:
@@ -199,6 +237,14 @@ class P2DConfig(TokenScoring):
         n_top(self.head_fraction, 1)  # validates the range
         if self.heads not in ("auto", "random") and not Path(self.heads).is_file():
             raise CoreselectError(f"{self.heads}: --heads must be auto, random or a heads.json file")
+
+    def scored_positions(self, batch: Batch) -> Tensor:
+        """``[B, T]`` bool: the positions pooled / fingerprinted and scored: in scope, not special,
+        not pad, with at least ``min_context`` content tokens before them (as ``TrimConfig``)."""
+        m = batch.scope_mask(self.scope)  # type: ignore[arg-type]
+        if self.min_context:
+            m = m & context_mask(batch.scope_mask("all"), self.min_context)
+        return m
 
 
 @register("p2d", config=P2DConfig)
@@ -319,15 +365,19 @@ class P2DMethod(SelectionMethod):
         by_layer = hs.by_layer()
         builder = FingerprintBuilder()
         pooled: list[Tensor] = []
+        # eq. 2 / eq. 4 count the keys each selected layer admits (its sliding window, if any)
+        windows = attention_windows(self.runner.model.config, sorted(by_layer))
         for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
             batch = self.runner.collate(encoded, positions)
-            mask = batch.scope_mask(cfg.scope)  # type: ignore[arg-type]
+            mask = cfg.scored_positions(batch)
+            feats = head_features(self.runner, batch, by_layer)  # the kernel that scores the pool
             if cfg.feature == "fingerprint":
-                feats, attns = head_features_and_attention(self.runner, batch, by_layer)
-                alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col)
+                attns = head_attentions(self.runner, batch, by_layer)
+                alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col, windows=windows,
+                                       minmax_mask=mask if cfg.saliency_minmax == "scope" else None)
+                del attns
                 builder.add(feats, alpha, batch.input_ids, mask)
             else:
-                feats = head_features(self.runner, batch, by_layer)
                 v, ok = _mean_pool(feats, mask)
                 pooled.extend(_unit(v[ok]))
         if cfg.feature == "fingerprint":
@@ -356,13 +406,14 @@ class P2DMethod(SelectionMethod):
         for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
             batch = self.runner.collate(encoded, positions)
             feats = head_features(self.runner, batch, by_layer)
-            mask = batch.scope_mask(cfg.scope)  # type: ignore[arg-type]
+            mask = cfg.scored_positions(batch)
             if cfg.feature == "fingerprint":
                 assert self.fingerprints is not None
                 s, in_m, _ = token_scores(self.fingerprints, feats, batch.input_ids, mask,
                                           oov_penalty=cfg.oov_penalty, table=self._table)
                 sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                        coverage_weight=cfg.coverage_weight)
+                                        coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
+                                        content=batch.scope_mask(cfg.scope))
                 n = parts["n_scored"]
             else:
                 assert self._center is not None

@@ -1,4 +1,4 @@
-"""P2D-double-dagger (paper 003): fine-tune only the task-sensitive heads ``H_T``; and the AER.
+"""P2D stage iii (paper 003, Fig. 2), P2D-double-dagger: fine-tune only the task-sensitive heads ``H_T``; and the AER.
 
 **What is trained.** For a selected query head ``h`` of layer ``l`` (head size ``d``,
 ``config.head_dim`` when the config sets it):
