@@ -17,8 +17,8 @@ METHODS = ["random", "bm25", "dsir", "trim", "rds", "p2d"]
 
 def write(out: Path) -> None:
     import torch
-
     from conftest import CORPUS, chat, make_tiny_model, write_jsonl  # type: ignore[import-not-found]
+
     from coreselect.__main__ import main
 
     torch.set_num_threads(1)

@@ -163,3 +163,30 @@ def test_python_api_select_with_keywords(tiny_model_dir, small_pool, tmp_path):
     assert info["counts"]["selected"] == 2 and (tmp_path / "api" / "coreset.jsonl").exists()
     with pytest.raises(coreselect.errors.ConfigError, match="unknown key"):
         coreselect.select(pool=[str(pool)], out=str(tmp_path / "x"), bogus=1)
+
+
+def test_method_options_are_flat_flags_of_the_chosen_method(small_pool, tmp_path):
+    import json
+
+    pool, target = small_pool
+    out = tmp_path / "bm25"
+    assert main(["select", "--method", "bm25", "--k1", "0.9", "--scope", "prompt", "--pool", str(pool), "--target",
+                 str(target), "--out", str(out), "--budget", "2", "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["method_settings"]["k1"] == 0.9 and run["method_settings"]["scope"] == "prompt"
+    assert run["settings"]["k1"] == 0.9  # settings hold the method's options, flat
+
+
+def test_select_help_groups_flags_by_concern_with_only_the_chosen_methods_knobs(capsys):
+    with pytest.raises(SystemExit):
+        main(["select", "--method", "bm25", "--help"])
+    text = capsys.readouterr().out
+    heads = ["\ninputs and outputs", "\nbm25 options:", "\nformatting:", "\nwarmup:", "\nengine:", "\nrun control:"]
+    assert [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
+    body = text[text.index("\ninputs and outputs"):]
+    assert body.index("--pool") < body.index("--k1") < body.index("--warmup ") < body.index("--engine")
+    assert "--layers LAYERS" not in text and "example:" in text
+    with pytest.raises(SystemExit):
+        main(["select", "--help"])
+    text = capsys.readouterr().out
+    assert "trim options" in text and "--layers LAYERS" in text and "--k1 K1" not in text

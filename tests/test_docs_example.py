@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from conftest import chat, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ def load_example():
 
 def test_doc_shows_the_example_verbatim():
     doc = (ROOT / "docs" / "adding-a-method.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
     assert (ROOT / "examples" / "my_method.py").read_text(encoding="utf-8") in blocks
 
 

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 from coreselect.devtools.imports import cycles, graph
 
-#: cycles still being removed elsewhere (each with its reason); the test fails on any other
-KNOWN: list[list[str]] = []
-
-
 def test_no_import_cycles():
-    found = cycles(graph())
-    assert [c for c in found if c not in KNOWN] == []
+    assert cycles(graph()) == []
 
 
 def test_graph_sees_lazy_imports():

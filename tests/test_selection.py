@@ -12,7 +12,13 @@ import pytest
 
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import atomic_path, output_mode, write_json
-from coreselect.selection import SCORE_SCHEMA, check_coverage, finalize_scores, parse_budget, rank_order
+from coreselect.selection import (
+    SCORE_SCHEMA,
+    check_coverage,
+    finalize_scores,
+    parse_budget,
+    rank_order,
+)
 
 
 @pytest.mark.parametrize(("budget", "n", "k"), [("5%", 100, 5), ("5%", 30, 2), ("100%", 7, 7), ("3", 10, 3),
@@ -63,8 +69,8 @@ def test_finalize_ranks_and_marks_the_top_k(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_every_output_gets_the_umask_mode(tmp_path, umask):
     """atomic_path writes through mkstemp (0600) or a library's own file; the result is 0666 - umask."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     old = os.umask(umask)
     try:

@@ -7,7 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from coreselect.cli import add_dataclass_args, add_method_args, build_args, chosen_methods, run
+from coreselect.cli import (
+    add_dataclass_args,
+    add_method_args,
+    build_args,
+    chosen_methods,
+    run,
+)
 
 
 def _select(ns: argparse.Namespace) -> int:
@@ -145,9 +151,8 @@ The method's own options are flat flags (--layers, --k1); `--method NAME --help`
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command-line parser; ``argv`` picks which method's options ``select`` & co. show."""
     from coreselect import __version__
-    from coreselect.config import GROUPS
-    from coreselect.config import SelectArgs
     from coreselect.compare import CompareArgs
+    from coreselect.config import GROUPS, SelectArgs
     from coreselect.demo import DemoArgs
     from coreselect.engine.merge import MergeArgs
     from coreselect.eval.command import EvalCommandArgs

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,9 @@ def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, in
         n_tokens = t.column("n_tokens").to_numpy()
         if len(n_tokens) and (n_tokens > 0).all():
             return dict(zip(t.column("index").to_pylist(), n_tokens.tolist()))
-    from coreselect.runtime import iter_pool
     from coreselect.data.formatting import Formatter
     from coreselect.models.loading import load_tokenizer, resolve_model
+    from coreselect.runtime import iter_pool
 
     tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
     fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
@@ -197,9 +197,9 @@ def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[st
     lines.append(f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |"
                  + (" |" if has_aer else ""))
     if has_aer:
-        lines += ["", "AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
+        lines += ["", ("AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
                   "full-data full-parameter SFT time; P2D estimates it for heads-only training of its coreset "
-                  "(coreselect.train.heads.estimate_aer). Blank: the method reports none."]
+                  "(coreselect.train.heads.estimate_aer). Blank: the method reports none.")]
     lines += ["", "## Source mix (% of the coreset)", "", "| method | " + " | ".join(srcs) + " |",
               "| --- |" + " ---: |" * len(srcs)]
     for r in rows:

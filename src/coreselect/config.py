@@ -259,7 +259,7 @@ def args_from_dict(cls: type, data: dict[str, Any], source: str = "config") -> A
             return cls(**data)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # every args class is a dataclass
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")

@@ -58,19 +58,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from coreselect.config import SelectArgs, WarmupSettings, known_methods
+from coreselect.config import SelectArgs, WarmupSettings
+from coreselect.errors import ConfigError, CoreselectError
+from coreselect.eval.command import (
+    EvalCommandArgs,
+    evaluate_command,
+    exclude_texts,
+    metric_name,
+)
+from coreselect.io import write_json
 from coreselect.methods import registry
 from coreselect.methods.base import ExperimentRow
 from coreselect.pipeline import select
 from coreselect.runtime import scan_pool, versions, warmup_model
-from coreselect.errors import ConfigError, CoreselectError
-from coreselect.eval.command import EvalCommandArgs, evaluate_command, exclude_texts, metric_name
-from coreselect.io import write_json
 from coreselect.train.command import TrainCommandArgs, is_trained, train
 
 log = logging.getLogger("coreselect")
 
-__all__ = ["ExperimentArgs", "experiment", "collect_results", "write_results"]
+__all__ = ["ExperimentArgs", "collect_results", "experiment", "write_results"]
 
 #: ``SelectArgs`` fields the experiment sets itself (not allowed under ``select:``).
 _SELECT_OWN = {"pool", "target", "out", "method", "model", "budget", "warmup", "dtype", "device", "progress",
@@ -648,8 +653,8 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
         "every metric with a 95% CI). Average: macro average over the tasks.",
         "Test items per task: " + ", ".join(f"{n} {k}" for n, k in n_items.items()) + "; shots per task: "
         + ", ".join(f"{n} {k}" for n, k in shots.items()) + ".",
-        "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
-        "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run.",
+        ("Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
+        "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run."),
         "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
         "full-data full-parameter SFT wall time on the same hardware; "
         + _full_sft_note(_read(out / "full_sft.json")),

@@ -20,7 +20,15 @@ from coreselect.io import write_json
 from coreselect.methods import registry
 from coreselect.methods.base import SelectionMethod, peak_memory_mb
 from coreselect.runlock import RunLock
-from coreselect.runtime import ModelContext, iter_pool, load_context, make_method, read_target, scan_pool, versions
+from coreselect.runtime import (
+    ModelContext,
+    iter_pool,
+    load_context,
+    make_method,
+    read_target,
+    scan_pool,
+    versions,
+)
 from coreselect.selection import (
     check_coverage,
     check_out_dir,

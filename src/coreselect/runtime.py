@@ -126,4 +126,4 @@ def method_context(args: SelectArgs, ctx: ModelContext | None) -> MethodContext:
 def make_method(args: SelectArgs, ctx: ModelContext | None) -> SelectionMethod:
     """The chosen method, built from its registered config."""
     spec = registry.get(args.method)
-    return spec.cls.create(args.method_config(), method_context(args, ctx))  # type: ignore[no-any-return]
+    return spec.cls.create(args.method_config(), method_context(args, ctx))

@@ -11,7 +11,13 @@ from coreselect.engine.base import Engine, EngineJob, Scored
 from coreselect.errors import CoreselectError
 from coreselect.methods.base import SelectionMethod
 from coreselect.runtime import iter_pool
-from coreselect.selection import chunk_records, existing_shards, plan_shards, read_scores, write_shard
+from coreselect.selection import (
+    chunk_records,
+    existing_shards,
+    plan_shards,
+    read_scores,
+    write_shard,
+)
 
 
 class LocalEngine(Engine):

@@ -146,6 +146,11 @@ class SelectionMethod(ABC):
         return [ExperimentRow(cls.name, cls.name, cls.name)]
 
     @classmethod
+    def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
+        """Rows this method adds to the report's summary panel, from its ``run.json`` (default: none)."""
+        return []
+
+    @classmethod
     def requires_target(cls, config: Any) -> bool:
         """Whether a run with ``config`` needs target examples (``random`` does not)."""
         return True
@@ -229,7 +234,7 @@ class ScoreChunk:
     n_scored: np.ndarray  # int64
 
     def __len__(self) -> int:
-        return int(len(self.index))
+        return len(self.index)
 
 
 def chunk_from_scores(records: Sequence[Record], scores: np.ndarray, n_tokens: np.ndarray | None = None,

@@ -17,10 +17,13 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from coreselect.errors import ConfigError
 from coreselect.methods.catalog import MODULES
+
+if TYPE_CHECKING:
+    from coreselect.methods.base import SelectionMethod
 
 #: config field -> the ``SelectArgs`` field it is inherited from
 INHERITED: dict[str, str] = {"seed": "seed", "chunk_records": "shard_records"}
@@ -37,7 +40,7 @@ class MethodSpec:
     """
 
     name: str
-    cls: type
+    cls: type[SelectionMethod]
     config: type
 
     @property

@@ -216,6 +216,15 @@ class TrimMethod(SelectionMethod):
         return not getattr(config, "fingerprints", None)
 
     @classmethod
+    def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
+        st = run.get("settings", {})
+        adapter = ((run.get("model") or {}).get("warmup") or {}).get("adapter")
+        return [("model", st.get("model", "?")), ("warmup adapter", adapter or "none"),
+                ("scope", st.get("scope")), ("layers L", st.get("layers")), ("λ (oov_penalty)", st.get("oov_penalty")),
+                ("w_Q / w_K", f"{st.get('w_row')} / {st.get('w_col')}"),
+                ("w_μ / w_m / η", f"{st.get('w_mean')} / {st.get('w_max')} / {st.get('coverage_weight')}")]
+
+    @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> TrimMethod:
         model = ctx.require_model(cls.name)
         opts = config if isinstance(config, TrimOptions) else TrimOptions(**asdict(config))

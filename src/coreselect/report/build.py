@@ -17,9 +17,10 @@ import numpy as np
 
 from coreselect.errors import CoreselectError
 from coreselect.io import atomic_path
+from coreselect.methods import registry
 from coreselect.report import html as H
 from coreselect.report import plots
-from coreselect.report.tokens import load_run, read_by_index, warmup_adapter
+from coreselect.report.tokens import load_run, read_by_index
 
 log = logging.getLogger("coreselect")
 
@@ -131,12 +132,8 @@ def _summary(r: RunData) -> str:
     st = r.run.get("settings", {})
     rows: list[tuple[str, object]] = [("method", r.method), ("pool records", len(r.index)),
                                       ("selected", f"{r.k} (budget {st.get('budget', '?')})")]
-    if r.method == "trim":
-        adapter = warmup_adapter(r.run)
-        rows += [("model", st.get("model", "?")), ("warmup adapter", adapter or "none"),
-                 ("scope", st.get("scope")), ("layers L", st.get("layers")), ("λ (oov_penalty)", st.get("oov_penalty")),
-                 ("w_Q / w_K", f"{st.get('w_row')} / {st.get('w_col')}"),
-                 ("w_μ / w_m / η", f"{st.get('w_mean')} / {st.get('w_max')} / {st.get('coverage_weight')}")]
+    if r.method in registry.names():  # the method's own rows (TRIM: its knobs)
+        rows += registry.get(r.method).cls.report_summary(r.run)
     total = (r.run.get("timings") or {}).get("total_s")
     if total is not None:
         rows.append(("selection wall time", f"{total:.1f} s"))
@@ -162,9 +159,9 @@ def _distribution_sections(r: RunData, img: _Images) -> list[tuple[str, str, str
 
 def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
     """Target saliency, fingerprint classes, top and below-cut records (recomputed with the run's model)."""
-    from coreselect.runtime import read_target
     from coreselect.progress import progress_bar
     from coreselect.report.tokens import Explainer
+    from coreselect.runtime import read_target
 
     ex = Explainer(r.dir)
     settings = ex.args

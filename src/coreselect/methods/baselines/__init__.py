@@ -13,4 +13,4 @@ LEXICAL: dict[str, type[SelectionMethod]] = {
     "dsir": DSIRMethod,
 }
 
-__all__ = ["BM25Method", "DSIRMethod", "LEXICAL", "RandomMethod"]
+__all__ = ["LEXICAL", "BM25Method", "DSIRMethod", "RandomMethod"]

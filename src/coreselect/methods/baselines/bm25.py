@@ -81,7 +81,7 @@ class BM25Method(SelectionMethod):
         self.stopwords = stopwords
         self._queries: list[str] = []
 
-    def fit(self, target: Sequence[Record]) -> "BM25Method":
+    def fit(self, target: Sequence[Record]) -> BM25Method:
         self._queries = [record_text(r, self.scope) for r in target]
         if not self._queries:
             raise ValueError("BM25 needs at least one target example")

@@ -21,8 +21,7 @@ from coreselect.methods.registry import register
 
 def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")  # ASCII-escaped: one record per line
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)  # ASCII-escaped: one record per line
 
 
 def _wordpunct(text: str) -> list[str]:
@@ -122,7 +121,7 @@ class DSIRMethod(SelectionMethod):
         self._targets: list[str] = []
         self.log_weights: np.ndarray | None = None  # last pool's noiseless log-weights
 
-    def fit(self, target: Sequence[Record]) -> "DSIRMethod":
+    def fit(self, target: Sequence[Record]) -> DSIRMethod:
         self._targets = [record_text(r, self.scope) for r in target]
         if not self._targets:
             raise ValueError("DSIR needs at least one target example")

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from coreselect.data.formatting import pad_id
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
-from coreselect.data.formatting import pad_id
 from coreselect.methods.base import (
     MethodContext,
     ScoreChunk,
@@ -323,7 +323,7 @@ class RDSMethod(SelectionMethod):
             self.cost.forward_passes += len(pos)
         return torch.nn.functional.normalize(out, dim=1), np.array([len(e) for e in enc], dtype=np.int64)
 
-    def fit(self, target: Sequence[Record]) -> "RDSMethod":
+    def fit(self, target: Sequence[Record]) -> RDSMethod:
         if not target:
             raise ConfigError("rds needs at least one target example")
         t0 = time.perf_counter()
@@ -461,7 +461,7 @@ class LESSMethod(_GradientMethod):
         return cls(base, m.tokenizer, m.formatter, ckpts, proj_dim=config.proj_dim, seed=config.seed,
                    optimizer=config.optimizer, proj_batch=config.proj_batch)
 
-    def fit(self, target: Sequence[Record]) -> "LESSMethod":
+    def fit(self, target: Sequence[Record]) -> LESSMethod:
         if not target:
             raise ConfigError("less needs at least one target example")
         t0 = time.perf_counter()
@@ -513,7 +513,7 @@ class TAGCOSMethod(_GradientMethod):
                    proj_dim=config.proj_dim, seed=config.seed, optimizer=config.optimizer,
                    proj_batch=config.proj_batch)
 
-    def fit(self, target: Sequence[Record]) -> "TAGCOSMethod":
+    def fit(self, target: Sequence[Record]) -> TAGCOSMethod:
         """Task-agnostic: the target is ignored."""
         return self
 
@@ -556,7 +556,7 @@ def select_by_clusters_omp(feats: np.ndarray, k: int, n_clusters: int, seed: int
             scores[members[fill]] = 2 + np.clip(cos[fill], 0, 1) * 0.999 + 1e-3
             n_fill += missing
     if stats is not None:
-        stats.update({"clusters": int(len(ids)), "cluster_sizes": sizes.tolist(), "shares": shares.tolist(),
+        stats.update({"clusters": len(ids), "cluster_sizes": sizes.tolist(), "shares": shares.tolist(),
                       "omp_fill_ups": n_fill})
     return scores
 
@@ -588,7 +588,7 @@ class S2LMethod(_CheckpointMethod):
         return cls(base, m.tokenizer, m.formatter, ckpts, budget=ctx.budget, n_clusters=config.n_clusters,
                    seed=config.seed, batch_tokens=config.batch_tokens)
 
-    def fit(self, target: Sequence[Record]) -> "S2LMethod":
+    def fit(self, target: Sequence[Record]) -> S2LMethod:
         """Task-agnostic: the target is ignored."""
         return self
 
@@ -633,7 +633,7 @@ class CLDMethod(_CheckpointMethod):
         base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 3)
         return cls(base, m.tokenizer, m.formatter, ckpts, seed=config.seed, batch_tokens=config.batch_tokens)
 
-    def fit(self, target: Sequence[Record]) -> "CLDMethod":
+    def fit(self, target: Sequence[Record]) -> CLDMethod:
         if not target:
             raise ConfigError("cld needs at least one target example")
         t0 = time.perf_counter()

@@ -43,7 +43,7 @@ class RandomMethod(SelectionMethod):
     def requires_target(cls, config: Any) -> bool:
         return False
 
-    def fit(self, target: Sequence[Record]) -> "RandomMethod":
+    def fit(self, target: Sequence[Record]) -> RandomMethod:
         """Nothing to learn; the target is ignored."""
         return self
 
