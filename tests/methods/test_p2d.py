@@ -293,6 +293,14 @@ def test_cli_heads_then_select_with_saved_random_and_auto_heads(tiny_model_dir, 
     assert aer["s_per_token_heads"] > 0 and aer["s_per_token_full"] > 0
     assert runs["auto"]["stats"]["heads"]["n"] == 2
 
+    # the report shows P2D's own rows and heat map through the method hooks
+    assert main(["report", str(tmp_path / "auto"), "--no-progress"]) == 0
+    html = (tmp_path / "auto" / "report.html").read_text()
+    assert 'id="p2d-heads"' in html and "heads H_T" in html and "2 of 16" in html
+    assert (tmp_path / "auto" / "report" / "p2d-heads.png").is_file()
+    assert main(["report", str(tmp_path / "random"), "--no-progress"]) == 0  # no scores: no heat map
+    assert 'id="p2d-heads"' not in (tmp_path / "random" / "report.html").read_text()
+
 
 # ------------------------------------------------------------------------------ AER
 def test_alignment_efficiency_ratio_on_hand_values():

@@ -30,8 +30,8 @@ def test_gqa_slices_train_the_kv_head_of_any_selected_query_head():
     assert [g.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
     sl = head_slices(HEADS, g)
     assert sorted(sl) == [1, 3]
-    assert sl[1]["q_proj"].tolist() == list(range(0, 32)) and sl[1]["o_proj"].tolist() == list(range(0, 32))
-    assert sl[1]["k_proj"].tolist() == list(range(0, 16)) == sl[1]["v_proj"].tolist()  # shared KV head once
+    assert sl[1]["q_proj"].tolist() == list(range(32)) and sl[1]["o_proj"].tolist() == list(range(32))
+    assert sl[1]["k_proj"].tolist() == list(range(16)) == sl[1]["v_proj"].tolist()  # shared KV head once
     assert sl[3]["q_proj"].tolist() == list(range(32, 48))
     assert sl[3]["k_proj"].tolist() == list(range(16, 32))
     mha = head_slices([(0, 3)], HeadGeometry(1, 4, 4, 16))  # no GQA: exactly the head's own rows

@@ -90,6 +90,25 @@ class ExperimentRow:
     extra_cost: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class ReportFigure:
+    """A figure a method adds to ``coreselect report`` of its run folder (:meth:`SelectionMethod.report_figures`).
+
+    Attributes:
+        key: the panel's anchor, also the PNG's name in ``report/``.
+        title: the panel's heading.
+        png: the image.
+        alt: its alt text.
+        note: a line shown above it.
+    """
+
+    key: str
+    title: str
+    png: bytes
+    alt: str
+    note: str = ""
+
+
 @dataclass
 class MethodContext:
     """What a method may use when it is built (:meth:`SelectionMethod.create`).
@@ -148,6 +167,11 @@ class SelectionMethod(ABC):
     @classmethod
     def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
         """Rows this method adds to the report's summary panel, from its ``run.json`` (default: none)."""
+        return []
+
+    @classmethod
+    def report_figures(cls, run_dir: Path, run: dict[str, Any]) -> list[ReportFigure]:
+        """Figures this method adds to the report, from its run folder (P2D: the heads' heat map; default: none)."""
         return []
 
     @classmethod

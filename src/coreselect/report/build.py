@@ -222,6 +222,10 @@ def _single(d: Path, args: ReportArgs, img: _Images) -> str:
         sections[0] = ("run-summary", "Run", _summary(r) + f'<p class="note">{escape(r.method)} keeps no token '
                        "fingerprints, so only the distribution panels are shown.</p>")
         sections += _distribution_sections(r, img)
+    if r.method in registry.names():  # the method's own figures, after the summary (P2D: its heads)
+        for i, f in enumerate(registry.get(r.method).cls.report_figures(d, r.run), start=1):
+            note = f'<p class="note">{escape(f.note)}</p>' if f.note else ""
+            sections.insert(i, (f.key, f.title, note + img(f.key, f.png, f.alt)))
     sub = f"{r.method} · selected {r.k} of {len(r.index)} pool records · {d}"
     return H.page(f"coreselect report: {r.name}", sub, sections)
 

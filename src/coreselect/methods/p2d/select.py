@@ -57,6 +57,7 @@ from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.base import (
     ExperimentRow,
     MethodContext,
+    ReportFigure,
     ScoreChunk,
     SelectionMethod,
     chunk_from_scores,
@@ -282,6 +283,37 @@ class P2DMethod(SelectionMethod):
                 ExperimentRow("p2d_select", "p2d", "P2D† (select only)"),
                 ExperimentRow("p2d_train", "random", "P2D‡ (heads only, random data)", train_heads_from="p2d",
                               extra_cost=(("p2d", "localize_s"),))]
+
+    @classmethod
+    def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
+        """The report's summary rows: where ``H_T`` came from, its size, the feature and the AER."""
+        st = run.get("settings", {})
+        heads = (run.get("stats") or {}).get("heads") or {}
+        aer = (run.get("aer") or {}).get("aer") if isinstance(run.get("aer"), dict) else run.get("aer")
+        where = f"{heads.get('proxy', st.get('heads'))}, fraction {st.get('head_fraction')}"
+        size = f"{heads.get('n', '?')} of {heads.get('of', '?')} ({where}), layers {heads.get('layers', '?')}"
+        return [("model", st.get("model", "?")),
+                ("heads H_T", size),
+                ("feature / scope", f"{st.get('feature')} / {st.get('scope')}"),
+                ("min_context / coverage", f"{st.get('min_context')} / {st.get('coverage')}"),
+                ("AER (estimated)", None if aer is None else f"{aer:.4g}")]
+
+    @classmethod
+    def report_figures(cls, run_dir: Path, run: dict[str, Any]) -> list[ReportFigure]:
+        """The heads' heat map (paper Fig. 3) from the run's ``heads.json``; none for random heads."""
+        import tempfile
+
+        if not (run_dir / "heads.json").is_file():
+            return []
+        hs = HeadSet.load(run_dir / "heads.json")
+        if not hs.scores:
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_heatmap(hs, Path(tmp) / "heads.png").read_bytes()
+        by_layer = "; ".join(f"layer {l}: {', '.join(map(str, h))}" for l, h in hs.by_layer().items())
+        return [ReportFigure("p2d-heads", "Task-sensitive heads H_T (stage i)", png,
+                             f"{hs.proxy} head sensitivity, H_T outlined",
+                             note=f"{len(hs.heads)} heads by {hs.proxy} sensitivity ({by_layer}).")]
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> P2DMethod:
