@@ -239,3 +239,56 @@ def test_cli_train_heads(tiny_model_dir, small_pool, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["mode"] == "heads" and info["steps"] == 2 and info["counts"]["trained"] == 8
     assert (out / "heads_delta.safetensors").exists() and is_trained(out)
+
+
+def test_two_gloo_processes_train_the_one_process_heads(tiny_model_dir, small_pool, tmp_path):
+    """``accelerate launch -m coreselect train --heads`` on 2 CPU processes: DDP syncs the deltas
+    (the only parameters of the module Trainer trains), giving the 1-process deltas."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def _run(cmd: list[str]) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    HeadSet("tiny", "gradient", 0.1, HEADS, n_layers=4, n_heads=4).save(tmp_path / "heads.json")
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(small_pool[0]), "--heads",
+              str(tmp_path / "heads.json"), "--epochs", "2", "--max-length", "128", "--lr", "1e-2",
+              "--warmup-ratio", "0", "--device", "cpu", "--dtype", "float32", "--no-progress", "--no-plot"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "coreselect", *common, "--out", str(one), "--batch-size", "2", "--grad-accum", "2"])
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--main_process_port", str(port),
+          "-m", "coreselect", *common, "--out", str(two), "--batch-size", "1", "--grad-accum", "2"])
+    s1, s2 = (json.loads((d / "train_state.json").read_text()) for d in (one, two))
+    assert s1["processes"] == 1 and s2["processes"] == 2 and s1["mode"] == s2["mode"] == "heads"
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
+    a, b = load_file(str(one / "heads_delta.safetensors")), load_file(str(two / "heads_delta.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_deltas(tiny_model_dir, small_pool, tmp_path):
+    """The delta hooks stay attached for the whole run, so recomputed forwards include them."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for gc in (False, True):
+        model, tok = load_model(str(tiny_model_dir), device="cpu")
+        args = TrainArgs(lr=5e-3, batch_size=4, grad_accum=1, max_steps=2, warmup_ratio=0.0, max_length=128,
+                         gradient_checkpointing=gc, plot=False)
+        res = train_heads(model, tok, _records(small_pool), HEADS, args, tmp_path / str(gc), progress=False)
+        out[gc] = load_file(str(res.delta_path))
+    assert any(v.abs().sum() > 0 for k, v in out[True].items() if k.endswith(".weight"))
+    for k in out[False]:
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-4, atol=1e-7)

@@ -152,8 +152,6 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     if args.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record must be error or skip, got {args.on_bad_record!r}")
     targs = args.train_args()
-    if args.heads and args.resume:
-        raise ConfigError("--heads training has no checkpoints to resume; use --overwrite")
     if args.heads and not Path(args.heads).is_file():
         raise CoreselectError(f"{args.heads}: no such heads.json file")
     for p in args.data:
@@ -162,8 +160,6 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     out = Path(args.out)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     main = rank == 0  # under torchrun / accelerate launch only process 0 checks, clears and writes OUT
-    if args.heads and world > 1:
-        raise ConfigError("--heads training runs in one process; start it without torchrun / accelerate launch")
     if main and out.exists() and any(out.iterdir()):
         if args.overwrite:
             shutil.rmtree(out)

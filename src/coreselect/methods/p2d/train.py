@@ -266,8 +266,9 @@ class HeadsModule(torch.nn.Module):
         self.base.train(mode)  # dropout in the base follows Trainer's train/eval switches
         return self
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.base.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Gradient checkpointing in the base (``TrainArgs.gradient_checkpointing``; Trainer calls this)."""
+        self.base.activation_checkpointing_enable(**kwargs)
 
     def enable_input_require_grads(self) -> None:
         self.base.enable_input_require_grads()
