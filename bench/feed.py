@@ -192,11 +192,32 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
         feed.append(time.perf_counter() - t)
     res["feed"] = {"records_per_s": len(records) / min(feed), "tokens_per_s": n_tok / min(feed),
                    "tokens_per_s_per_core": n_tok / min(feed) / res["cores"]}
+    # the host's share on a GPU: read, encode (batched), batch, collate + copy; the scoring math
+    # above ran on the CPU here, on a GPU it runs on the device
+    from coreselect.methods.base import record_chunks
+    from coreselect.models.runner import collate as _collate
+
+    host = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for chunk in record_chunks(read_records([str(pool)]), shard):
+            e = fmt.encode_many(chunk)
+            for b in token_budget_batches([len(x) for x in e], batch_tokens):
+                _collate(e, b, runner.pad_id, "right", runner.device)
+        _sync(runner.device)
+        host.append(time.perf_counter() - t)
+    res["feed_host"] = {"records_per_s": len(records) / min(host), "tokens_per_s": n_tok / min(host),
+                        "tokens_per_s_per_core": n_tok / min(host) / res["cores"]}
+    if not forward_batches:
+        res["forward"] = {"tokens_per_s": float("nan"), "tokens": 0}
+        res["feed_over_forward"] = float("nan")
+        forward_batches = 0
     # model forward rate on the first (longest) batches of the first shard, the feed's batches
     first = ref[:shard]
     batches = token_budget_batches([len(e) for e in first], batch_tokens)
-    sample = batches[:: max(1, len(batches) // forward_batches)][:forward_batches]
-    runner.hidden(runner.collate(first, sample[0]))  # warm-up
+    sample = batches[:: max(1, len(batches) // max(1, forward_batches))][:forward_batches]
+    if sample:
+        runner.hidden(runner.collate(first, sample[0]))  # warm-up
     _sync(runner.device)
     t = time.perf_counter()
     toks = 0
@@ -204,8 +225,9 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
         runner.hidden(runner.collate(first, b))
         toks += sum(len(first[i]) for i in b)
     _sync(runner.device)
-    res["forward"] = {"tokens_per_s": toks / (time.perf_counter() - t), "tokens": toks}
-    res["feed_over_forward"] = res["feed"]["tokens_per_s"] / res["forward"]["tokens_per_s"]
+    if sample:
+        res["forward"] = {"tokens_per_s": toks / (time.perf_counter() - t), "tokens": toks}
+        res["feed_over_forward"] = res["feed"]["tokens_per_s"] / res["forward"]["tokens_per_s"]
     # (c) packing vs padding on a sample of records (same budget)
     if packing_sample:
         samp = ref[:packing_sample]
@@ -237,7 +259,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--shard-records", type=int, default=2048)
     p.add_argument("--workers", type=int, default=2, help="EncodePool worker processes for the encode figure")
-    p.add_argument("--forward-batches", type=int, default=2)
+    p.add_argument("--forward-batches", type=int, default=2, help="0 skips the model forward rate")
     p.add_argument("--packing-sample", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json")
@@ -279,6 +301,8 @@ def main() -> None:
     rows += [("(a) feed (no-op model): records/s", f"{f['records_per_s']:.0f}"),
              ("(a) feed: tokens/s", f"{f['tokens_per_s']:.0f}"),
              (f"(a) feed: tokens/s per core ({res['cores']} cores; goal >= 50000)", f"{f['tokens_per_s_per_core']:.0f}"),
+             ("(a) host side only (read, encode, batch, collate): records/s", f"{res['feed_host']['records_per_s']:.0f}"),
+             ("(a) host side only: tokens/s per core", f"{res['feed_host']['tokens_per_s_per_core']:.0f}"),
              ("(a) model forward tokens/s (sample batches)", f"{res['forward']['tokens_per_s']:.0f}"),
              ("(a) feed / forward rate", f"{res['feed_over_forward']:.1f}x")]
     for k, v in res["padding"].items():

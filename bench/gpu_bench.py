@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from feed import WORDS, NoOpRunner, pack_efficiency, pad_efficiency, synthetic_mix, write_jsonl  # noqa: E402
+from feed import (
+    WORDS,
+    NoOpRunner,
+    pack_efficiency,
+    pad_efficiency,
+    synthetic_mix,
+    write_jsonl,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"family": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -115,7 +122,6 @@ def peak_mib(device: Any) -> float:
 def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, device: str, dtype: Any,
                 smoke: bool, batch_tokens: int, shard: int, repeats: int) -> dict:
     import numpy as np
-    import torch
 
     from coreselect.data.formatting import Formatter
     from coreselect.data.readers import read_records
@@ -221,16 +227,13 @@ def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, 
         res[f"packing_{kern}"] = {"packed_over_padded_speed": min(times["stage2_encoded"]) / best,
                                   "max_abs_score_diff": diff}
     model.set_attn_implementation("sdpa")
-    del model, runner, method, noop
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
     return res
 
 
 def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, smoke: bool, n: int) -> dict | str:
     """3 named targets vs 1 in one ``select`` (SmolLM2 shape), when the CLI supports it."""
     helptext = subprocess.run([sys.executable, "-m", "coreselect", "select", "--help"], capture_output=True,
-                              text=True).stdout
+                              text=True, check=False).stdout
     if "--combine" not in helptext and "name=FILE" not in helptext:
         return "skipped: this coreselect has no multi-target --target name=FILE yet (issue 14, section 1)"
     model = build("smollm2-135m", tok, device, dtype, smoke)
@@ -246,7 +249,8 @@ def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, sm
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "coreselect", "select", "--pool", str(pool), "--target", *tspec,
                                "--out", str(out), "--model", str(mdir), "--warmup", "none", "--budget", "10%",
-                               "--device", device.split(":")[0], "--no-progress"], capture_output=True, text=True)
+                               "--device", device.split(":")[0], "--no-progress"], capture_output=True, text=True,
+                              check=False)
         if proc.returncode:
             return f"failed ({name}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
         walls[name] = time.perf_counter() - t0
@@ -289,6 +293,8 @@ def main() -> None:
         r = bench_model(shape, tok, pool, target, device=device, dtype=dtype, smoke=a.smoke, batch_tokens=budget,
                         shard=shard, repeats=repeats)
         r["wall_s"] = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.empty_cache()
         out["models"].append(r)
         print(f"\n## {shape} ({r['params_m']:.1f}M params{' (smoke shapes)' if a.smoke else ''}): "
               f"{r['records']} records, {r['tokens']} tokens, {r['batches']} batches, wall {r['wall_s']:.0f}s")

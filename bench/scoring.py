@@ -93,15 +93,31 @@ def resolve_model(name: str, tmp: Path) -> str:
 # ----------------------------------------------------------------------------- (a) + (b)
 
 
-def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: Path) -> dict:
+def real_records(n: int, tmp: Path) -> tuple[list[dict], list[dict]]:
+    """``n`` real mixed records of the packaged pool (MC, GSM8K, MATH, ShareGPT; shuffled) and
+    the 5 GSM8K targets (needs the data packages, see ``coreselect.assets``)."""
+    from coreselect.assets import build_embedded_data
+
+    paths = build_embedded_data(tmp / "real-data", n_per_source=max(60, (n + 7) // 8))
+    rows = [json.loads(x) for x in paths["pool"].read_text(encoding="utf-8").splitlines()][:n]
+    return rows, [json.loads(x) for x in paths["target_gsm8k"].read_text(encoding="utf-8").splitlines()]
+
+
+def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: Path, real: bool = False,
+               repeats: int = 2) -> dict:
+    """Stage II vs bare forward on the same token-budget batches, interleaved, best of ``repeats``."""
     import torch
 
-    from coreselect.api import SelectArgs, load_context, read_records
+    from coreselect.api import SelectArgs, load_context
+    from coreselect.data.readers import read_records
     from coreselect.methods.trim import TrimConfig, TrimMethod
     from coreselect.models.runner import token_budget_batches
 
-    pool = write_jsonl(tmp / "pool.jsonl", synth_records(n_records))
-    target = write_jsonl(tmp / "target.jsonl", synth_records(8, seed=1))
+    tag = "real" if real else "synth"
+    pool_rows, target_rows = real_records(n_records, tmp) if real else (synth_records(n_records),
+                                                                        synth_records(8, seed=1))
+    pool = write_jsonl(tmp / f"pool-{tag}.jsonl", pool_rows)
+    target = write_jsonl(tmp / f"target-{tag}.jsonl", target_rows)
     args = SelectArgs(pool=[str(pool)], target=[str(target)], out=str(tmp / "o"), model=model, warmup="none",
                       device=device, batch_tokens=batch_tokens, progress=False)
     ctx = load_context(args, tmp / "o", n_records)
@@ -135,8 +151,11 @@ def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: 
         return time.perf_counter() - t
 
     bare()  # warm up kernels / allocator
-    t_bare = min(bare() for _ in range(2))
-    t_trim = min(trim() for _ in range(2))
+    tb, tt = [], []
+    for _ in range(repeats):  # interleaved, so that a load change hits both
+        tb.append(bare())
+        tt.append(trim())
+    t_bare, t_trim = min(tb), min(tt)
     # (b) padding: token-budget batches (per chunk, longest first) vs fixed-size batches in pool order
     lengths = [len(e) for e in encoded]
     real = sum(lengths)
@@ -145,6 +164,7 @@ def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: 
     fixed = [lengths[i:i + size] for i in range(0, len(lengths), size)]
     padded_fixed = sum(len(b) * max(b) for b in fixed)
     return {
+        "data": tag, "batch_tokens": batch_tokens, "bare_s": tb, "trim_s": tt, "load": os.getloadavg(),
         "records": n_records, "tokens": n_tok, "batches": len(batches), "fixed_batch_size": size,
         "bare_tokens_per_s": n_tok / t_bare, "trim_tokens_per_s": n_tok / t_trim, "ratio": t_bare / t_trim,
         "pad_eff_token_budget": real / padded_budget, "pad_eff_fixed": real / padded_fixed,
@@ -257,6 +277,11 @@ def main() -> None:
     p.add_argument("--records", type=int, default=400, help="records for (a) and (b)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--real", type=int, default=160,
+                   help="also measure (a) on this many real packaged records (0 skips; needs the data packages)")
+    p.add_argument("--real-budgets", default="",
+                   help="comma-separated --batch-tokens values for the real-record (a) (default: --batch-tokens)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved bare / Stage II repeats in (a)")
     p.add_argument("--rss-sizes", default="1000,10000,100000", help="pool sizes for (c); empty to skip")
     p.add_argument("--less-records", type=int, default=60, help="pool size for (d) TRIM vs LESS; 0 to skip")
     p.add_argument("--less-model", help="model for (d) (default: --model)")
@@ -276,7 +301,11 @@ def main() -> None:
         model = resolve_model(a.model, tmp)
         res = {"model": a.model, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
                "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
-        res["throughput"] = throughput(model, a.records, a.device, a.batch_tokens, tmp) if a.records > 0 else None
+        res["throughput"] = (throughput(model, a.records, a.device, a.batch_tokens, tmp, repeats=a.repeats)
+                             if a.records > 0 else None)
+        budgets = [int(b) for b in a.real_budgets.split(",") if b.strip()] or [a.batch_tokens]
+        res["real"] = [throughput(model, a.real, a.device, b, tmp, real=True, repeats=a.repeats)
+                       for b in budgets] if a.real > 0 else []
         sizes = [int(s) for s in a.rss_sizes.split(",") if s.strip()]
         tiny = model if a.model == "tiny" else str(build_tiny(tmp / "tiny-rss", hidden=32, layers=1)) if sizes else ""
         res["rss"] = rss_sweep(sizes, tiny, a.batch_tokens, tmp) if sizes else []
@@ -304,6 +333,12 @@ def main() -> None:
             (f"(b) padding eff., fixed {t['fixed_batch_size']}-record batches", f"{t['pad_eff_fixed']:.3f}"),
             ("(b) ratio token-budget / fixed", f"{t['pad_eff_token_budget'] / t['pad_eff_fixed']:.2f}x"),
         ]
+    for r in res["real"]:
+        tag = f"[real, {r['records']} rec, {r['tokens']} tok, budget {r['batch_tokens']}]"
+        rows += [(f"(a) {tag} bare tokens/s", f"{r['bare_tokens_per_s']:.0f}"),
+                 ("(a)   TRIM Stage II tokens/s", f"{r['trim_tokens_per_s']:.0f}"),
+                 ("(a)   TRIM / bare (target >= 0.95)", f"{r['ratio']:.3f}"),
+                 ("(a)   load average during it", f"{r['load'][0]:.2f}")]
     rows += [(f"(c) peak RSS, {r['records']} records (MiB)", f"{r['peak_rss_mib']:.0f}") for r in res["rss"]]
     if res["less"]:
         rows += less_rows(res["less"])
