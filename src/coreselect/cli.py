@@ -110,7 +110,7 @@ def _add_fields(parser: Any, fields: Sequence[dataclasses.Field], helps: dict[st
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         h = helps.get(f.name, "")
         if default not in (None, [], {}, ""):
             h += f" (default: {default})"

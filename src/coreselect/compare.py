@@ -147,7 +147,7 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
             "forward_passes": int(cost.get("forward_passes", 0)),
             "backward_passes": int(cost.get("backward_passes", 0)),
             "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
-            **({"aer": None if aers[m] is None else round(aers[m], 4)} if has_aer else {}),
+            **({"aer": None if (aer := aers[m]) is None else round(aer, 4)} if has_aer else {}),
             "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
             "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
             "pool_mean_len": round(float(pool_len.mean()), 1),

@@ -62,8 +62,8 @@ def demo(args: DemoArgs) -> dict:
     sel = SelectArgs(
         pool=[str(data["pool"])], target=[str(data["target_" + args.task])], out=args.out, method="trim",
         model="smollm2", budget=args.budget, warmup=args.warmup, warmup_epochs=args.warmup_epochs,
-        warmup_batch_size=4, warmup_grad_accum=2, warmup_lr=1e-4, scope=args.scope, max_length=args.max_length,
-        batch_tokens=4096, overwrite=args.overwrite, progress=args.progress,
+        warmup_batch_size=4, warmup_grad_accum=2, warmup_lr=1e-4, max_length=args.max_length,
+        overwrite=args.overwrite, progress=args.progress, options={"scope": args.scope, "batch_tokens": 4096},
     )
     info = select(sel)
     print_top(Path(args.out), args.top)

@@ -171,7 +171,7 @@ class ExperimentArgs(WarmupSettings):
         if isinstance(self.methods, str):
             self.methods = [self.methods]
         if isinstance(self.budgets, (str, int)):
-            self.budgets = [self.budgets]  # type: ignore[list-item]
+            self.budgets = [self.budgets]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
         self.budgets = [str(b) for b in self.budgets]
@@ -571,7 +571,7 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
         r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None
         times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
         r["train_s"] = statistics.fmean(times) if times else None
-        sel = [s["timings"]["total_s"] for d in select_dirs if (s := _read(d / "run.json"))]
+        sel = [j["timings"]["total_s"] for d in select_dirs if (j := _read(d / "run.json"))]
         r["select_s"] = sum(sel) + extra_select_s if sel else None
         return r
 

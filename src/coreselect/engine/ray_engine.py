@@ -153,7 +153,8 @@ def score_with_ray(args: SelectArgs, out: Path, ctx: Any, method: SelectionMetho
         MethodScorer,
         fn_constructor_kwargs={"settings": settings, "adapter": adapter, "state_dir": str(out.resolve()),
                                "torch_threads": 0 if use_gpu else 1},
-        batch_size=args.shard_records, batch_format="numpy", concurrency=actors, **res,
+        batch_size=args.shard_records, batch_format="numpy", concurrency=actors,
+        num_cpus=res.get("num_cpus"), num_gpus=res.get("num_gpus"),
     )
     scored.write_parquet(str((work / "scores").resolve()))
     table = pq.read_table(work / "scores").sort_by("index")

@@ -236,7 +236,7 @@ def projection(model: Any, layer: int, name: str) -> torch.nn.Module:
     if not _is_projection(mod):
         raise ConfigError(f"{type(attn).__name__} of layer {layer} has no linear {name!r} "
                           f"(its linear submodules: {', '.join(_linear_names(attn)) or 'none'})")
-    return _base_layer(mod)  # type: ignore[no-any-return]
+    return _base_layer(mod)
 
 
 def projection_weight(mod: torch.nn.Module) -> Tensor:

@@ -43,14 +43,17 @@ class RunData:
     selected: np.ndarray
 
     @classmethod
-    def load(cls, run_dir: Path, name: str | None = None) -> "RunData":
+    def load(cls, run_dir: Path, name: str | None = None) -> RunData:
         import pyarrow.parquet as pq
 
         p = run_dir / "scores.parquet"
         if not p.is_file():
             raise CoreselectError(f"{run_dir}: no scores.parquet (not a finished selection run)")
         t = pq.read_table(p).sort_by("index")
-        col = lambda c: t.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+
+        def col(c: str) -> np.ndarray:
+            return t.column(c).to_numpy(zero_copy_only=False)
+
         return cls(name or run_dir.name, run_dir, load_run(run_dir), col("index"), t.column("id").to_pylist(),
                    t.column("source").to_pylist(), col("n_tokens"), col("score").astype(np.float64),
                    col("rank"), col("selected").astype(bool))
@@ -168,13 +171,13 @@ def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
     out = []
     targets = read_target(settings)
     if targets:
-        views = ex.target_views(targets[:MAX_TARGETS])
+        target_views = ex.target_views(targets[:MAX_TARGETS])
         more = f" (first {MAX_TARGETS} of {len(targets)})" if len(targets) > MAX_TARGETS else ""
-        body = ('<p class="note">Background: saliency of each token in Stage I{more}. Toggle '
+        body = (f'<p class="note">Background: saliency of each token in Stage I{escape(more)}. Toggle '
                 '<button class="btn" data-mode="q">row Q</button> <button class="btn" data-mode="k">column K</button> '
                 '<button class="btn" data-mode="a">combined α</button>; grey text: template / out-of-scope tokens '
-                '(not fingerprinted).</p>').format(more=escape(more))
-        body += "".join(H.target_block(v) for v in views)
+                '(not fingerprinted).</p>')
+        body += "".join(H.target_block(v) for v in target_views)
     else:
         body = '<p class="note">The run reused saved fingerprints; no target examples recorded.</p>'
     out.append(("target-saliency", "Target examples: token saliency (Stage I)", body))

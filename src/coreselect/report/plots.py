@@ -9,21 +9,26 @@ import base64
 import io
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 POOL_COLOR = "#9aa5b1"
 CORE_COLOR = "#d9480f"
 
 
-def _png(fig) -> bytes:  # type: ignore[no-untyped-def]
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
 
 
-def _figure(w: float, h: float, ncols: int = 1):  # type: ignore[no-untyped-def]
+def _figure(w: float, h: float, ncols: int = 1) -> tuple[Figure, list[Axes]]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h))
@@ -51,7 +56,7 @@ def score_histogram(scores: np.ndarray, cut: float | None, n_selected: int) -> b
     return _png(fig)
 
 
-def _source_mix_ax(ax, pool: Sequence[str], core: Sequence[str], title: str, top: int = 12) -> None:  # type: ignore[no-untyped-def]
+def _source_mix_ax(ax: Axes, pool: Sequence[str], core: Sequence[str], title: str, top: int = 12) -> None:
     pc, cc = Counter(pool), Counter(core)
     names = [n for n, _ in pc.most_common(top)]
     y = np.arange(len(names))
@@ -78,7 +83,7 @@ def length_dist(panels: Sequence[tuple[str, np.ndarray, np.ndarray, str]]) -> by
     fig, axes = _figure(max(6.0, 4.2 * len(panels)), 3.2, len(panels))
     for ax, (title, pool, core, unit) in zip(axes, panels):
         hi = max(int(pool.max()) if pool.size else 1, 1)
-        bins = np.linspace(0, hi, 31)
+        bins = np.linspace(0, hi, 31).tolist()  # matplotlib's stubs take a Sequence[float], not an ndarray
         ax.hist(pool, bins=bins, density=True, color=POOL_COLOR, alpha=0.7, label=f"pool (median {np.median(pool):.0f})"
                 if pool.size else "pool")
         if core.size:

@@ -7,9 +7,10 @@ both stages are re-run on the few records shown, one record per forward pass.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ class Explainer:
         model, tok = load_model(self.args.model, dtype=self.args.dtype, device=self.args.device,
                                 trust_remote_code=self.args.trust_remote_code, adapter=adapter)
         self.tokenizer = tok
-        self.formatter = Formatter(tok, self.args.max_length, self.args.template,  # type: ignore[arg-type]
+        self.formatter = Formatter(tok, self.args.max_length, self.args.template,
                                    template_date=self.args.template_date)
         self.runner = ModelRunner(model, tok)
         self.fingerprints = Fingerprints.load(fp_path)
@@ -161,8 +162,9 @@ class Explainer:
             mask = batch.attention_mask.bool()
             windows = self.runner.windows(cfg.layers)
             over = cfg.scored_positions(batch) if cfg.saliency_minmax == "scope" else None
-            q = sum(row_saliency(a, mask, window=w) for a, w in zip(attns, windows)) / len(attns)
-            k_raw = sum(column_saliency(a, mask, w) for a, w in zip(attns, windows)) / len(attns)
+            # reduce(torch.add) = sum() without its int 0 start: same floats, and typed as a Tensor
+            q = functools.reduce(torch.add, [row_saliency(a, mask, window=w) for a, w in zip(attns, windows)]) / len(attns)
+            k_raw = functools.reduce(torch.add, [column_saliency(a, mask, w) for a, w in zip(attns, windows)]) / len(attns)
             k = _minmax(k_raw, mask, 1e-12, over)
             alpha = cfg.w_row * q + cfg.w_col * k  # eq. 7, identical to token_saliency
             del attns

@@ -346,7 +346,7 @@ class RDSMethod(SelectionMethod):
             raise CoreselectError("RDSMethod.score called before fit")
         t0 = time.perf_counter()
         reps, n_tok = self._reps(records)
-        scores = (reps @ self.targets.T).max(dim=1).values.double().numpy()  # type: ignore[union-attr]
+        scores = (reps @ self.targets.T).max(dim=1).values.double().numpy()
         self._account(t0)
         return chunk_from_scores(records, scores, n_tokens=n_tok)
 

@@ -242,7 +242,7 @@ class P2DConfig(TokenScoring):
     def scored_positions(self, batch: Batch) -> Tensor:
         """``[B, T]`` bool: the positions pooled / fingerprinted and scored: in scope, not special,
         not pad, with at least ``min_context`` content tokens before them (as ``TrimConfig``)."""
-        m = batch.scope_mask(self.scope)  # type: ignore[arg-type]
+        m = batch.scope_mask(self.scope)
         if self.min_context:
             m = m & context_mask(batch.scope_mask("all"), self.min_context)
         return m
