@@ -28,8 +28,8 @@ def test_select_writes_every_output(tiny_model_dir, small_pool, tmp_path):
     assert table.num_rows == 8 and sum(table.column("selected").to_pylist()) == 3
     ranked = table.sort_by("rank").to_pylist()
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
-    pool_rows = {json.loads(l)["id"]: json.loads(l) for l in pool.read_text().splitlines()}
-    coreset = [json.loads(l) for l in (out / "coreset.jsonl").read_text().splitlines()]
+    pool_rows = {json.loads(line)["id"]: json.loads(line) for line in pool.read_text().splitlines()}
+    coreset = [json.loads(line) for line in (out / "coreset.jsonl").read_text().splitlines()]
     assert [r["id"] for r in coreset] == [r["id"] for r in ranked[:3]]  # best first
     assert all(r == pool_rows[r["id"]] for r in coreset)  # verbatim
     run = json.loads((out / "run.json").read_text())
@@ -108,7 +108,7 @@ def test_bad_record_names_file_line_field_and_skip_writes_rejects(tiny_model_dir
     assert "bad.jsonl:9" in err and "messages" in err
     assert not (tmp_path / "e" / "coreset.jsonl").exists()
     assert _select(tiny_model_dir, bad, target, tmp_path / "s", "--on-bad-record", "skip", "--budget", "2") == 0
-    rejects = [json.loads(l) for l in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["line"] == 9
     assert json.loads((tmp_path / "s" / "run.json").read_text())["counts"]["rejected"] == 1
 

@@ -144,7 +144,8 @@ def test_llamafactory_export(mixed_run, tmp_path):
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset") == 2
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset", "--overwrite") == 0
     assert set(json.loads((lf_data / "dataset_info.json").read_text())) == {"alpaca_en_demo", "trim_coreset"}
-    assert {p.name for p in lf_data.iterdir()} == {"dataset_info.json", "trim_coreset.jsonl", "trim_coreset.export.json"}
+    assert {p.name for p in lf_data.iterdir()} == {"dataset_info.json", "trim_coreset.jsonl",
+                                                   "trim_coreset.export.json"}
 
 
 def test_axolotl_export(mixed_run, capsys):

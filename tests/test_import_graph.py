@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from coreselect.devtools.imports import cycles, graph
 
+
 def test_no_import_cycles():
     assert cycles(graph()) == []
 

@@ -29,5 +29,5 @@ def test_math_target_ranks_math_records_first(tmp_path):
     assert ranks[is_math].mean() < ranks[~is_math].mean()
     top = [r["source"] for r in sorted(table, key=lambda r: r["rank"])[:6]]
     assert sum(s in ("gsm8k", "math") for s in top) >= 5, top
-    coreset = [json.loads(l) for l in (tmp_path / "run" / "coreset.jsonl").read_text().splitlines()]
+    coreset = [json.loads(line) for line in (tmp_path / "run" / "coreset.jsonl").read_text().splitlines()]
     assert len(coreset) == 6

@@ -76,10 +76,9 @@ def test_clean_exit_releases_and_a_new_run_may_follow(tmp_path):
 
 
 def test_shard_processes_lock_separately(tmp_path):
-    with RunLock(tmp_path, 0), RunLock(tmp_path, 1):
-        with pytest.raises(CoreselectError, match="in use"):
-            with RunLock(tmp_path, 0):
-                pass
+    with RunLock(tmp_path, 0), RunLock(tmp_path, 1), pytest.raises(CoreselectError, match="in use"), \
+            RunLock(tmp_path, 0):  # the second lock on shard 0 is the one refused
+        pass
 
 
 def test_lock_file_respects_umask(tmp_path):

@@ -163,7 +163,8 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from coreselect.report.terminal import ExplainArgs
     from coreselect.train.command import TrainCommandArgs
 
-    p = argparse.ArgumentParser(prog="coreselect", description="Pick the few instruction-tuning examples worth training on.")
+    p = argparse.ArgumentParser(prog="coreselect",
+                                description="Pick the few instruction-tuning examples worth training on.")
     p.add_argument("--version", action="version", version=f"coreselect {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

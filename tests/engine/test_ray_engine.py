@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import chat, write_jsonl
 
 from coreselect.__main__ import main
-from conftest import chat, write_jsonl
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import chat, write_jsonl
 
 from coreselect.__main__ import main
-from conftest import chat, write_jsonl
 
 # Runs `coreselect select` in a subprocess, slowed down so a kill lands where we want it:
 # every parquet write sleeps after writing its temp file and before the rename, so a kill

@@ -6,10 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
-from coreselect.__main__ import main
 from conftest import chat, write_jsonl
 
+from coreselect.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

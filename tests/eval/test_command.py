@@ -123,7 +123,8 @@ def test_exclude_drops_target_questions_from_items_and_shots(tiny_model_dir, use
     assert _eval(tiny_model_dir, mc, tmp_path / "x", "--shots", "1", "--exclude", str(target)) == 0
     res = json.loads((tmp_path / "x" / "eval.json").read_text())
     assert res["n"] == 3 and res["dropped_docs"] == {"toy_mc": 1}
-    docs = [json.loads(line)["doc"]["id"] for line in (tmp_path / "x" / "samples_toy_mc.jsonl").read_text().splitlines()]
+    samples = (tmp_path / "x" / "samples_toy_mc.jsonl").read_text().splitlines()
+    docs = [json.loads(line)["doc"]["id"] for line in samples]
     assert "q3" not in docs
     prompts = (tmp_path / "x" / "samples_toy_mc.jsonl").read_text()
     assert "fox" not in prompts  # q0 left the few-shot pool: the only exemplar is q1

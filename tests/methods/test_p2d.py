@@ -152,8 +152,8 @@ def test_head_features_are_the_o_proj_inputs_of_the_selected_heads(runner, loade
     batch = runner.collate(enc, list(range(len(enc))))
     by_layer = {1: [0, 3], 2: [2]}
     seen = {}
-    hooks = [runner.layers[l].self_attn.o_proj.register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone())) for l in (1, 2)]
+    hooks = [runner.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a, layer=layer: seen.__setitem__(layer, a[0].detach().clone())) for layer in (1, 2)]
     try:
         feats = head_features(runner, batch, by_layer)  # stops after layer 2
     finally:

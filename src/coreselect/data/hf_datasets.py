@@ -32,10 +32,13 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coreselect.data.sources import Source
 from coreselect.errors import CoreselectError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; typing only, so no runtime dependency
 
 __all__ = ["DatasetInput", "as_inputs", "dataset_source", "is_dataset"]
 
@@ -91,7 +94,7 @@ class DatasetInput(str):
     dataset: Any
     stem: str
 
-    def __new__(cls, obj: Any, stem: str | None = None) -> DatasetInput:  # noqa: PYI034 (py3.10: no Self)
+    def __new__(cls, obj: Any, stem: str | None = None) -> Self:
         ds = _pick_split(obj)
         stem = stem or _name(ds)
         self = super().__new__(cls, f"<{type(ds).__name__} {stem}>")

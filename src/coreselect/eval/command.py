@@ -208,9 +208,9 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
     """
     import importlib.metadata as md
 
-    from coreselect.runtime import versions
     from coreselect.io import write_json, write_jsonl
     from coreselect.models.loading import load_model
+    from coreselect.runtime import versions
 
     t0 = time.perf_counter()
     heads_delta = _check(args)

@@ -99,10 +99,10 @@ class AttentionSpec:
 
 _QKVO = AttentionSpec()
 ATTENTION_SPECS: dict[str, AttentionSpec] = {
-    **{t: _QKVO for t in (
+    **dict.fromkeys((
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
         "gemma3_text", "olmo", "olmo2", "starcoder2", "granite", "cohere", "stablelm", "smollm3", "exaone4",
-    )},
+    ), _QKVO),
     "phi": AttentionSpec(output="dense"),
     "gptj": AttentionSpec(output="out_proj"),
     "opt": AttentionSpec(output="out_proj"),

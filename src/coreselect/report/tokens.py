@@ -163,8 +163,10 @@ class Explainer:
             windows = self.runner.windows(cfg.layers)
             over = cfg.scored_positions(batch) if cfg.saliency_minmax == "scope" else None
             # reduce(torch.add) = sum() without its int 0 start: same floats, and typed as a Tensor
-            q = functools.reduce(torch.add, [row_saliency(a, mask, window=w) for a, w in zip(attns, windows)]) / len(attns)
-            k_raw = functools.reduce(torch.add, [column_saliency(a, mask, w) for a, w in zip(attns, windows)]) / len(attns)
+            q = functools.reduce(torch.add, [row_saliency(a, mask, window=w) for a, w in zip(attns, windows)])
+            q = q / len(attns)
+            k_raw = functools.reduce(torch.add, [column_saliency(a, mask, w) for a, w in zip(attns, windows)])
+            k_raw = k_raw / len(attns)
             k = _minmax(k_raw, mask, 1e-12, over)
             alpha = cfg.w_row * q + cfg.w_col * k  # eq. 7, identical to token_saliency
             del attns

@@ -521,7 +521,7 @@ def _callbacks(lrs: list[float], progress: bool) -> list[Any]:
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
                 if "train_runtime" in logs:
-                    log.info("train: %s", {k: v for k, v in logs.items()})
+                    log.info("train: %s", dict(logs))
 
     return [LearningRates()] + ([Bar()] if progress else [])
 

@@ -122,10 +122,10 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
         return pre
 
     handles = []
-    for l, heads in by_layer.items():
-        o_proj = o_proj_of(model, l)
+    for layer, heads in by_layer.items():
+        o_proj = o_proj_of(model, layer)
         idx = torch.tensor(heads, device=projection_weight(o_proj).device)  # made once, not copied per batch
-        handles.append(o_proj.register_forward_pre_hook(make(l, idx)))
+        handles.append(o_proj.register_forward_pre_hook(make(layer, idx)))
     try:
         yield
     finally:
@@ -145,14 +145,11 @@ def head_features(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[in
     The forward pass stops after the deepest selected layer's ``o_proj`` input.
     """
     store: dict[int, Tensor] = {}
-    with _capture(runner.model, by_layer, store, stop=True):
-        try:
-            _forward_base(runner, batch)
-        except _Stop:
-            pass
+    with _capture(runner.model, by_layer, store, stop=True), contextlib.suppress(_Stop):
+        _forward_base(runner, batch)
     runner.forward_passes += batch.input_ids.shape[0]
     runner.tokens_seen += batch.n_real_tokens
-    return torch.cat([store[l].float() for l in sorted(by_layer)], dim=-1)
+    return torch.cat([store[layer].float() for layer in sorted(by_layer)], dim=-1)
 
 
 @torch.inference_mode()
@@ -174,7 +171,7 @@ def head_attentions(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[
                 raise _Stop
         return post
 
-    handles = [attention_module(runner.layers[l]).register_forward_hook(make(l)) for l in by_layer]
+    handles = [attention_module(runner.layers[layer]).register_forward_hook(make(layer)) for layer in by_layer]
     try:
         with eager_attention(runner.model):
             _forward_base(runner, batch)
@@ -185,7 +182,7 @@ def head_attentions(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[
             h.remove()
     runner.forward_passes += batch.input_ids.shape[0]
     runner.tokens_seen += batch.n_real_tokens
-    return [attns[l] for l in sorted(by_layer)]
+    return [attns[layer] for layer in sorted(by_layer)]
 
 
 # ------------------------------------------------------------------------------ selection
@@ -310,7 +307,7 @@ class P2DMethod(SelectionMethod):
             return []
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_heatmap(hs, Path(tmp) / "heads.png").read_bytes()
-        by_layer = "; ".join(f"layer {l}: {', '.join(map(str, h))}" for l, h in hs.by_layer().items())
+        by_layer = "; ".join(f"layer {layer}: {', '.join(map(str, h))}" for layer, h in hs.by_layer().items())
         return [ReportFigure("p2d-heads", "Task-sensitive heads H_T (stage i)", png,
                              f"{hs.proxy} head sensitivity, H_T outlined",
                              note=f"{len(hs.heads)} heads by {hs.proxy} sensitivity ({by_layer}).")]

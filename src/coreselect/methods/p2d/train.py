@@ -12,8 +12,8 @@
 Those are the Llama names; other families use their own (``dense`` / ``c_proj`` for the
 output projection), and a fused QKV projection (Phi-3 ``qkv_proj``, GPT-NeoX
 ``query_key_value``, ...) trains the union of the head's q, k and v rows inside it, at the
-positions its layout puts them (:func:`coreselect.models.introspect.head_index_map`). With grouped-query attention a KV head is
-  shared by several query heads; **we train it as soon as any of its query heads is
+positions its layout puts them (:func:`coreselect.models.introspect.head_index_map`). With
+grouped-query attention a KV head is shared by several query heads; **we train it as soon as any of its query heads is
   selected** (``KV_POLICY = "any"``): a selected head must be able to change what it
   attends to, and the only way to change its keys is the shared KV rows. The side effect
   (the sibling query heads see the updated keys/values too) is the price of GQA; a model
@@ -293,7 +293,7 @@ class HeadsOnly:
     @property
     def targets(self) -> list[str]:
         """``head.{layer}.{head}`` per head plus the KV policy (train_state.json, resume fingerprint)."""
-        return [f"head.{l}.{h}" for l, h in self.heads] + [f"kv_policy.{KV_POLICY}"]
+        return [f"head.{layer}.{h}" for layer, h in self.heads] + [f"kv_policy.{KV_POLICY}"]
 
     def wrap(self, model: Any) -> HeadsModule:
         self.module = HeadsModule(model, HeadDelta(model, self.heads))
