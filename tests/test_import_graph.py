@@ -21,5 +21,4 @@ def test_graph_sees_lazy_imports():
 def test_nothing_in_the_package_imports_api():
     g = graph()
     users = sorted(m for m, deps in g.items() if "coreselect.api" in deps)
-    # train.command: owned by the training work of issue 12 (uses runtime.versions once it moves)
-    assert set(users) <= {"coreselect.train.command"}
+    assert users == []

@@ -117,7 +117,7 @@ def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, in
     from coreselect.runtime import iter_pool
 
     tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
-    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     return {r.index: len(fmt.encode(r)) for r in iter_pool(args)}
 
 
@@ -200,7 +200,7 @@ def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[st
     if has_aer:
         lines += ["", ("AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
                   "full-data full-parameter SFT time; P2D estimates it for heads-only training of its coreset "
-                  "(coreselect.train.heads.estimate_aer). Blank: the method reports none.")]
+                  "(coreselect.methods.p2d.train.estimate_aer). Blank: the method reports none.")]
     lines += ["", "## Source mix (% of the coreset)", "", "| method | " + " | ".join(srcs) + " |",
               "| --- |" + " ---: |" * len(srcs)]
     for r in rows:

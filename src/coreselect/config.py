@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coreselect.data.formatting import TemplateChoice
+from coreselect.data.records import OnBadRecord
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods import registry
 
@@ -57,6 +59,7 @@ T = TypeVar("T", bound=type)
 
 def accepts_method_options(cls: T) -> T:
     """Let ``cls(...)`` take method options as flat keywords (they go to ``options``)."""
+    # the two type: ignores: mypy refuses to read or assign ``__init__`` through a class object
     init: Callable[..., None] = cls.__init__  # type: ignore[misc]
     own = {f.name for f in fields(cls)}
 
@@ -125,7 +128,7 @@ class SelectArgs(WarmupSettings):
     model: str = "smollm2"
     budget: str = "5%"
     max_length: int = 2048
-    template: str = "auto"
+    template: TemplateChoice = "auto"
     template_date: str = "26 Jul 2024"
     shard_records: int = 2048
     num_shards: int = 1
@@ -137,7 +140,7 @@ class SelectArgs(WarmupSettings):
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    on_bad_record: str = "error"
+    on_bad_record: OnBadRecord = "error"
     overwrite: bool = False
     resume: bool = False
     progress: bool = True

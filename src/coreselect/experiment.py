@@ -313,8 +313,8 @@ def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path
 
     With ``heads`` (a ``heads.json``) only those heads are trained (``train --heads``) and
     the returned path is ``heads_delta.safetensors``; the run is redone when the coreset
-    or the heads were rewritten after it. Heads-only runs have no checkpoints, so an
-    interrupted one starts over.
+    or the heads were rewritten after it. An interrupted run (LoRA or heads-only: both train
+    on Trainer and checkpoint) resumes from its newest checkpoint.
     """
     result = out / ("heads_delta.safetensors" if heads else "adapter")
     inputs = [Path(data), *([heads] if heads else [])]
@@ -326,9 +326,8 @@ def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path
 
         shutil.rmtree(out)
     targs = TrainCommandArgs(model=args.model, data=[data], out=str(out), seed=seed, dtype=args.dtype,
-                             device=args.device, progress=args.progress, resume=out.exists() and heads is None,
-                             overwrite=out.exists() and heads is not None, heads=str(heads) if heads else None,
-                             **args.train)
+                             device=args.device, progress=args.progress, resume=out.exists(),
+                             heads=str(heads) if heads else None, **args.train)
     info = train(targs)
     _say(f"train {out.relative_to(Path(args.out))}: {info['counts']['trained']} records, {info['steps']} steps, "
          f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)"
@@ -383,7 +382,7 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     """The AER denominator: full-data full-parameter SFT wall time on this hardware, estimated.
 
     The Full-data row trains LoRA, so full-parameter SFT is never run; instead
-    :func:`coreselect.train.heads.seconds_per_token` times full-parameter forward+backward
+    :func:`coreselect.methods.p2d.train.seconds_per_token` times full-parameter forward+backward
     passes on a seeded sample of pool records (formatted as for training), and
     ``full_sft_s = s/token x pool tokens x train epochs``. The optimizer step is not timed,
     which under-estimates the denominator (AERs come out conservative, i.e. too high).
@@ -393,7 +392,7 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     """
     from coreselect.data.formatting import Formatter
     from coreselect.data.readers import read_records
-    from coreselect.train.heads import seconds_per_token
+    from coreselect.methods.p2d.train import seconds_per_token
     from coreselect.train.lora import _pad_id
 
     targs = TrainCommandArgs(model=args.model, **args.train)
@@ -404,7 +403,7 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     if old is not None and old.get("key") == key:
         return old
     model, tok = base_model(args, loaded)
-    fmt = Formatter(tok, targs.max_length, targs.template, template_date=targs.template_date)  # type: ignore[arg-type]
+    fmt = Formatter(tok, targs.max_length, targs.template, template_date=targs.template_date)
     n_sample = targs.batch_size * (AER_SAMPLE_BATCHES + 1)
     rng = random.Random(0)
     sample: list[Any] = []
@@ -604,7 +603,7 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
 
 def _aer(r: dict[str, Any], n_tasks: int, full_sft_s: float | None) -> float | None:
     """``(select_s / n_tasks + train_s) / full_sft_s`` of a fine-tuned row (Full-data: no selection)."""
-    from coreselect.train.heads import alignment_efficiency_ratio
+    from coreselect.methods.p2d.train import alignment_efficiency_ratio
 
     sel = 0.0 if r["method"] == "full" else r["select_s"]
     if r["method"] == "pretrained" or not full_sft_s or r["train_s"] is None or sel is None:

@@ -28,7 +28,7 @@ def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
     """First pass over the pool: validate every record and count them (no model yet)."""
     rejects = RejectLog()
     n = 0
-    for _ in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):  # type: ignore[arg-type]
+    for _ in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):
         n += 1
     if n == 0:
         raise CoreselectError("the pool is empty" + (f" ({rejects.count} records rejected)" if rejects.count else ""))
@@ -89,7 +89,7 @@ def warmup_model(args: SelectArgs, out_dir: Path, n_pool: int) -> tuple[str | No
         batch_size=args.warmup_batch_size, grad_accum=args.warmup_grad_accum, max_length=args.max_length,
         seed=args.seed,
     )
-    formatter = Formatter(tok, args.max_length, args.template,  # type: ignore[arg-type]
+    formatter = Formatter(tok, args.max_length, args.template,
                           template_date=args.template_date)
     res = train_lora(model, tok, records, targs, out_dir / "warmup", progress=args.progress,
                      resume=args.resume, formatter=formatter)
@@ -111,7 +111,7 @@ def load_context(args: SelectArgs, out_dir: Path, n_pool: int) -> ModelContext:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code, adapter=adapter)
     info["model_load_s"] = time.perf_counter() - t0
-    formatter = Formatter(tok, args.max_length, args.template,  # type: ignore[arg-type]
+    formatter = Formatter(tok, args.max_length, args.template,
                           template_date=args.template_date)
     return ModelContext(model, tok, ModelRunner(model, tok), formatter, info)
 

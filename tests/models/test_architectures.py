@@ -223,7 +223,7 @@ def test_head_rows_drive_exactly_their_heads_in_the_real_model(family, build, to
 @pytest.mark.parametrize("family", FAMILIES)
 def test_p2d_locates_heads_and_trains_only_them(family, build, tok, data, tmp_path):
     from coreselect.methods.p2d import localize_heads
-    from coreselect.train.heads import train_heads
+    from coreselect.methods.p2d.train import train_heads
     from coreselect.train.lora import TrainArgs
 
     model = build(family)

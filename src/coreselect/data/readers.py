@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coreselect.data.formatting import surrogate_error
-from coreselect.data.records import Message, Record
+from coreselect.data.records import Message, OnBadRecord, Record, Role
 from coreselect.data.sources import Item, Source
 from coreselect.errors import BadRecordError, CoreselectError
 from coreselect.io import atomic_path
@@ -49,7 +49,7 @@ _NO_TEXT_FIELD = "messages|prompt|instruction|text"
 _NO_TEXT_REASON = (
     "no known text field (expected messages, conversations, prompt/completion, instruction/output or text)"
 )
-_ROLES = {
+_ROLES: dict[str, Role] = {
     "system": "system",
     "user": "user",
     "human": "user",
@@ -306,7 +306,7 @@ def iter_raw(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]
 
 # --------------------------------------------------------------------------- normalization
 
-_Turn = tuple[str, str, str]  # (role, content, field path of the role)
+_Turn = tuple[Role, str, str]  # (role, content, field path of the role)
 
 
 def _text(value: object, field: str) -> str:
@@ -402,7 +402,7 @@ def _normalize(raw: dict[str, Any]) -> tuple[tuple[Message, ...], Literal["chat"
         return (Message("assistant", _text(raw["text"], "text")),), "text"
     else:
         raise _Invalid(_NO_TEXT_FIELD, _NO_TEXT_REASON)
-    return tuple(Message(role, content) for role, content, _ in turns), "chat"  # type: ignore[arg-type]
+    return tuple(Message(role, content) for role, content, _ in turns), "chat"
 
 
 def _check_unicode(raw: dict[str, Any]) -> None:
@@ -458,7 +458,7 @@ def _label(raw: dict[str, Any], key: str) -> str | None:
 def read_records(
     paths: Sequence[str | os.PathLike[str]],
     *,
-    on_bad_record: Literal["error", "skip"] = "error",
+    on_bad_record: OnBadRecord = "error",
     rejects: RejectLog | None = None,
     start_index: int = 0,
     check_duplicate_ids: bool = True,
@@ -488,7 +488,7 @@ def read_records(
 
 def _read(
     sources: list[_Source],
-    on_bad_record: str,
+    on_bad_record: OnBadRecord,
     rejects: RejectLog | None,
     index: int,
     check_duplicate_ids: bool,

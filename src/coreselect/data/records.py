@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
+#: what a reader does with a bad record: raise, or skip it (logged to ``rejects.jsonl``)
+OnBadRecord = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)

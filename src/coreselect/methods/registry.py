@@ -86,7 +86,7 @@ def register(name: str, *, config: type) -> Callable[[C], C]:
         old = _SPECS.get(name)
         if old is not None and old.cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"method {name!r} registered twice ({old.cls.__qualname__}, {cls.__qualname__})")
-        cls.name = name  # type: ignore[attr-defined]
+        cls.name = name  # type: ignore[attr-defined]  # C is any class here; SelectionMethod declares `name`
         _SPECS[name] = MethodSpec(name, cls, config)
         return cls
 

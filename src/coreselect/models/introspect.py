@@ -41,7 +41,7 @@ since its input is the concatenation of the per-head context vectors ``[B, T, H 
 
 **GQA.** Query head ``h`` reads KV head ``h // r`` (HF's ``repeat_kv``). A KV head's rows
 belong to a head set as soon as *any* of its query heads is in it (P2D trains a selected
-head's keys and values even when they are shared; see :mod:`coreselect.train.heads`).
+head's keys and values even when they are shared; see :mod:`coreselect.methods.p2d.train`).
 """
 
 from __future__ import annotations
@@ -245,6 +245,7 @@ def projection_weight(mod: torch.nn.Module) -> Tensor:
     Both are views of the parameter, so indexed in-place writes reach the model.
     """
     w = mod.weight
+    # type: ignore: Module.__getattr__ is typed Tensor | Module; ``weight`` is a Parameter here
     return w.T if type(mod).__name__ == "Conv1D" else w  # type: ignore[return-value]
 
 
@@ -311,13 +312,14 @@ class HeadGeometry:
         h = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or h)
         if spec.layout == "falcon":
+            layout: Layout
             if getattr(cfg, "new_decoder_architecture", False):
                 kv, layout = int(cfg.num_kv_heads), "grouped"
             elif getattr(cfg, "multi_query", False):
                 kv, layout = 1, "concat"
             else:
                 kv, layout = h, "per_head"
-            spec = AttentionSpec(output=spec.output, fused=spec.fused, layout=layout)  # type: ignore[arg-type]
+            spec = AttentionSpec(output=spec.output, fused=spec.fused, layout=layout)
         d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // h)
         return cls(int(cfg.num_hidden_layers), h, kv, d, spec)
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coreselect.data.formatting import TemplateChoice
+from coreselect.data.records import OnBadRecord
 from coreselect.errors import ConfigError, CoreselectError
 
 __all__ = ["TrainCommandArgs", "is_trained", "train"]
@@ -86,12 +88,12 @@ class TrainCommandArgs:
     packing: bool = False
     report_to: str = "none"
     plot: bool = True
-    template: str = "auto"
+    template: TemplateChoice = "auto"
     template_date: str = "26 Jul 2024"
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    on_bad_record: str = "error"
+    on_bad_record: OnBadRecord = "error"
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -135,11 +137,11 @@ def is_trained(out: str | Path) -> bool:
 
 def train(args: TrainCommandArgs) -> dict[str, Any]:
     """Fine-tune ``args.model`` with LoRA on ``args.data``; return the ``run.json`` dictionary."""
-    from coreselect.api import versions
     from coreselect.data.formatting import Formatter
     from coreselect.data.readers import RejectLog, read_records
     from coreselect.io import write_json
     from coreselect.models.loading import load_model, model_name, resolve_model
+    from coreselect.runtime import versions
     from coreselect.train.lora import train_lora
 
     t0 = time.perf_counter()
@@ -169,7 +171,7 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
 
     rejects = RejectLog()
-    records = list(read_records(args.data, on_bad_record=args.on_bad_record, rejects=rejects))  # type: ignore[arg-type]
+    records = list(read_records(args.data, on_bad_record=args.on_bad_record, rejects=rejects))
     if not records:
         raise CoreselectError("the training data is empty")
     if rejects.count and main:
@@ -187,7 +189,7 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
                   "dtype": str(next(model.parameters()).dtype)}
     common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
                               "versions": versions(), "model": model_info}
-    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     if args.heads:  # P2D sparse head adaptation instead of LoRA, on the same Trainer (coreselect.methods.p2d.train)
         from coreselect.methods.p2d.train import train_heads_run
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter
+from coreselect.data.formatting import PROMPT, RESPONSE, Encoded, Formatter, TemplateChoice
 from coreselect.data.records import Record
 from coreselect.errors import ConfigError, CoreselectError
 from coreselect.models.introspect import HeadGeometry, projection
@@ -317,7 +317,7 @@ class HeadsArgs:
     head_fraction: float = 0.1
     max_length: int = 2048
     batch_tokens: int = 8192
-    template: str = "auto"
+    template: TemplateChoice = "auto"
     template_date: str = "26 Jul 2024"
     dtype: str = "auto"
     device: str = "auto"
@@ -344,7 +344,7 @@ def heads_command(args: HeadsArgs) -> HeadSet:
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     runner = ModelRunner(model, tok)
-    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)  # type: ignore[arg-type]
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     t1 = time.perf_counter()
     hs = localize_heads(runner, fmt, target, proxy=args.proxy, fraction=args.head_fraction,
                         batch_tokens=args.batch_tokens, model_name=args.model)
