@@ -418,7 +418,7 @@ def _load_rng(path: Path) -> None:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     torch.set_rng_state(t["cpu"])
     npos, has_gauss, gauss = json.loads(meta["numpy"])
     np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), npos, has_gauss, gauss))
