@@ -59,7 +59,7 @@ T = TypeVar("T", bound=type)
 
 def accepts_method_options(cls: T) -> T:
     """Let ``cls(...)`` take method options as flat keywords (they go to ``options``)."""
-    # the two type: ignores: mypy refuses to read or assign ``__init__`` through a class object
+    # the two misc ignores: mypy refuses to read or assign ``__init__`` through a class object
     init: Callable[..., None] = cls.__init__  # type: ignore[misc]
     own = {f.name for f in fields(cls)}
 

@@ -68,7 +68,7 @@ class MethodScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coreselect.data.records import Message, Record
 
-        # type: ignore: ``kind`` comes back from the staged parquet as a plain str (a Record's "chat" / "text")
+        # the arg-type ignore: ``kind`` comes back from the staged parquet as a plain str (a Record's "chat" / "text")
         records = [
             Record(index=int(i), id=str(rid), source=str(src), raw={}, kind=str(kind),  # type: ignore[arg-type]
                    messages=tuple(Message(m["role"], m["content"]) for m in json.loads(msgs)))

@@ -245,7 +245,7 @@ def projection_weight(mod: torch.nn.Module) -> Tensor:
     Both are views of the parameter, so indexed in-place writes reach the model.
     """
     w = mod.weight
-    # type: ignore: Module.__getattr__ is typed Tensor | Module; ``weight`` is a Parameter here
+    # the return-value ignore: Module.__getattr__ is typed Tensor | Module; ``weight`` is a Parameter here
     return w.T if type(mod).__name__ == "Conv1D" else w  # type: ignore[return-value]
 
 
