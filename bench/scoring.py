@@ -276,7 +276,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny", help="tiny (random-init, built here), smollm2, or a model path")
     p.add_argument("--records", type=int, default=400, help="records for (a) and (b)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--real", type=int, default=160,
                    help="also measure (a) on this many real packaged records (0 skips; needs the data packages)")
     p.add_argument("--real-budgets", default="",
