@@ -30,10 +30,67 @@ from typing import Any
 
 import numpy as np
 
-WORDS = ("the sea apples bread scissors Friday answer plus divided eggs boxes fox forest translate poem meeting "
-         "flour water yeast knead rise bake twelve thirty forty total half clips sold April May which option "
-         "correct because therefore equation solve write code function python list table user please explain "
-         "history river mountain energy light velocity probability integer prime divisible sum product").split()
+WORDS = [
+    "the",
+    "sea",
+    "apples",
+    "bread",
+    "scissors",
+    "Friday",
+    "answer",
+    "plus",
+    "divided",
+    "eggs",
+    "boxes",
+    "fox",
+    "forest",
+    "translate",
+    "poem",
+    "meeting",
+    "flour",
+    "water",
+    "yeast",
+    "knead",
+    "rise",
+    "bake",
+    "twelve",
+    "thirty",
+    "forty",
+    "total",
+    "half",
+    "clips",
+    "sold",
+    "April",
+    "May",
+    "which",
+    "option",
+    "correct",
+    "because",
+    "therefore",
+    "equation",
+    "solve",
+    "write",
+    "code",
+    "function",
+    "python",
+    "list",
+    "table",
+    "user",
+    "please",
+    "explain",
+    "history",
+    "river",
+    "mountain",
+    "energy",
+    "light",
+    "velocity",
+    "probability",
+    "integer",
+    "prime",
+    "divisible",
+    "sum",
+    "product",
+]
 
 
 def synthetic_mix(n: int, seed: int = 0) -> list[dict]:
@@ -55,9 +112,18 @@ def synthetic_mix(n: int, seed: int = 0) -> list[dict]:
         elif u < 0.85:  # GSM8K / MATH
             user, asst, src = words(rng.randint(25, 90)), words(int(40 * 2 ** rng.uniform(0, 3))), "math"
         else:  # ShareGPT
-            user, asst, src = words(int(8 * 2 ** rng.uniform(0, 5.5))), words(int(30 * 2 ** rng.uniform(0, 4.2))), "chat"
-        rows.append({"id": str(i), "dataset": src, "messages": [{"role": "user", "content": user},
-                                                                 {"role": "assistant", "content": asst}]})
+            user, asst, src = (
+                words(int(8 * 2 ** rng.uniform(0, 5.5))),
+                words(int(30 * 2 ** rng.uniform(0, 4.2))),
+                "chat",
+            )
+        rows.append(
+            {
+                "id": str(i),
+                "dataset": src,
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": asst}],
+            }
+        )
     return rows
 
 
@@ -86,7 +152,7 @@ def pad_efficiency(lengths: np.ndarray, shard: int, budget: int) -> float:
 
     real = padded = 0
     for i in range(0, len(lengths), shard):
-        c = lengths[i:i + shard]
+        c = lengths[i : i + shard]
         for b in token_budget_batches(c.tolist(), budget):
             real += int(c[b].sum())
             padded += len(b) * int(c[b].max())
@@ -99,7 +165,7 @@ def pack_efficiency(lengths: np.ndarray, shard: int, budget: int) -> float:
 
     real = padded = 0
     for i in range(0, len(lengths), shard):
-        c = lengths[i:i + shard]
+        c = lengths[i : i + shard]
         for b in token_budget_batches(c.tolist(), budget):
             w = int(c[b].max())
             real += int(c[b].sum())
@@ -137,9 +203,20 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str = "auto", dtype: str = "auto",
-                     batch_tokens: int = 8192, shard: int = 2048, workers: int = 2, forward_batches: int = 3,
-                     repeats: int = 2, packing_sample: int = 64) -> dict:
+def feed_and_forward(
+    model_path: str,
+    pool: Path,
+    target: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_tokens: int = 8192,
+    shard: int = 2048,
+    workers: int = 2,
+    forward_batches: int = 3,
+    repeats: int = 2,
+    packing_sample: int = 64,
+) -> dict:
     """(a) feed rate vs forward rate, and (c) packing vs padding, on one pool file."""
     import torch
 
@@ -155,8 +232,14 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
     t = time.perf_counter()
     records = list(read_records([str(pool)]))
     t_read = time.perf_counter() - t
-    res: dict[str, Any] = {"records": len(records), "device": str(runner.device), "dtype": str(model.dtype),
-                           "cores": cores(), "torch_threads": torch.get_num_threads(), "read_s": t_read}
+    res: dict[str, Any] = {
+        "records": len(records),
+        "device": str(runner.device),
+        "dtype": str(model.dtype),
+        "cores": cores(),
+        "torch_threads": torch.get_num_threads(),
+        "read_s": t_read,
+    }
     enc_times: dict[str, list[float]] = {"encode": [], "encode_many": [], f"pool{workers}": []}
     ep = EncodePool(Formatter(tok, 2048), workers=workers, chunk=256) if workers > 0 else None
     ref = None
@@ -176,8 +259,9 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
     assert ref is not None
     n_tok = sum(len(e) for e in ref)
     res["tokens"] = n_tok
-    res["encode"] = {k: {"records_per_s": len(records) / min(v), "tokens_per_s": n_tok / min(v)}
-                     for k, v in enc_times.items() if v}
+    res["encode"] = {
+        k: {"records_per_s": len(records) / min(v), "tokens_per_s": n_tok / min(v)} for k, v in enc_times.items() if v
+    }
     cfg = TrimConfig(batch_tokens=batch_tokens, chunk_records=shard, layers=min(6, runner.num_layers))
     method = TrimMethod(runner, fmt, cfg, progress=False).fit(list(read_records([str(target)])))
     noop = TrimMethod(NoOpRunner(runner), fmt, cfg, progress=False)  # type: ignore[arg-type]
@@ -190,8 +274,11 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
             pass
         _sync(runner.device)
         feed.append(time.perf_counter() - t)
-    res["feed"] = {"records_per_s": len(records) / min(feed), "tokens_per_s": n_tok / min(feed),
-                   "tokens_per_s_per_core": n_tok / min(feed) / res["cores"]}
+    res["feed"] = {
+        "records_per_s": len(records) / min(feed),
+        "tokens_per_s": n_tok / min(feed),
+        "tokens_per_s_per_core": n_tok / min(feed) / res["cores"],
+    }
     # the host's share on a GPU: read, encode (batched), batch, collate + copy; the scoring math
     # above ran on the CPU here, on a GPU it runs on the device
     from coreselect.methods.base import record_chunks
@@ -206,8 +293,11 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
                 _collate(e, b, runner.pad_id, "right", runner.device)
         _sync(runner.device)
         host.append(time.perf_counter() - t)
-    res["feed_host"] = {"records_per_s": len(records) / min(host), "tokens_per_s": n_tok / min(host),
-                        "tokens_per_s_per_core": n_tok / min(host) / res["cores"]}
+    res["feed_host"] = {
+        "records_per_s": len(records) / min(host),
+        "tokens_per_s": n_tok / min(host),
+        "tokens_per_s_per_core": n_tok / min(host) / res["cores"],
+    }
     if not forward_batches:
         res["forward"] = {"tokens_per_s": float("nan"), "tokens": 0}
         res["feed_over_forward"] = float("nan")
@@ -242,10 +332,14 @@ def feed_and_forward(model_path: str, pool: Path, target: Path, *, device: str =
             key = "packed" if packing else "padded"
             out[key] = min(out.get(key, (1e9, None))[0], dt), sc
         method.config.packing = False
-        res["packing"] = {"records": len(samp), "tokens": sum(len(e) for e in samp),
-                          "padded_s": out["padded"][0], "packed_s": out["packed"][0],
-                          "packed_over_padded_speed": out["padded"][0] / out["packed"][0],
-                          "max_abs_score_diff": float(np.max(np.abs(out["packed"][1] - out["padded"][1])))}
+        res["packing"] = {
+            "records": len(samp),
+            "tokens": sum(len(e) for e in samp),
+            "padded_s": out["padded"][0],
+            "packed_s": out["packed"][0],
+            "packed_over_padded_speed": out["padded"][0] / out["packed"][0],
+            "max_abs_score_diff": float(np.max(np.abs(out["packed"][1] - out["padded"][1]))),
+        }
     return res
 
 
@@ -275,45 +369,75 @@ def main() -> None:
         pool = write_jsonl(tmp / "pool.jsonl", synthetic_mix(a.records))
         target = write_jsonl(tmp / "target.jsonl", synthetic_mix(8, seed=1))
     load0 = os.getloadavg()
-    res = feed_and_forward(a.model, pool, target, device=a.device, dtype=a.dtype, batch_tokens=a.batch_tokens,
-                           shard=a.shard_records, workers=a.workers, forward_batches=a.forward_batches,
-                           repeats=a.repeats, packing_sample=a.packing_sample)
+    res = feed_and_forward(
+        a.model,
+        pool,
+        target,
+        device=a.device,
+        dtype=a.dtype,
+        batch_tokens=a.batch_tokens,
+        shard=a.shard_records,
+        workers=a.workers,
+        forward_batches=a.forward_batches,
+        repeats=a.repeats,
+        packing_sample=a.packing_sample,
+    )
     from coreselect.data.formatting import Formatter
     from coreselect.data.readers import read_records
     from coreselect.models.loading import load_tokenizer, resolve_model
 
-    lengths = np.array([len(e) for e in Formatter(load_tokenizer(resolve_model(a.model), False), 2048)
-                        .encode_many(list(read_records([str(pool)])))])
-    res["lengths_pct"] = dict(zip(("p10", "p50", "p90", "p99", "max"),
-                                  np.percentile(lengths, [10, 50, 90, 99, 100]).round().astype(int).tolist()))
+    lengths = np.array(
+        [
+            len(e)
+            for e in Formatter(load_tokenizer(resolve_model(a.model), False), 2048).encode_many(
+                list(read_records([str(pool)]))
+            )
+        ]
+    )
+    res["lengths_pct"] = dict(
+        zip(
+            ("p10", "p50", "p90", "p99", "max"),
+            np.percentile(lengths, [10, 50, 90, 99, 100]).round().astype(int).tolist(),
+        )
+    )
     shards, budgets = (256, 1024, 2048, 4096, 16384), (4096, 8192, 16384, 65536)
     res["padding"] = {f"{s}x{b}": pad_efficiency(lengths, s, b) for s in shards for b in budgets}
     res["packing_eff"] = {f"{s}x{b}": pack_efficiency(lengths, s, b) for s in (2048,) for b in budgets}
     res["load"] = {"start": load0, "end": os.getloadavg()}
-    print(f"\nmodel={a.model} data={a.data} records={res['records']} tokens={res['tokens']} device={res['device']} "
-          f"dtype={res['dtype']} cores={res['cores']} torch_threads={res['torch_threads']} "
-          f"load start={load0[0]:.2f} end={res['load']['end'][0]:.2f}")
+    print(
+        f"\nmodel={a.model} data={a.data} records={res['records']} tokens={res['tokens']} device={res['device']} "
+        f"dtype={res['dtype']} cores={res['cores']} torch_threads={res['torch_threads']} "
+        f"load start={load0[0]:.2f} end={res['load']['end'][0]:.2f}"
+    )
     print(f"lengths (tokens): {res['lengths_pct']}")
     print(f"{'measure':58s} {'value':>14s}")
-    rows = [(f"(a) encode {k}: records/s | tokens/s", f"{v['records_per_s']:.0f} | {v['tokens_per_s']:.0f}")
-            for k, v in res["encode"].items()]
+    rows = [
+        (f"(a) encode {k}: records/s | tokens/s", f"{v['records_per_s']:.0f} | {v['tokens_per_s']:.0f}")
+        for k, v in res["encode"].items()
+    ]
     f = res["feed"]
-    rows += [("(a) feed (no-op model): records/s", f"{f['records_per_s']:.0f}"),
-             ("(a) feed: tokens/s", f"{f['tokens_per_s']:.0f}"),
-             (f"(a) feed: tokens/s per core ({res['cores']} cores; goal >= 50000)", f"{f['tokens_per_s_per_core']:.0f}"),
-             ("(a) host side only (read, encode, batch, collate): records/s", f"{res['feed_host']['records_per_s']:.0f}"),
-             ("(a) host side only: tokens/s per core", f"{res['feed_host']['tokens_per_s_per_core']:.0f}"),
-             ("(a) model forward tokens/s (sample batches)", f"{res['forward']['tokens_per_s']:.0f}"),
-             ("(a) feed / forward rate", f"{res['feed_over_forward']:.1f}x")]
+    rows += [
+        ("(a) feed (no-op model): records/s", f"{f['records_per_s']:.0f}"),
+        ("(a) feed: tokens/s", f"{f['tokens_per_s']:.0f}"),
+        (f"(a) feed: tokens/s per core ({res['cores']} cores; goal >= 50000)", f"{f['tokens_per_s_per_core']:.0f}"),
+        ("(a) host side only (read, encode, batch, collate): records/s", f"{res['feed_host']['records_per_s']:.0f}"),
+        ("(a) host side only: tokens/s per core", f"{res['feed_host']['tokens_per_s_per_core']:.0f}"),
+        ("(a) model forward tokens/s (sample batches)", f"{res['forward']['tokens_per_s']:.0f}"),
+        ("(a) feed / forward rate", f"{res['feed_over_forward']:.1f}x"),
+    ]
     for k, v in res["padding"].items():
         rows.append((f"(b) padding eff., shard x budget {k}", f"{v:.3f}"))
     for k, v in res["packing_eff"].items():
         rows.append((f"(b) packed eff., shard x budget {k}", f"{v:.3f}"))
     if "packing" in res:
         pk = res["packing"]
-        rows += [(f"(c) packed / padded speed ({pk['records']} rec, {pk['tokens']} tok)",
-                  f"{pk['packed_over_padded_speed']:.3f}"),
-                 ("(c) max |score packed - padded|", f"{pk['max_abs_score_diff']:.2e}")]
+        rows += [
+            (
+                f"(c) packed / padded speed ({pk['records']} rec, {pk['tokens']} tok)",
+                f"{pk['packed_over_padded_speed']:.3f}",
+            ),
+            ("(c) max |score packed - padded|", f"{pk['max_abs_score_diff']:.2e}"),
+        ]
     for k, v in rows:
         print(f"{k:58s} {v:>14s}")
     if a.json:

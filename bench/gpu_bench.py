@@ -42,23 +42,64 @@ from feed import (
 )
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"family": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-                     "tie_word_embeddings": True},
-    "llama-3.2-1b": {"family": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-                     "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0,
-                     "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-                     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-    "qwen2.5-1.5b": {"family": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-                     "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                     "tie_word_embeddings": True, "use_sliding_window": False},
+    "smollm2-135m": {
+        "family": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        "family": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    "qwen2.5-1.5b": {
+        "family": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+    },
 }
-SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1024}
+SMOKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+}
 
 
 def tokenizer(out: Path) -> Any:
@@ -69,15 +110,24 @@ def tokenizer(out: Path) -> Any:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                                   "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     rng = random.Random(0)
     tk.train_from_iterator([" ".join(rng.choices(WORDS, k=40)) for _ in range(500)], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tok.save_pretrained(out)
     return tok
 
@@ -119,8 +169,19 @@ def peak_mib(device: Any) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if str(device).startswith("cuda") else float("nan")
 
 
-def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, device: str, dtype: Any,
-                smoke: bool, batch_tokens: int, shard: int, repeats: int) -> dict:
+def bench_model(
+    shape: str,
+    tok: Any,
+    records_file: Path,
+    target_file: Path,
+    *,
+    device: str,
+    dtype: Any,
+    smoke: bool,
+    batch_tokens: int,
+    shard: int,
+    repeats: int,
+) -> dict:
     import numpy as np
 
     from coreselect.data.formatting import Formatter
@@ -130,8 +191,11 @@ def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, 
 
     t = time.perf_counter()
     model = build(shape, tok, device, dtype, smoke)
-    res: dict[str, Any] = {"shape": shape, "build_s": time.perf_counter() - t,
-                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    res: dict[str, Any] = {
+        "shape": shape,
+        "build_s": time.perf_counter() - t,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
     runner = ModelRunner(model, tok)
     fmt = Formatter(tok, 2048)
     records = list(read_records([str(records_file)]))
@@ -140,9 +204,13 @@ def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, 
     shards = [list(range(i, min(i + shard, len(enc)))) for i in range(0, len(enc), shard)]
     batches = [[s[p] for p in b] for s in shards for b in token_budget_batches([len(enc[i]) for i in s], batch_tokens)]
     lengths = np.array([len(e) for e in enc])
-    res.update(records=len(enc), tokens=n_tok, batches=len(batches),
-               pad_eff=pad_efficiency(lengths, shard, batch_tokens),
-               pack_eff=pack_efficiency(lengths, shard, batch_tokens))
+    res.update(
+        records=len(enc),
+        tokens=n_tok,
+        batches=len(batches),
+        pad_eff=pad_efficiency(lengths, shard, batch_tokens),
+        pack_eff=pack_efficiency(lengths, shard, batch_tokens),
+    )
     cfg = TrimConfig(batch_tokens=batch_tokens, chunk_records=shard, layers=min(6, runner.num_layers))
     peak_reset(device)
     method = TrimMethod(runner, fmt, cfg, progress=False).fit(list(read_records([str(target_file)])))
@@ -224,16 +292,19 @@ def bench_model(shape: str, tok: Any, records_file: Path, target_file: Path, *, 
         fin = [np.isfinite(b) for b in base]
         diff = max(float(np.max(np.abs(g[m] - b[m]), initial=0.0)) for g, b, m in zip(got, base, fin))
         method.config.packing = False
-        res[f"packing_{kern}"] = {"packed_over_padded_speed": min(times["stage2_encoded"]) / best,
-                                  "max_abs_score_diff": diff}
+        res[f"packing_{kern}"] = {
+            "packed_over_padded_speed": min(times["stage2_encoded"]) / best,
+            "max_abs_score_diff": diff,
+        }
     model.set_attn_implementation("sdpa")
     return res
 
 
 def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, smoke: bool, n: int) -> dict | str:
     """3 named targets vs 1 in one ``select`` (SmolLM2 shape), when the CLI supports it."""
-    helptext = subprocess.run([sys.executable, "-m", "coreselect", "select", "--help"], capture_output=True,
-                              text=True, check=False).stdout
+    helptext = subprocess.run(
+        [sys.executable, "-m", "coreselect", "select", "--help"], capture_output=True, text=True, check=False
+    ).stdout
     if "--combine" not in helptext and "name=FILE" not in helptext:
         return "skipped: this coreselect has no multi-target --target name=FILE yet (issue 14, section 1)"
     model = build("smollm2-135m", tok, device, dtype, smoke)
@@ -247,15 +318,43 @@ def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, sm
     for name, tspec in (("one", [str(targets[0])]), ("three", [f"t{i}={p}" for i, p in enumerate(targets)])):
         out = tmp / f"mt-{name}"
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "coreselect", "select", "--pool", str(pool), "--target", *tspec,
-                               "--out", str(out), "--model", str(mdir), "--warmup", "none", "--budget", "10%",
-                               "--device", device.split(":")[0], "--no-progress"], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coreselect",
+                "select",
+                "--pool",
+                str(pool),
+                "--target",
+                *tspec,
+                "--out",
+                str(out),
+                "--model",
+                str(mdir),
+                "--warmup",
+                "none",
+                "--budget",
+                "10%",
+                "--device",
+                device.split(":")[0],
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode:
-            return f"failed ({name}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            return (
+                f"failed ({name}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
         walls[name] = time.perf_counter() - t0
-    return {"records": n, "one_target_s": walls["one"], "three_targets_s": walls["three"],
-            "ratio_3_over_1": walls["three"] / walls["one"]}
+    return {
+        "records": n,
+        "one_target_s": walls["one"],
+        "three_targets_s": walls["three"],
+        "ratio_3_over_1": walls["three"] / walls["one"],
+    }
 
 
 def main() -> None:
@@ -278,45 +377,72 @@ def main() -> None:
     shard = a.shard_records or (n if a.smoke else 8192)
     repeats = a.repeats or (1 if a.smoke else 2)
     hw = torch.cuda.get_device_name(0) if cuda else f"CPU x{os.cpu_count()}"
-    print(f"# coreselect gpu bench: device={device} ({hw}) dtype={dtype} torch={torch.__version__} "
-          f"records={n} batch_tokens={budget} shard={shard} repeats={repeats} load={os.getloadavg()[0]:.2f}",
-          flush=True)
+    print(
+        f"# coreselect gpu bench: device={device} ({hw}) dtype={dtype} torch={torch.__version__} "
+        f"records={n} batch_tokens={budget} shard={shard} repeats={repeats} load={os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="coreselect-gpu-"))
     tok = tokenizer(tmp / "tok")
     pool = write_jsonl(tmp / "pool.jsonl", synthetic_mix(n))
     target = write_jsonl(tmp / "target.jsonl", synthetic_mix(8, seed=1))
-    out: dict[str, Any] = {"device": device, "hardware": hw, "dtype": str(dtype), "records": n,
-                           "batch_tokens": budget, "shard": shard, "models": []}
+    out: dict[str, Any] = {
+        "device": device,
+        "hardware": hw,
+        "dtype": str(dtype),
+        "records": n,
+        "batch_tokens": budget,
+        "shard": shard,
+        "models": [],
+    }
     t_all = time.perf_counter()
     for shape in a.shapes.split(","):
         t0 = time.perf_counter()
-        r = bench_model(shape, tok, pool, target, device=device, dtype=dtype, smoke=a.smoke, batch_tokens=budget,
-                        shard=shard, repeats=repeats)
+        r = bench_model(
+            shape,
+            tok,
+            pool,
+            target,
+            device=device,
+            dtype=dtype,
+            smoke=a.smoke,
+            batch_tokens=budget,
+            shard=shard,
+            repeats=repeats,
+        )
         r["wall_s"] = time.perf_counter() - t0
         if cuda:
             torch.cuda.empty_cache()
         out["models"].append(r)
-        print(f"\n## {shape} ({r['params_m']:.1f}M params{' (smoke shapes)' if a.smoke else ''}): "
-              f"{r['records']} records, {r['tokens']} tokens, {r['batches']} batches, wall {r['wall_s']:.0f}s")
-        rows = [("bare forward tokens/s", f"{r['bare_tokens_per_s']:.0f}"),
-                ("Stage II (encoded) tokens/s", f"{r['stage2_encoded_tokens_per_s']:.0f}"),
-                ("Stage II (from records) tokens/s", f"{r['stage2_records_tokens_per_s']:.0f}"),
-                ("ratio Stage II encoded / bare", f"{r['ratio_stage2_encoded']:.3f}"),
-                ("ratio Stage II from records / bare", f"{r['ratio_stage2_records']:.3f}"),
-                ("feed rate (no-op model) tokens/s", f"{r['feed_tokens_per_s']:.0f}"),
-                ("feed rate records/s", f"{r['feed_records_per_s']:.0f}"),
-                ("feed / forward", f"{r['feed_over_forward']:.2f}x"),
-                ("padding efficiency (padded batches)", f"{r['pad_eff']:.3f}"),
-                ("padding efficiency (packed rows)", f"{r['pack_eff']:.3f}")]
+        print(
+            f"\n## {shape} ({r['params_m']:.1f}M params{' (smoke shapes)' if a.smoke else ''}): "
+            f"{r['records']} records, {r['tokens']} tokens, {r['batches']} batches, wall {r['wall_s']:.0f}s"
+        )
+        rows = [
+            ("bare forward tokens/s", f"{r['bare_tokens_per_s']:.0f}"),
+            ("Stage II (encoded) tokens/s", f"{r['stage2_encoded_tokens_per_s']:.0f}"),
+            ("Stage II (from records) tokens/s", f"{r['stage2_records_tokens_per_s']:.0f}"),
+            ("ratio Stage II encoded / bare", f"{r['ratio_stage2_encoded']:.3f}"),
+            ("ratio Stage II from records / bare", f"{r['ratio_stage2_records']:.3f}"),
+            ("feed rate (no-op model) tokens/s", f"{r['feed_tokens_per_s']:.0f}"),
+            ("feed rate records/s", f"{r['feed_records_per_s']:.0f}"),
+            ("feed / forward", f"{r['feed_over_forward']:.2f}x"),
+            ("padding efficiency (padded batches)", f"{r['pad_eff']:.3f}"),
+            ("padding efficiency (packed rows)", f"{r['pack_eff']:.3f}"),
+        ]
         for kern in ("sdpa", "flash_attention_2"):
             v = r.get(f"packing_{kern}")
             if isinstance(v, dict):
-                rows += [(f"packed / padded speed ({kern})", f"{v['packed_over_padded_speed']:.3f}"),
-                         (f"max |score packed - padded| ({kern})", f"{v['max_abs_score_diff']:.1e}")]
+                rows += [
+                    (f"packed / padded speed ({kern})", f"{v['packed_over_padded_speed']:.3f}"),
+                    (f"max |score packed - padded| ({kern})", f"{v['max_abs_score_diff']:.1e}"),
+                ]
             elif v:
                 rows.append((f"packing ({kern})", str(v)))
-        rows += [(f"peak MiB {k}", f"{r[f'peak_mib_{k}']:.0f}") for k in ("stage1", "bare", "stage2_encoded",
-                                                                           "stage2_records")]
+        rows += [
+            (f"peak MiB {k}", f"{r[f'peak_mib_{k}']:.0f}")
+            for k in ("stage1", "bare", "stage2_encoded", "stage2_records")
+        ]
         for k, v in rows:
             print(f"  {k:44s} {v:>14s}")
         sys.stdout.flush()

@@ -33,8 +33,39 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the sea apples bread scissors Friday answer plus divided eggs boxes fox forest translate poem meeting "
-         "flour water yeast knead rise bake twelve thirty forty total half clips sold April May").split()
+WORDS = [
+    "the",
+    "sea",
+    "apples",
+    "bread",
+    "scissors",
+    "Friday",
+    "answer",
+    "plus",
+    "divided",
+    "eggs",
+    "boxes",
+    "fox",
+    "forest",
+    "translate",
+    "poem",
+    "meeting",
+    "flour",
+    "water",
+    "yeast",
+    "knead",
+    "rise",
+    "bake",
+    "twelve",
+    "thirty",
+    "forty",
+    "total",
+    "half",
+    "clips",
+    "sold",
+    "April",
+    "May",
+]
 
 
 def build_tiny(out: Path, hidden: int = 64, layers: int = 4) -> Path:
@@ -47,21 +78,39 @@ def build_tiny(out: Path, hidden: int = 64, layers: int = 4) -> Path:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                                  "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     rng = random.Random(0)
     tk.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(200)], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
@@ -75,9 +124,16 @@ def synth_records(n: int, seed: int = 0, short: bool = False) -> list[dict]:
             u, a = rng.randint(3, 8), rng.randint(3, 8)
         else:
             u, a = int(4 * 2 ** rng.uniform(0, 4)), int(4 * 2 ** rng.uniform(0, 6.5))
-        rows.append({"id": str(i), "dataset": "synthetic",
-                     "messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=u))},
-                                  {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=a))}]})
+        rows.append(
+            {
+                "id": str(i),
+                "dataset": "synthetic",
+                "messages": [
+                    {"role": "user", "content": " ".join(rng.choices(WORDS, k=u))},
+                    {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=a))},
+                ],
+            }
+        )
     return rows
 
 
@@ -103,8 +159,9 @@ def real_records(n: int, tmp: Path) -> tuple[list[dict], list[dict]]:
     return rows, [json.loads(x) for x in paths["target_gsm8k"].read_text(encoding="utf-8").splitlines()]
 
 
-def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: Path, real: bool = False,
-               repeats: int = 2) -> dict:
+def throughput(
+    model: str, n_records: int, device: str, batch_tokens: int, tmp: Path, real: bool = False, repeats: int = 2
+) -> dict:
     """Stage II vs bare forward on the same token-budget batches, interleaved, best of ``repeats``."""
     import torch
 
@@ -114,22 +171,36 @@ def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: 
     from coreselect.models.runner import token_budget_batches
 
     tag = "real" if real else "synth"
-    pool_rows, target_rows = real_records(n_records, tmp) if real else (synth_records(n_records),
-                                                                        synth_records(8, seed=1))
+    pool_rows, target_rows = (
+        real_records(n_records, tmp) if real else (synth_records(n_records), synth_records(8, seed=1))
+    )
     pool = write_jsonl(tmp / f"pool-{tag}.jsonl", pool_rows)
     target = write_jsonl(tmp / f"target-{tag}.jsonl", target_rows)
-    args = SelectArgs(pool=[str(pool)], target=[str(target)], out=str(tmp / "o"), model=model, warmup="none",
-                      device=device, batch_tokens=batch_tokens, progress=False)
+    args = SelectArgs(
+        pool=[str(pool)],
+        target=[str(target)],
+        out=str(tmp / "o"),
+        model=model,
+        warmup="none",
+        device=device,
+        batch_tokens=batch_tokens,
+        progress=False,
+    )
     ctx = load_context(args, tmp / "o", n_records)
-    method = TrimMethod(ctx.runner, ctx.formatter, TrimConfig(layers=2, batch_tokens=batch_tokens,
-                                                              chunk_records=args.shard_records), progress=False)
+    method = TrimMethod(
+        ctx.runner,
+        ctx.formatter,
+        TrimConfig(layers=2, batch_tokens=batch_tokens, chunk_records=args.shard_records),
+        progress=False,
+    )
     method.fit(list(read_records([str(target)])))
     records = list(read_records([str(pool)]))
     encoded = [ctx.formatter.encode(r) for r in records]
     S = args.shard_records
     chunks = [list(range(i, min(i + S, len(encoded)))) for i in range(0, len(encoded), S)]
-    batches = [[c[p] for p in b] for c in chunks for b in token_budget_batches([len(encoded[i]) for i in c],
-                                                                               batch_tokens)]
+    batches = [
+        [c[p] for p in b] for c in chunks for b in token_budget_batches([len(encoded[i]) for i in c], batch_tokens)
+    ]
     n_tok = sum(len(e) for e in encoded)
 
     def sync() -> None:
@@ -161,14 +232,25 @@ def throughput(model: str, n_records: int, device: str, batch_tokens: int, tmp: 
     real = sum(lengths)
     padded_budget = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     size = max(1, round(len(lengths) / len(batches)))  # same number of batches
-    fixed = [lengths[i:i + size] for i in range(0, len(lengths), size)]
+    fixed = [lengths[i : i + size] for i in range(0, len(lengths), size)]
     padded_fixed = sum(len(b) * max(b) for b in fixed)
     return {
-        "data": tag, "batch_tokens": batch_tokens, "bare_s": tb, "trim_s": tt, "load": os.getloadavg(),
-        "records": n_records, "tokens": n_tok, "batches": len(batches), "fixed_batch_size": size,
-        "bare_tokens_per_s": n_tok / t_bare, "trim_tokens_per_s": n_tok / t_trim, "ratio": t_bare / t_trim,
-        "pad_eff_token_budget": real / padded_budget, "pad_eff_fixed": real / padded_fixed,
-        "device": str(ctx.runner.device), "dtype": str(next(ctx.model.parameters()).dtype),
+        "data": tag,
+        "batch_tokens": batch_tokens,
+        "bare_s": tb,
+        "trim_s": tt,
+        "load": os.getloadavg(),
+        "records": n_records,
+        "tokens": n_tok,
+        "batches": len(batches),
+        "fixed_batch_size": size,
+        "bare_tokens_per_s": n_tok / t_bare,
+        "trim_tokens_per_s": n_tok / t_trim,
+        "ratio": t_bare / t_trim,
+        "pad_eff_token_budget": real / padded_budget,
+        "pad_eff_fixed": real / padded_fixed,
+        "device": str(ctx.runner.device),
+        "dtype": str(next(ctx.model.parameters()).dtype),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -184,20 +266,54 @@ def rss_child(n: int, model: str, batch_tokens: int, tmp: Path) -> None:
     pool = write_jsonl(tmp / f"pool-{n}.jsonl", synth_records(n, short=True))
     target = write_jsonl(tmp / "target.jsonl", synth_records(8, seed=1, short=True))
     t = time.perf_counter()
-    info = select(SelectArgs(pool=[str(pool)], target=[str(target)], out=str(tmp / f"out-{n}"), model=model,
-                             warmup="none", layers=1, budget="1%", batch_tokens=batch_tokens, progress=False,
-                             device="cpu"))
+    info = select(
+        SelectArgs(
+            pool=[str(pool)],
+            target=[str(target)],
+            out=str(tmp / f"out-{n}"),
+            model=model,
+            warmup="none",
+            layers=1,
+            budget="1%",
+            batch_tokens=batch_tokens,
+            progress=False,
+            device="cpu",
+        )
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"records": n, "peak_rss_mib": peak, "rss_after_imports_mib": rss0,
-                      "wall_s": time.perf_counter() - t, "tokens": info["stats"]["stage2"]["tokens"]}))
+    print(
+        json.dumps(
+            {
+                "records": n,
+                "peak_rss_mib": peak,
+                "rss_after_imports_mib": rss0,
+                "wall_s": time.perf_counter() - t,
+                "tokens": info["stats"]["stage2"]["tokens"],
+            }
+        )
+    )
 
 
 def rss_sweep(sizes: list[int], model: str, batch_tokens: int, tmp: Path) -> list[dict]:
     out = []
     for n in sizes:
-        proc = subprocess.run([sys.executable, __file__, "--_rss-child", str(n), "--model", model,
-                               "--batch-tokens", str(batch_tokens), "--_tmp", str(tmp)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_rss-child",
+                str(n),
+                "--model",
+                model,
+                "--batch-tokens",
+                str(batch_tokens),
+                "--_tmp",
+                str(tmp),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  rss {n}: {out[-1]}", file=sys.stderr)
     return out
@@ -206,9 +322,20 @@ def rss_sweep(sizes: list[int], model: str, batch_tokens: int, tmp: Path) -> lis
 # ----------------------------------------------------------------------------- (d)
 
 
-def less_vs_trim(model: str, n_records: int, device: str, batch_tokens: int, tmp: Path, *,
-                 warmup_fraction: float = 0.25, warmup_epochs: float = 2.0, lora_r: int = 8,
-                 short: bool = False, max_length: int = 2048, layers: int = 6) -> dict:
+def less_vs_trim(
+    model: str,
+    n_records: int,
+    device: str,
+    batch_tokens: int,
+    tmp: Path,
+    *,
+    warmup_fraction: float = 0.25,
+    warmup_epochs: float = 2.0,
+    lora_r: int = 8,
+    short: bool = False,
+    max_length: int = 2048,
+    layers: int = 6,
+) -> dict:
     """TRIM vs LESS total selection cost on the same pool, model and warmup.
 
     One shared LoRA warmup (``warmup_model``: ``warmup_fraction`` of the pool, ``warmup_epochs``
@@ -221,10 +348,24 @@ def less_vs_trim(model: str, n_records: int, device: str, batch_tokens: int, tmp
 
     pool = write_jsonl(tmp / "less-pool.jsonl", synth_records(n_records, seed=2, short=short))
     target = write_jsonl(tmp / "less-target.jsonl", synth_records(8, seed=3, short=short))
-    common = dict(pool=[str(pool)], target=[str(target)], model=model, device=device, batch_tokens=batch_tokens,
-                  max_length=max_length, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
-                  warmup_lora_r=lora_r, warmup_lora_alpha=4 * lora_r, warmup_lr=1e-4, warmup_batch_size=2,
-                  warmup_grad_accum=2, budget="10%", layers=layers, progress=False)
+    common = {
+        "pool": [str(pool)],
+        "target": [str(target)],
+        "model": model,
+        "device": device,
+        "batch_tokens": batch_tokens,
+        "max_length": max_length,
+        "warmup_fraction": warmup_fraction,
+        "warmup_epochs": warmup_epochs,
+        "warmup_lora_r": lora_r,
+        "warmup_lora_alpha": 4 * lora_r,
+        "warmup_lr": 1e-4,
+        "warmup_batch_size": 2,
+        "warmup_grad_accum": 2,
+        "budget": "10%",
+        "layers": layers,
+        "progress": False,
+    }
     wargs = SelectArgs(out=str(tmp / "less-warm"), warmup="auto", **common)
     n_pool, _ = scan_pool(wargs)
     t = time.perf_counter()
@@ -234,24 +375,45 @@ def less_vs_trim(model: str, n_records: int, device: str, batch_tokens: int, tmp
     for method in ("trim", "less"):
         info = select(SelectArgs(out=str(tmp / f"less-{method}"), method=method, warmup=str(adapter), **common))
         tm, cost = info["timings"], info["cost"]
-        runs[method] = {"fit_s": tm["fit_s"], "score_s": tm["score_s"], "scoring_s": tm["fit_s"] + tm["score_s"],
-                        "total_s": tm["total_s"], "forward_passes": cost["forward_passes"],
-                        "backward_passes": cost["backward_passes"], "peak_memory_mb": cost["peak_memory_mb"]}
+        runs[method] = {
+            "fit_s": tm["fit_s"],
+            "score_s": tm["score_s"],
+            "scoring_s": tm["fit_s"] + tm["score_s"],
+            "total_s": tm["total_s"],
+            "forward_passes": cost["forward_passes"],
+            "backward_passes": cost["backward_passes"],
+            "peak_memory_mb": cost["peak_memory_mb"],
+        }
         if method == "less":
             runs[method]["checkpoints"] = len(info["method_settings"]["checkpoints"])
             runs[method]["feature_dim"] = info["method_settings"]["feature_dim"]
             runs[method]["pool_gradient"] = info["method_settings"]["pool_gradient"]
         print(f"  (d) {method}: {runs[method]}", file=sys.stderr)
     n_w = int(winfo.get("n_records", 0))
-    warm = {"wall_s": w_wall, "records": n_w, "epochs": warmup_epochs, "steps": winfo.get("steps"),
-            "checkpoints": len(winfo.get("checkpoints", [])), "lora_r": lora_r,
-            # every warmup record is one forward + one backward per epoch (micro-batches of 2)
-            "record_fwd_bwd": int(round(n_w * warmup_epochs))}
+    warm = {
+        "wall_s": w_wall,
+        "records": n_w,
+        "epochs": warmup_epochs,
+        "steps": winfo.get("steps"),
+        "checkpoints": len(winfo.get("checkpoints", [])),
+        "lora_r": lora_r,
+        # every warmup record is one forward + one backward per epoch (micro-batches of 2)
+        "record_fwd_bwd": int(round(n_w * warmup_epochs)),
+    }
     tr, le = runs["trim"], runs["less"]
-    return {"model": model, "records": n_records, "trim_layers": layers, "target": 8, "short": short,
-            "warmup": warm, "trim": tr, "less": le, "ratio_scoring": le["scoring_s"] / tr["scoring_s"],
-            "ratio_with_warmup": (w_wall + le["scoring_s"]) / (w_wall + tr["scoring_s"]),
-            "ratio_end_to_end": (w_wall + le["total_s"]) / (w_wall + tr["total_s"])}
+    return {
+        "model": model,
+        "records": n_records,
+        "trim_layers": layers,
+        "target": 8,
+        "short": short,
+        "warmup": warm,
+        "trim": tr,
+        "less": le,
+        "ratio_scoring": le["scoring_s"] / tr["scoring_s"],
+        "ratio_with_warmup": (w_wall + le["scoring_s"]) / (w_wall + tr["scoring_s"]),
+        "ratio_end_to_end": (w_wall + le["total_s"]) / (w_wall + tr["total_s"]),
+    }
 
 
 def less_rows(d: dict) -> list[tuple[str, str]]:
@@ -259,8 +421,10 @@ def less_rows(d: dict) -> list[tuple[str, str]]:
     tag = f"[{d['model'] if len(d['model']) < 12 else 'model'}, {d['records']} rec]"
     return [
         (f"(d) {tag} shared warmup wall (s)", f"{w['wall_s']:.1f}"),
-        ("(d)   warmup: records x epochs, steps, ckpts",
-         f"{w['records']}x{w['epochs']:g},{w['steps']},{w['checkpoints']}"),
+        (
+            "(d)   warmup: records x epochs, steps, ckpts",
+            f"{w['records']}x{w['epochs']:g},{w['steps']},{w['checkpoints']}",
+        ),
         ("(d)   TRIM Stage I+II wall (s)", f"{tr['scoring_s']:.2f}"),
         ("(d)   TRIM fwd / bwd passes", f"{tr['forward_passes']}/{tr['backward_passes']}"),
         ("(d)   LESS scoring wall (fit+score) (s)", f"{le['scoring_s']:.2f}"),
@@ -277,10 +441,17 @@ def main() -> None:
     p.add_argument("--records", type=int, default=400, help="records for (a) and (b)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--real", type=int, default=160,
-                   help="also measure (a) on this many real packaged records (0 skips; needs the data packages)")
-    p.add_argument("--real-budgets", default="",
-                   help="comma-separated --batch-tokens values for the real-record (a) (default: --batch-tokens)")
+    p.add_argument(
+        "--real",
+        type=int,
+        default=160,
+        help="also measure (a) on this many real packaged records (0 skips; needs the data packages)",
+    )
+    p.add_argument(
+        "--real-budgets",
+        default="",
+        help="comma-separated --batch-tokens values for the real-record (a) (default: --batch-tokens)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="interleaved bare / Stage II repeats in (a)")
     p.add_argument("--rss-sizes", default="1000,10000,100000", help="pool sizes for (c); empty to skip")
     p.add_argument("--less-records", type=int, default=60, help="pool size for (d) TRIM vs LESS; 0 to skip")
@@ -299,28 +470,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="coreselect-bench-") as d:
         tmp = Path(d)
         model = resolve_model(a.model, tmp)
-        res = {"model": a.model, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
-               "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
-        res["throughput"] = (throughput(model, a.records, a.device, a.batch_tokens, tmp, repeats=a.repeats)
-                             if a.records > 0 else None)
+        res = {
+            "model": a.model,
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+        }
+        res["throughput"] = (
+            throughput(model, a.records, a.device, a.batch_tokens, tmp, repeats=a.repeats) if a.records > 0 else None
+        )
         budgets = [int(b) for b in a.real_budgets.split(",") if b.strip()] or [a.batch_tokens]
-        res["real"] = [throughput(model, a.real, a.device, b, tmp, real=True, repeats=a.repeats)
-                       for b in budgets] if a.real > 0 else []
+        res["real"] = (
+            [throughput(model, a.real, a.device, b, tmp, real=True, repeats=a.repeats) for b in budgets]
+            if a.real > 0
+            else []
+        )
         sizes = [int(s) for s in a.rss_sizes.split(",") if s.strip()]
         tiny = model if a.model == "tiny" else str(build_tiny(tmp / "tiny-rss", hidden=32, layers=1)) if sizes else ""
         res["rss"] = rss_sweep(sizes, tiny, a.batch_tokens, tmp) if sizes else []
         if a.less_records > 0:
             lm = a.less_model or a.model
             lpath = model if lm == a.model else resolve_model(lm, tmp)
-            res["less"] = less_vs_trim(lpath, a.less_records, a.device, a.batch_tokens, tmp, short=a.less_short,
-                                       max_length=a.less_max_length, layers=2 if lm == "tiny" else 6)
+            res["less"] = less_vs_trim(
+                lpath,
+                a.less_records,
+                a.device,
+                a.batch_tokens,
+                tmp,
+                short=a.less_short,
+                max_length=a.less_max_length,
+                layers=2 if lm == "tiny" else 6,
+            )
             res["less"]["model"] = lm
         else:
             res["less"] = None
         res["loadavg_end"] = os.getloadavg()
-    print(f"\nmodel={a.model} torch_threads={res['torch_threads']} cpus={res['cpu_count']} "
-          f"cuda={res['cuda']} batch_tokens={a.batch_tokens} loadavg start={res['loadavg_start'][0]:.2f} "
-          f"end={res['loadavg_end'][0]:.2f}")
+    print(
+        f"\nmodel={a.model} torch_threads={res['torch_threads']} cpus={res['cpu_count']} "
+        f"cuda={res['cuda']} batch_tokens={a.batch_tokens} loadavg start={res['loadavg_start'][0]:.2f} "
+        f"end={res['loadavg_end'][0]:.2f}"
+    )
     rows: list[tuple[str, str]] = []
     t = res["throughput"]
     if t:
@@ -335,10 +525,12 @@ def main() -> None:
         ]
     for r in res["real"]:
         tag = f"[real, {r['records']} rec, {r['tokens']} tok, budget {r['batch_tokens']}]"
-        rows += [(f"(a) {tag} bare tokens/s", f"{r['bare_tokens_per_s']:.0f}"),
-                 ("(a)   TRIM Stage II tokens/s", f"{r['trim_tokens_per_s']:.0f}"),
-                 ("(a)   TRIM / bare (target >= 0.95)", f"{r['ratio']:.3f}"),
-                 ("(a)   load average during it", f"{r['load'][0]:.2f}")]
+        rows += [
+            (f"(a) {tag} bare tokens/s", f"{r['bare_tokens_per_s']:.0f}"),
+            ("(a)   TRIM Stage II tokens/s", f"{r['trim_tokens_per_s']:.0f}"),
+            ("(a)   TRIM / bare (target >= 0.95)", f"{r['ratio']:.3f}"),
+            ("(a)   load average during it", f"{r['load'][0]:.2f}"),
+        ]
     rows += [(f"(c) peak RSS, {r['records']} records (MiB)", f"{r['peak_rss_mib']:.0f}") for r in res["rss"]]
     if res["less"]:
         rows += less_rows(res["less"])

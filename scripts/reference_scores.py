@@ -28,16 +28,37 @@ def write(out: Path) -> None:
         make_tiny_model(model)
     rows = [chat(i, t[:40], t[40:], "a" if i % 3 else "b") for i, t in enumerate(CORPUS)]
     pool = write_jsonl(out / "pool.jsonl", rows)
-    target = write_jsonl(out / "target.jsonl", [chat(900, "What is 12 plus 30?", "The answer is 42.", "t"),
-                                                 chat(901, "Where is a fox?", "In the forest.", "t")])
+    target = write_jsonl(
+        out / "target.jsonl",
+        [
+            chat(900, "What is 12 plus 30?", "The answer is 42.", "t"),
+            chat(901, "Where is a fox?", "In the forest.", "t"),
+        ],
+    )
     for m in METHODS:
         extra = ["--model", str(model), "--warmup", "none", "--max-length", "128"]
         if m == "trim":
             extra += ["--layers", "2"]  # rds and p2d have no layers option (they ignored it before)
         if m in ("random", "bm25", "dsir"):
             extra = []
-        rc = main(["select", "--method", m, "--pool", str(pool), "--target", str(target), "--out", str(out / m),
-                   "--budget", "25%", "--no-progress", "--overwrite", *extra])
+        rc = main(
+            [
+                "select",
+                "--method",
+                m,
+                "--pool",
+                str(pool),
+                "--target",
+                str(target),
+                "--out",
+                str(out / m),
+                "--budget",
+                "25%",
+                "--no-progress",
+                "--overwrite",
+                *extra,
+            ]
+        )
         assert rc == 0, m
 
 

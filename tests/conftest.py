@@ -38,7 +38,10 @@ def make_tokenizer(out: Path):
     )
     tk.train_from_iterator(CORPUS, trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<unk>",
     )
     tok.chat_template = CHATML
@@ -54,9 +57,16 @@ def make_tiny_model(out: Path, *, layers: int = 4, hidden: int = 64, seed: int =
     tok = make_tokenizer(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg)
@@ -86,8 +96,11 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def chat(i, user, assistant, dataset="mix"):
-    return {"id": str(i), "dataset": dataset,
-            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+    return {
+        "id": str(i),
+        "dataset": dataset,
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+    }
 
 
 @pytest.fixture()
@@ -107,6 +120,8 @@ def small_pool(tmp_path) -> tuple[Path, Path]:
     ]
     rows = [chat(i, u, a, "math") for i, (u, a) in enumerate(math)]
     rows += [chat(10 + i, u, a, "other") for i, (u, a) in enumerate(other)]
-    target = [chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k"),
-              chat(101, "Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.", "gsm8k")]
+    target = [
+        chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k"),
+        chat(101, "Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.", "gsm8k"),
+    ]
     return write_jsonl(tmp_path / "pool.jsonl", rows), write_jsonl(tmp_path / "target.jsonl", target)

@@ -12,8 +12,25 @@ from coreselect.__main__ import main
 
 
 def _select(tiny_model_dir, pool, target, out, *extra):
-    return main(["select", "--model", str(tiny_model_dir), "--pool", str(pool), "--target", str(target),
-                 "--out", str(out), "--warmup", "none", "--layers", "2", "--no-progress", *extra])
+    return main(
+        [
+            "select",
+            "--model",
+            str(tiny_model_dir),
+            "--pool",
+            str(pool),
+            "--target",
+            str(target),
+            "--out",
+            str(out),
+            "--warmup",
+            "none",
+            "--layers",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_select_writes_every_output(tiny_model_dir, small_pool, tmp_path):
@@ -43,11 +60,46 @@ def test_select_writes_every_output(tiny_model_dir, small_pool, tmp_path):
 def test_fingerprint_then_score_equals_select(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     assert _select(tiny_model_dir, pool, target, tmp_path / "a", "--budget", "50%") == 0
-    assert main(["fingerprint", "--model", str(tiny_model_dir), "--target", str(target), "--out",
-                 str(tmp_path / "fp"), "--warmup", "none", "--layers", "2", "--no-progress"]) == 0
-    assert main(["score", "--model", str(tiny_model_dir), "--pool", str(pool), "--fingerprints",
-                 str(tmp_path / "fp" / "fingerprints.safetensors"), "--out", str(tmp_path / "b"),
-                 "--warmup", "none", "--budget", "50%", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fingerprint",
+                "--model",
+                str(tiny_model_dir),
+                "--target",
+                str(target),
+                "--out",
+                str(tmp_path / "fp"),
+                "--warmup",
+                "none",
+                "--layers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--pool",
+                str(pool),
+                "--fingerprints",
+                str(tmp_path / "fp" / "fingerprints.safetensors"),
+                "--out",
+                str(tmp_path / "b"),
+                "--warmup",
+                "none",
+                "--budget",
+                "50%",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     a = pq.read_table(tmp_path / "a" / "scores.parquet").column("score").to_numpy()
     b = pq.read_table(tmp_path / "b" / "scores.parquet").column("score").to_numpy()
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -56,8 +108,10 @@ def test_fingerprint_then_score_equals_select(tiny_model_dir, small_pool, tmp_pa
 def test_config_file_keys_equal_flags_and_flags_override(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {tiny_model_dir}\npool: [{pool}]\ntarget: [{target}]\nbudget: 2\n"
-                   "warmup: none\nlayers: 2\nbatch-tokens: 64\nprogress: false\n")
+    cfg.write_text(
+        f"model: {tiny_model_dir}\npool: [{pool}]\ntarget: [{target}]\nbudget: 2\n"
+        "warmup: none\nlayers: 2\nbatch-tokens: 64\nprogress: false\n"
+    )
     assert main(["select", "--config", str(cfg), "--out", str(tmp_path / "o"), "--budget", "4"]) == 0
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["settings"]["batch_tokens"] == 64 and run["counts"]["selected"] == 4
@@ -134,8 +188,25 @@ def test_resume_after_lost_shards_gives_identical_outputs(tiny_model_dir, small_
 def test_baselines_share_the_outputs(small_pool, tmp_path, method):
     pool, target = small_pool
     out = tmp_path / method
-    assert main(["select", "--method", method, "--pool", str(pool), "--target", str(target), "--out", str(out),
-                 "--budget", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--method",
+                method,
+                "--pool",
+                str(pool),
+                "--target",
+                str(target),
+                "--out",
+                str(out),
+                "--budget",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert len((out / "coreset.jsonl").read_text().splitlines()) == 2
     assert pq.read_table(out / "scores.parquet").num_rows == 8
 
@@ -144,8 +215,20 @@ def test_every_command_has_working_help(capsys):
     from coreselect.__main__ import parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert {"select", "fingerprint", "score", "compare", "demo", "merge", "train", "eval", "experiment",
-            "heads", "report", "explain"} <= set(sub.choices)
+    assert {
+        "select",
+        "fingerprint",
+        "score",
+        "compare",
+        "demo",
+        "merge",
+        "train",
+        "eval",
+        "experiment",
+        "heads",
+        "report",
+        "explain",
+    } <= set(sub.choices)
     for name in sub.choices:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
@@ -158,8 +241,16 @@ def test_python_api_select_with_keywords(tiny_model_dir, small_pool, tmp_path):
     import coreselect.api  # importing submodules must not shadow coreselect.select
 
     pool, target = small_pool
-    info = coreselect.select(pool=[str(pool)], target=[str(target)], out=str(tmp_path / "api"), budget="2",
-                             model=str(tiny_model_dir), warmup="none", layers=2, progress=False)
+    info = coreselect.select(
+        pool=[str(pool)],
+        target=[str(target)],
+        out=str(tmp_path / "api"),
+        budget="2",
+        model=str(tiny_model_dir),
+        warmup="none",
+        layers=2,
+        progress=False,
+    )
     assert info["counts"]["selected"] == 2 and (tmp_path / "api" / "coreset.jsonl").exists()
     with pytest.raises(coreselect.errors.ConfigError, match="unknown key"):
         coreselect.select(pool=[str(pool)], out=str(tmp_path / "x"), bogus=1)
@@ -170,8 +261,29 @@ def test_method_options_are_flat_flags_of_the_chosen_method(small_pool, tmp_path
 
     pool, target = small_pool
     out = tmp_path / "bm25"
-    assert main(["select", "--method", "bm25", "--k1", "0.9", "--scope", "prompt", "--pool", str(pool), "--target",
-                 str(target), "--out", str(out), "--budget", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--method",
+                "bm25",
+                "--k1",
+                "0.9",
+                "--scope",
+                "prompt",
+                "--pool",
+                str(pool),
+                "--target",
+                str(target),
+                "--out",
+                str(out),
+                "--budget",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = json.loads((out / "run.json").read_text())
     assert run["method_settings"]["k1"] == 0.9 and run["method_settings"]["scope"] == "prompt"
     assert run["settings"]["k1"] == 0.9  # settings hold the method's options, flat
@@ -183,7 +295,7 @@ def test_select_help_groups_flags_by_concern_with_only_the_chosen_methods_knobs(
     text = capsys.readouterr().out
     heads = ["\ninputs and outputs", "\nbm25 options:", "\nformatting:", "\nwarmup:", "\nengine:", "\nrun control:"]
     assert [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
-    body = text[text.index("\ninputs and outputs"):]
+    body = text[text.index("\ninputs and outputs") :]
     assert body.index("--pool") < body.index("--k1") < body.index("--warmup ") < body.index("--engine")
     assert "--layers LAYERS" not in text and "example:" in text
     with pytest.raises(SystemExit):

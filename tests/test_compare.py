@@ -20,10 +20,40 @@ def test_jaccard_hand_values():
 def test_compare_end_to_end_with_shared_warmup(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     out = tmp_path / "cmp"
-    rc = main(["compare", "--methods", "trim,random,bm25", "--model", str(tiny_model_dir), "--pool", str(pool),
-               "--target", str(target), "--budget", "3", "--out", str(out), "--layers", "2", "--no-progress",
-               "--warmup", "auto", "--warmup-fraction", "0.5", "--warmup-epochs", "1", "--warmup-lora-r", "4",
-               "--warmup-lora-alpha", "8", "--warmup-batch-size", "2", "--warmup-grad-accum", "1"])
+    rc = main(
+        [
+            "compare",
+            "--methods",
+            "trim,random,bm25",
+            "--model",
+            str(tiny_model_dir),
+            "--pool",
+            str(pool),
+            "--target",
+            str(target),
+            "--budget",
+            "3",
+            "--out",
+            str(out),
+            "--layers",
+            "2",
+            "--no-progress",
+            "--warmup",
+            "auto",
+            "--warmup-fraction",
+            "0.5",
+            "--warmup-epochs",
+            "1",
+            "--warmup-lora-r",
+            "4",
+            "--warmup-lora-alpha",
+            "8",
+            "--warmup-batch-size",
+            "2",
+            "--warmup-grad-accum",
+            "1",
+        ]
+    )
     assert rc == 0
     adapter = out / "warmup" / "adapter"
     assert (adapter / "adapter_config.json").exists()  # trained once, shared
@@ -45,9 +75,32 @@ def test_compare_end_to_end_with_shared_warmup(tiny_model_dir, small_pool, tmp_p
 def test_select_with_auto_warmup_trains_and_reuses_adapter(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     out = tmp_path / "w"
-    args = ["select", "--model", str(tiny_model_dir), "--pool", str(pool), "--target", str(target), "--budget", "2",
-            "--out", str(out), "--layers", "2", "--no-progress", "--warmup-fraction", "0.5", "--warmup-epochs", "1",
-            "--warmup-lora-r", "4", "--warmup-lora-alpha", "8", "--warmup-grad-accum", "1"]
+    args = [
+        "select",
+        "--model",
+        str(tiny_model_dir),
+        "--pool",
+        str(pool),
+        "--target",
+        str(target),
+        "--budget",
+        "2",
+        "--out",
+        str(out),
+        "--layers",
+        "2",
+        "--no-progress",
+        "--warmup-fraction",
+        "0.5",
+        "--warmup-epochs",
+        "1",
+        "--warmup-lora-r",
+        "4",
+        "--warmup-lora-alpha",
+        "8",
+        "--warmup-grad-accum",
+        "1",
+    ]
     assert main(args) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["warmup"]["mode"] == "auto" and run["model"]["warmup"]["n_records"] == 4
@@ -65,9 +118,31 @@ def test_select_with_auto_warmup_trains_and_reuses_adapter(tiny_model_dir, small
 def test_compare_aer_column_only_for_methods_that_report_it(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     out = tmp_path / "cmp"
-    assert main(["compare", "--methods", "p2d,random", "--model", str(tiny_model_dir), "--pool", str(pool),
-                 "--target", str(target), "--budget", "3", "--out", str(out), "--no-progress", "--warmup", "none",
-                 "--max-length", "128"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "p2d,random",
+                "--model",
+                str(tiny_model_dir),
+                "--pool",
+                str(pool),
+                "--target",
+                str(target),
+                "--budget",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--warmup",
+                "none",
+                "--max-length",
+                "128",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     aer = json.loads((out / "p2d" / "run.json").read_text())["aer"]["aer"]
     assert float(rows[0]["aer"]) == round(aer, 4) and aer > 0 and rows[1]["aer"] == ""
@@ -81,9 +156,30 @@ def test_overwrite_retrains_the_warmup_and_clears_old_rejects(tiny_model_dir, sm
     out = tmp_path / "o"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(pool.read_text() + '{"id": "x", "messages": []}\n')
-    common = ["select", "--model", str(tiny_model_dir), "--target", str(target), "--budget", "2", "--out", str(out),
-              "--layers", "2", "--no-progress", "--warmup-fraction", "0.5", "--warmup-epochs", "1",
-              "--warmup-lora-r", "4", "--warmup-lora-alpha", "8", "--warmup-grad-accum", "1"]
+    common = [
+        "select",
+        "--model",
+        str(tiny_model_dir),
+        "--target",
+        str(target),
+        "--budget",
+        "2",
+        "--out",
+        str(out),
+        "--layers",
+        "2",
+        "--no-progress",
+        "--warmup-fraction",
+        "0.5",
+        "--warmup-epochs",
+        "1",
+        "--warmup-lora-r",
+        "4",
+        "--warmup-lora-alpha",
+        "8",
+        "--warmup-grad-accum",
+        "1",
+    ]
     assert main([*common, "--pool", str(bad), "--on-bad-record", "skip"]) == 0
     assert (out / "rejects.jsonl").exists()
     first = (out / "warmup" / "adapter" / "adapter_config.json").stat().st_mtime_ns

@@ -14,8 +14,22 @@ from coreselect.errors import CoreselectError
 
 
 def _bm25(pool, target, out, budget="3"):
-    return main(["select", "--pool", str(pool), "--target", str(target), "--out", str(out), "--method", "bm25",
-                 "--budget", budget, "--no-progress"])
+    return main(
+        [
+            "select",
+            "--pool",
+            str(pool),
+            "--target",
+            str(target),
+            "--out",
+            str(out),
+            "--method",
+            "bm25",
+            "--budget",
+            budget,
+            "--no-progress",
+        ]
+    )
 
 
 def test_load_coreset_joins_scores(small_pool, tmp_path):
@@ -26,8 +40,18 @@ def test_load_coreset_joins_scores(small_pool, tmp_path):
     assert _bm25(pool, target, run) == 0
     ds = coreselect.load_coreset(run)
     assert isinstance(ds, datasets.Dataset) and ds.num_rows == 3
-    assert ds.column_names == ["id", "dataset", "messages", "score", "rank", "n_tokens", "n_scored", "pool_index",
-                               "pool_id", "pool_source"]
+    assert ds.column_names == [
+        "id",
+        "dataset",
+        "messages",
+        "score",
+        "rank",
+        "n_tokens",
+        "n_scored",
+        "pool_index",
+        "pool_id",
+        "pool_source",
+    ]
     scores = pq.read_table(run / "scores.parquet").to_pylist()
     by_id = {r["id"]: r for r in scores}
     assert ds["rank"] == [1, 2, 3]
@@ -36,21 +60,31 @@ def test_load_coreset_joins_scores(small_pool, tmp_path):
         sc = by_id[row["pool_id"]]
         assert row["id"] == row["pool_id"] and sc["selected"]
         assert (row["score"], row["rank"], row["pool_index"], row["pool_source"]) == (
-            sc["score"], sc["rank"], sc["index"], sc["source"])
+            sc["score"],
+            sc["rank"],
+            sc["index"],
+            sc["source"],
+        )
     # the records are the coreset.jsonl records, verbatim and best first
     coreset = [json.loads(line) for line in (run / "coreset.jsonl").read_text().splitlines()]
-    assert ds.remove_columns(["score", "rank", "n_tokens", "n_scored", "pool_index", "pool_id", "pool_source"]
-                             ).to_list() == coreset
+    assert (
+        ds.remove_columns(["score", "rank", "n_tokens", "n_scored", "pool_index", "pool_id", "pool_source"]).to_list()
+        == coreset
+    )
     assert coreselect.load_coreset(run, scores=False).column_names == ["id", "dataset", "messages"]
 
 
 def test_load_coreset_keeps_record_fields_that_share_a_score_name(tmp_path):
-    rows = [{"instruction": f"q{i}", "output": f"a{i}", "score": 10 * i, **({"extra": i} if i % 2 else {})}
-            for i in range(6)]
+    rows = [
+        {"instruction": f"q{i}", "output": f"a{i}", "score": 10 * i, **({"extra": i} if i % 2 else {})}
+        for i in range(6)
+    ]
     pool = write_jsonl(tmp_path / "pool.jsonl", rows)
     run = tmp_path / "run"
-    assert main(["select", "--pool", str(pool), "--out", str(run), "--method", "random", "--budget", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(["select", "--pool", str(pool), "--out", str(run), "--method", "random", "--budget", "4", "--no-progress"])
+        == 0
+    )
     ds = coreselect.load_coreset(run)
     assert "score" in ds.column_names and "coreselect_score" in ds.column_names
     assert all(r["score"] == 10 * int(r["instruction"][1:]) for r in ds)  # the record's own field, untouched

@@ -34,15 +34,26 @@ def test_example_method_runs_select_and_saves_its_state(tmp_path):
 
     load_example()
     assert registry.get("overlap").streaming
-    pool = write_jsonl(tmp_path / "pool.jsonl", [
-        chat(0, "What is 7 plus 5?", "The answer is 12."),
-        chat(1, "Write a poem about the sea.", "The sea is wide."),
-        chat(2, "What is 40 plus 2?", "The answer is 42."),
-        chat(3, "Hi", "Ok"),
-    ])
+    pool = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            chat(0, "What is 7 plus 5?", "The answer is 12."),
+            chat(1, "Write a poem about the sea.", "The sea is wide."),
+            chat(2, "What is 40 plus 2?", "The answer is 42."),
+            chat(3, "Hi", "Ok"),
+        ],
+    )
     target = write_jsonl(tmp_path / "target.jsonl", [chat(9, "What is 12 plus 30?", "The answer is 42.")])
-    info = coreselect.select(pool=[str(pool)], target=[str(target)], out=str(tmp_path / "run"), method="overlap",
-                             budget="2", min_words=3, shard_records=2, progress=False)
+    info = coreselect.select(
+        pool=[str(pool)],
+        target=[str(target)],
+        out=str(tmp_path / "run"),
+        method="overlap",
+        budget="2",
+        min_words=3,
+        shard_records=2,
+        progress=False,
+    )
     table = pq.read_table(tmp_path / "run" / "scores.parquet").sort_by("index")
     scores = table.column("score").to_numpy()
     assert info["method_settings"] == {"scope": "all", "min_words": 3}

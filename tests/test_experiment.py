@@ -24,34 +24,42 @@ def _write(path: Path, rows) -> Path:
 @pytest.fixture()
 def config(tiny_model_dir, small_pool, tmp_path) -> Path:
     pool, target = small_pool
-    qs = ["Where would you find a fox in the wild?", "What do people use to cut paper?",
-          "Which animal lives in the ocean?", "What do you wear on your feet?", "Where would you keep milk cold?"]
-    rows = [{"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"], "answer": i % 3}
-            for i, q in enumerate(qs)]
+    qs = [
+        "Where would you find a fox in the wild?",
+        "What do people use to cut paper?",
+        "Which animal lives in the ocean?",
+        "What do you wear on your feet?",
+        "Where would you keep milk cold?",
+    ]
+    rows = [
+        {"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"], "answer": i % 3}
+        for i, q in enumerate(qs)
+    ]
     _write(tmp_path / "mc_train.jsonl", rows[:1])
     _write(tmp_path / "mc_test.jsonl", rows[1:])
     (tmp_path / "toy.yaml").write_text(  # an lm-eval task over local files
         f"task: toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {tmp_path / 'mc_train.jsonl'}\n"
         f"    test: {tmp_path / 'mc_test.jsonl'}\noutput_type: multiple_choice\ntraining_split: train\n"
-        "fewshot_split: train\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+        'fewshot_split: train\ntest_split: test\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n'
+    )
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"""
 model: {tiny_model_dir}
 pool: [{pool}]
-targets: {{{tmp_path / 'toy.yaml'}: {target}}}
+targets: {{{tmp_path / "toy.yaml"}: {target}}}
 methods: [trim, random]
 budgets: ["50%"]
 seeds: [0, 1]
 shots: {{toy: 1}}
-heldout: {{{tmp_path / 'toy.yaml'}: {target}}}
+heldout: {{{tmp_path / "toy.yaml"}: {target}}}
 warmup_fraction: 0.25
 warmup_epochs: 1
 warmup_batch_size: 2
 warmup_grad_accum: 1
 select: {{layers: 2, max_length: 128}}
 train: {{lora_r: 4, lora_alpha: 8, epochs: 1, batch_size: 2, grad_accum: 1, max_length: 128, lr: 0.01}}
-out: {tmp_path / 'out'}
+out: {tmp_path / "out"}
 progress: false
 """)
     return cfg
@@ -59,8 +67,12 @@ progress: false
 
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"warmup": 0, "select": 0, "train": 0, "eval": 0}
-    for name, attr in (("warmup", "warmup_model"), ("select", "select"), ("train", "train"),
-                       ("eval", "evaluate_command")):
+    for name, attr in (
+        ("warmup", "warmup_model"),
+        ("select", "select"),
+        ("train", "train"),
+        ("eval", "evaluate_command"),
+    ):
         real = getattr(exp, attr)
 
         def wrapped(*a, _real=real, _name=name, **kw):
@@ -82,8 +94,9 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
         assert (out / "toy" / "select" / f"{m}-50pct" / "coreset.jsonl").is_file()
         for s in (0, 1):
             assert (out / "toy" / "train" / f"{m}-50pct-s{s}" / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((out / "toy" / "select" / "trim-50pct" / "run.json").read_text())["settings"]["warmup"] == \
-        str(out / "warmup" / "adapter")
+    assert json.loads((out / "toy" / "select" / "trim-50pct" / "run.json").read_text())["settings"]["warmup"] == str(
+        out / "warmup" / "adapter"
+    )
 
     md = (out / "results.md").read_text()
     assert "| Method | toy | toy loss | Average | Select (s) | Train (s) |" in md and "Held-out loss" in md
@@ -91,20 +104,30 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
     assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d{4} \| \d+\.\d\d \| – \| – \| – \|", table[0])
     for line in table[1:]:
-        assert re.match(r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d{4} \(\d+\.\d{4}\) \| \d+\.\d\d \| "
-                        r"(–|\d+) \| \d+ \|", line), line
+        assert re.match(
+            r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d{4} \(\d+\.\d{4}\) \| \d+\.\d\d \| "
+            r"(–|\d+) \| \d+ \|",
+            line,
+        ), line
     ev = json.loads((out / "toy" / "eval" / "random-50pct-s0" / "eval.json").read_text())
-    assert ev["n"] == 4 and ev["shots"] == 1 and ev["heldout"]["n"] == 2 and (out / "toy" / "eval" / "pretrained" /
-                                                                               "lm_eval_results.json").is_file()
+    assert (
+        ev["n"] == 4
+        and ev["shots"] == 1
+        and ev["heldout"]["n"] == 2
+        and (out / "toy" / "eval" / "pretrained" / "lm_eval_results.json").is_file()
+    )
     # the cell is the mean (population std) over the seeds of eval.json's accuracy, in %
-    accs = [100 * json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["acc"]
-            for s in (0, 1)]
+    accs = [
+        100 * json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["acc"] for s in (0, 1)
+    ]
     assert f"| random | {statistics.fmean(accs):.2f} ({statistics.pstdev(accs):.2f}) |" in md
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["row"] for r in rows] == ["Pretrained", "Full-data", "trim", "random"]
     assert rows[3]["n_seeds"] == "2" and float(rows[3]["toy_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-3)
-    losses = [json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["heldout"]["loss"]
-              for s in (0, 1)]
+    losses = [
+        json.loads((out / "toy" / "eval" / f"random-50pct-s{s}" / "eval.json").read_text())["heldout"]["loss"]
+        for s in (0, 1)
+    ]
     assert float(rows[3]["toy_loss_mean"]) == pytest.approx(statistics.fmean(losses), abs=1e-4)
     assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
 
@@ -145,17 +168,24 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     for m in ("p2d", "p2d_train"):  # heads-only: a head delta trained on the task's heads, no LoRA adapter
         run = json.loads((out / "toy" / "train" / f"{m}-50pct-s0" / "run.json").read_text())
         assert run["mode"] == "heads" and run["settings"]["heads"] == str(p2d_sel / "heads.json")
-        assert json.loads((out / "toy" / "eval" / f"{m}-50pct-s0" / "eval.json").read_text())["adapter"] \
-            .endswith("heads_delta.safetensors")
-    assert json.loads((out / "toy" / "train" / "p2d_train-50pct-s0" / "run.json").read_text())["settings"]["data"] \
-        == [str(out / "toy" / "select" / "random-50pct" / "coreset.jsonl")]
+        assert json.loads((out / "toy" / "eval" / f"{m}-50pct-s0" / "eval.json").read_text())["adapter"].endswith(
+            "heads_delta.safetensors"
+        )
+    assert json.loads((out / "toy" / "train" / "p2d_train-50pct-s0" / "run.json").read_text())["settings"]["data"] == [
+        str(out / "toy" / "select" / "random-50pct" / "coreset.jsonl")
+    ]
     assert (out / "toy" / "train" / "p2d_select-50pct-s0" / "adapter" / "adapter_config.json").is_file()
 
     md = (out / "results.md").read_text()
     assert "| Method | toy | Average | Select (s) | Train (s) | AER |" in md and "lower is better" in md
     table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
-    assert [line.split(" | ")[0][2:] for line in table] == \
-        ["Pretrained", "P2D", "P2D† (select only)", "P2D‡ (heads only, random data)", "random"]
+    assert [line.split(" | ")[0][2:] for line in table] == [
+        "Pretrained",
+        "P2D",
+        "P2D† (select only)",
+        "P2D‡ (heads only, random data)",
+        "random",
+    ]
     for line in table[1:]:
         assert re.fullmatch(r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+\.\d{3} \|", line), line
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -14,14 +14,27 @@ from conftest import chat, write_jsonl
 from coreselect.__main__ import main
 
 MIXED = [
-    {"id": "m1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                              {"role": "assistant", "content": "Hello."}]},
+    {
+        "id": "m1",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    },
     {"id": "s1", "conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]},
     {"id": "p1", "prompt": "Translate good morning to French.", "completion": "Bonjour."},
-    {"id": "p2", "prompt": [{"role": "user", "content": "Name a fox habitat."}],
-     "completion": [{"role": "assistant", "content": "The forest."}]},
-    {"id": "a1", "instruction": "Summarize the text.", "input": "The meeting moved to Friday.",
-     "output": "Meeting on Friday."},
+    {
+        "id": "p2",
+        "prompt": [{"role": "user", "content": "Name a fox habitat."}],
+        "completion": [{"role": "assistant", "content": "The forest."}],
+    },
+    {
+        "id": "a1",
+        "instruction": "Summarize the text.",
+        "input": "The meeting moved to Friday.",
+        "output": "Meeting on Friday.",
+    },
     {"id": "a2", "instruction": "Write a poem about the sea.", "input": "", "output": "The sea is wide."},
     {"id": "t1", "text": "How do I bake bread? Mix flour, water, yeast and salt, then bake."},
 ]
@@ -67,10 +80,21 @@ def _sft_two_steps(model_dir: Path, data_file: Path, tmp_path: Path) -> list[flo
     dataset = load_dataset("json", data_files=str(data_file), split="train", cache_dir=str(tmp_path / "hf"))
     tok = AutoTokenizer.from_pretrained(model_dir)  # the tiny tokenizer carries a ChatML chat template
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir), train_dataset=dataset, processing_class=tok,
-        args=SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2,
-                       max_length=64, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                       dataloader_num_workers=0, disable_tqdm=True),
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        train_dataset=dataset,
+        processing_class=tok,
+        args=SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            max_length=64,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        ),
     )
     trainer.train()
     assert trainer.state.global_step == 2
@@ -106,8 +130,7 @@ def test_trl_export_converts_every_shape(mixed_run, capsys):
     assert [r["id"] for r in rows] == coreset_ids  # best first, as the coreset
     info = json.loads((d / "coreset.export.json").read_text())
     assert info["shape"] == "messages" and info["records"] == 7 and info["text_as_chat"] == 1
-    assert info["input_shapes"] == {"messages": 1, "conversations": 1, "prompt-completion": 2, "alpaca": 2,
-                                    "text": 1}
+    assert info["input_shapes"] == {"messages": 1, "conversations": 1, "prompt-completion": 2, "alpaca": 2, "text": 1}
 
 
 def _check_sharegpt(row: dict, tags: dict) -> None:
@@ -132,8 +155,13 @@ def test_llamafactory_export(mixed_run, tmp_path):
     entry = info["trim_coreset"]
     assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "messages"}
     tags = entry["tags"]
-    assert tags == {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                    "system_tag": "system"}
+    assert tags == {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+    }
     data = lf_data / entry["file_name"]  # relative to dataset_dir
     assert data.name == "trim_coreset.jsonl" and data.is_file()
     rows = _rows(data)
@@ -144,8 +172,11 @@ def test_llamafactory_export(mixed_run, tmp_path):
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset") == 2
     assert _export(mixed_run, "llamafactory", "--out", str(lf_data), "--name", "trim_coreset", "--overwrite") == 0
     assert set(json.loads((lf_data / "dataset_info.json").read_text())) == {"alpaca_en_demo", "trim_coreset"}
-    assert {p.name for p in lf_data.iterdir()} == {"dataset_info.json", "trim_coreset.jsonl",
-                                                   "trim_coreset.export.json"}
+    assert {p.name for p in lf_data.iterdir()} == {
+        "dataset_info.json",
+        "trim_coreset.jsonl",
+        "trim_coreset.export.json",
+    }
 
 
 def test_axolotl_export(mixed_run, capsys):
@@ -162,8 +193,10 @@ def test_axolotl_export(mixed_run, capsys):
     path = Path(entry["path"])
     assert path.is_absolute() and path == (d / "coreset.jsonl").resolve()
     for r in _rows(path):
-        assert all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
-                   for m in r[entry["field_messages"]])
+        assert all(
+            set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+            for m in r[entry["field_messages"]]
+        )
     assert "axolotl.yaml" in capsys.readouterr().out
 
 

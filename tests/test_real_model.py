@@ -20,8 +20,18 @@ def test_math_target_ranks_math_records_first(tmp_path):
     from coreselect.api import SelectArgs, select
 
     data = assets.build_embedded_data(tmp_path / "data", n_per_source=6)
-    info = select(SelectArgs(pool=[str(data["pool"])], target=[str(data["target_gsm8k"])], out=str(tmp_path / "run"),
-                             model="smollm2", warmup="none", budget="6", max_length=512, progress=False))
+    info = select(
+        SelectArgs(
+            pool=[str(data["pool"])],
+            target=[str(data["target_gsm8k"])],
+            out=str(tmp_path / "run"),
+            model="smollm2",
+            warmup="none",
+            budget="6",
+            max_length=512,
+            progress=False,
+        )
+    )
     assert info["counts"]["pool"] == 48
     table = pq.read_table(tmp_path / "run" / "scores.parquet").to_pylist()
     is_math = np.array([r["source"] in ("gsm8k", "math") for r in table])

@@ -76,8 +76,12 @@ def test_clean_exit_releases_and_a_new_run_may_follow(tmp_path):
 
 
 def test_shard_processes_lock_separately(tmp_path):
-    with RunLock(tmp_path, 0), RunLock(tmp_path, 1), pytest.raises(CoreselectError, match="in use"), \
-            RunLock(tmp_path, 0):  # the second lock on shard 0 is the one refused
+    with (
+        RunLock(tmp_path, 0),
+        RunLock(tmp_path, 1),
+        pytest.raises(CoreselectError, match="in use"),
+        RunLock(tmp_path, 0),
+    ):  # the second lock on shard 0 is the one refused
         pass
 
 

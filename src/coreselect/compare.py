@@ -97,8 +97,10 @@ def compare(args: CompareArgs) -> dict[str, Any]:
         runs[name] = select(SelectArgs(**own))
 
     table = summarize(out, methods, runs, args)
-    write_json(out / "run.json", {"command": "compare", "methods": methods, "warmup": warm_info,
-                                  "settings": asdict(args), "summary": table})
+    write_json(
+        out / "run.json",
+        {"command": "compare", "methods": methods, "warmup": warm_info, "settings": asdict(args), "summary": table},
+    )
     return {"methods": methods, "summary": table, "warmup": warm_info}
 
 
@@ -141,20 +143,22 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
         sel = np.array(sorted(chosen[m]))
         sel_len = sel_lens[m]
         mix = collections.Counter(src_of[int(i)] for i in sel)
-        rows.append({
-            "method": m,
-            "selected": len(sel),
-            "wall_s": round(float(runs[m].get("timings", {}).get("total_s", 0.0)), 3),
-            "forward_passes": int(cost.get("forward_passes", 0)),
-            "backward_passes": int(cost.get("backward_passes", 0)),
-            "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
-            **({"aer": None if (aer := aers[m]) is None else round(aer, 4)} if has_aer else {}),
-            "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
-            "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
-            "pool_mean_len": round(float(pool_len.mean()), 1),
-            "pool_median_len": float(np.median(pool_len)),
-            **{f"mix:{s}": round(100 * mix.get(s, 0) / max(len(sel), 1), 1) for s in sorted(pool_mix)},
-        })
+        rows.append(
+            {
+                "method": m,
+                "selected": len(sel),
+                "wall_s": round(float(runs[m].get("timings", {}).get("total_s", 0.0)), 3),
+                "forward_passes": int(cost.get("forward_passes", 0)),
+                "backward_passes": int(cost.get("backward_passes", 0)),
+                "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
+                **({"aer": None if (aer := aers[m]) is None else round(aer, 4)} if has_aer else {}),
+                "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
+                "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
+                "pool_mean_len": round(float(pool_len.mean()), 1),
+                "pool_median_len": float(np.median(pool_len)),
+                **{f"mix:{s}": round(100 * mix.get(s, 0) / max(len(sel), 1), 1) for s in sorted(pool_mix)},
+            }
+        )
     overlap = {a: {b: jaccard(chosen[a], chosen[b]) for b in methods} for a in methods}
     _write_csv(out / "comparison.csv", rows)
     _write_md(out / "comparison.md", rows, overlap, pool_mix, args)
@@ -183,26 +187,48 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
-def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[str, float]],
-              pool_mix: collections.Counter, args: SelectArgs) -> None:
+def _write_md(
+    path: Path,
+    rows: list[dict[str, Any]],
+    overlap: dict[str, dict[str, float]],
+    pool_mix: collections.Counter,
+    args: SelectArgs,
+) -> None:
     n_pool = sum(pool_mix.values())
     srcs = sorted(pool_mix)
     has_aer = "aer" in rows[0]
-    lines = [f"# Comparison: budget {args.budget} of {n_pool} records, model `{args.model}`", "",
-             "| method | wall s | fwd | bwd | peak MB | mean len | median len |" + (" AER |" if has_aer else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_aer else "")]
+    lines = [
+        f"# Comparison: budget {args.budget} of {n_pool} records, model `{args.model}`",
+        "",
+        "| method | wall s | fwd | bwd | peak MB | mean len | median len |" + (" AER |" if has_aer else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_aer else ""),
+    ]
     for r in rows:
         aer = (f" {r['aer']:.3f} |" if r["aer"] is not None else " |") if has_aer else ""
-        lines.append(f"| {r['method']} | {r['wall_s']:.1f} | {r['forward_passes']} | {r['backward_passes']} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |" + aer)
-    lines.append(f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |"
-                 + (" |" if has_aer else ""))
+        lines.append(
+            f"| {r['method']} | {r['wall_s']:.1f} | {r['forward_passes']} | {r['backward_passes']} | "
+            f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |" + aer
+        )
+    lines.append(
+        f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |"
+        + (" |" if has_aer else "")
+    )
     if has_aer:
-        lines += ["", ("AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
-                  "full-data full-parameter SFT time; P2D estimates it for heads-only training of its coreset "
-                  "(coreselect.methods.p2d.train.estimate_aer). Blank: the method reports none.")]
-    lines += ["", "## Source mix (% of the coreset)", "", "| method | " + " | ".join(srcs) + " |",
-              "| --- |" + " ---: |" * len(srcs)]
+        lines += [
+            "",
+            (
+                "AER (lower is better): the method's own estimate in its run.json, (selection + training) / "
+                "full-data full-parameter SFT time; P2D estimates it for heads-only training of its coreset "
+                "(coreselect.methods.p2d.train.estimate_aer). Blank: the method reports none."
+            ),
+        ]
+    lines += [
+        "",
+        "## Source mix (% of the coreset)",
+        "",
+        "| method | " + " | ".join(srcs) + " |",
+        "| --- |" + " ---: |" * len(srcs),
+    ]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(f"{r['mix:' + s]:.1f}" for s in srcs) + " |")
     lines.append("| *pool* | " + " | ".join(f"{100 * pool_mix[s] / n_pool:.1f}" for s in srcs) + " |")
@@ -215,8 +241,14 @@ def _write_md(path: Path, rows: list[dict[str, Any]], overlap: dict[str, dict[st
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _plots(out: Path, methods: list[str], rows: list[dict[str, Any]], pool_mix: collections.Counter,
-           sel_lens: dict[str, np.ndarray], pool_len: np.ndarray) -> None:
+def _plots(
+    out: Path,
+    methods: list[str],
+    rows: list[dict[str, Any]],
+    pool_mix: collections.Counter,
+    sel_lens: dict[str, np.ndarray],
+    pool_len: np.ndarray,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

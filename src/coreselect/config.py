@@ -77,7 +77,13 @@ def accepts_method_options(cls: T) -> T:
 #: ``SelectArgs`` fields by concern, in ``--help`` order (fields not listed go to "run control")
 GROUPS: dict[str, tuple[str, ...]] = {
     "inputs and outputs (--pool, --out and, but for random, --target are required)": (
-        "pool", "target", "out", "method", "model", "budget"),
+        "pool",
+        "target",
+        "out",
+        "method",
+        "model",
+        "budget",
+    ),
     "formatting": ("max_length", "template", "template_date"),
     "warmup": tuple(f.name for f in fields(WarmupSettings)),
     "engine": ("engine", "shard_records", "num_shards", "shard_index", "ray_address", "ray_actors"),
@@ -223,8 +229,9 @@ class SelectArgs(WarmupSettings):
         if self.shard_records < 1:
             raise ConfigError(f"shard_records must be >= 1, got {self.shard_records}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ConfigError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, "
-                              f"got {self.num_shards} / {self.shard_index}")
+            raise ConfigError(
+                f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {self.num_shards} / {self.shard_index}"
+            )
         if self.engine not in ("local", "ray"):
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
         if self.engine == "ray" and not spec.streaming:
@@ -234,8 +241,10 @@ class SelectArgs(WarmupSettings):
         if self.engine == "ray" and self.num_shards > 1:
             raise ConfigError("--engine ray distributes the pool itself; drop --num-shards")
         if self.num_shards > 1 and self.warmup == "auto" and spec.needs_model:
-            raise ConfigError("with --num-shards > 1 pass --warmup none or a saved adapter (train it once first, "
-                              "e.g. with coreselect fingerprint --warmup auto)")
+            raise ConfigError(
+                "with --num-shards > 1 pass --warmup none or a saved adapter (train it once first, "
+                "e.g. with coreselect fingerprint --warmup auto)"
+            )
         if self.ray_actors < 0:
             raise ConfigError(f"ray_actors must be >= 0, got {self.ray_actors}")
         if not 0 < self.warmup_fraction <= 1:
@@ -244,8 +253,9 @@ class SelectArgs(WarmupSettings):
             raise ConfigError(f"{self.warmup}: --warmup must be auto, none or a saved adapter folder")
         for p in [*self.pool, *self.target]:
             if not isinstance(p, str):
-                raise ConfigError(f"pool/target entries must be paths or datasets.Dataset objects, "
-                                  f"got {type(p).__name__}")
+                raise ConfigError(
+                    f"pool/target entries must be paths or datasets.Dataset objects, got {type(p).__name__}"
+                )
             local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
             if local and not Path(p).expanduser().exists():
                 raise CoreselectError(f"{p}: no such file")

@@ -32,8 +32,15 @@ __all__ = ["SCORE_COLUMNS", "load_coreset", "selected_rows"]
 log = logging.getLogger("coreselect")
 
 #: scores.parquet column -> column name in the loaded coreset
-SCORE_COLUMNS = {"score": "score", "rank": "rank", "n_tokens": "n_tokens", "n_scored": "n_scored",
-                 "index": "pool_index", "id": "pool_id", "source": "pool_source"}
+SCORE_COLUMNS = {
+    "score": "score",
+    "rank": "rank",
+    "n_tokens": "n_tokens",
+    "n_scored": "n_scored",
+    "index": "pool_index",
+    "id": "pool_id",
+    "source": "pool_source",
+}
 
 
 def _check_run_dir(d: Path) -> None:
@@ -89,13 +96,17 @@ def load_records_with_scores(out_dir: str | os.PathLike[str]) -> list[tuple[dict
     scores = selected_rows(d)
     records = _read_coreset(d / "coreset.jsonl")
     if len(records) != len(scores):
-        raise CoreselectError(f"{d}: coreset.jsonl has {len(records)} records but scores.parquet selects "
-                              f"{len(scores)} (the folder mixes two runs; rerun select with --overwrite)")
+        raise CoreselectError(
+            f"{d}: coreset.jsonl has {len(records)} records but scores.parquet selects "
+            f"{len(scores)} (the folder mixes two runs; rerun select with --overwrite)"
+        )
     for n, (rec, sc) in enumerate(zip(records, scores, strict=True), 1):
         rid = rec.get("id") if isinstance(rec, dict) else None
         if rid is not None and str(rid).strip() and str(rid) != sc["id"]:
-            raise CoreselectError(f"{d / 'coreset.jsonl'}:{n}: id {str(rid)!r} but scores.parquet rank {n} is "
-                                  f"{sc['id']!r} (the folder mixes two runs; rerun select with --overwrite)")
+            raise CoreselectError(
+                f"{d / 'coreset.jsonl'}:{n}: id {str(rid)!r} but scores.parquet rank {n} is "
+                f"{sc['id']!r} (the folder mixes two runs; rerun select with --overwrite)"
+            )
     return list(zip(records, scores, strict=True))
 
 
@@ -123,10 +134,13 @@ def load_coreset(out_dir: str | os.PathLike[str], *, scores: bool = True) -> Any
             if col != name:
                 log.warning("%s: records have a %r field; the scores' column is %r", d, name, col)
             columns[col] = [sc[src] for _, sc in pairs]
-    info = datasets.DatasetInfo(dataset_name=d.resolve().name,
-                                description=f"coreselect coreset of {d.resolve()} (best first)")
+    info = datasets.DatasetInfo(
+        dataset_name=d.resolve().name, description=f"coreselect coreset of {d.resolve()} (best first)"
+    )
     try:
         return datasets.Dataset.from_dict(columns, info=info)
     except Exception as e:  # pyarrow cannot type a field that changes type between records
-        raise CoreselectError(f"{d / 'coreset.jsonl'}: cannot make a Dataset of these records: "
-                              f"{type(e).__name__}: {' '.join(str(e).splitlines())[:200]}") from e
+        raise CoreselectError(
+            f"{d / 'coreset.jsonl'}: cannot make a Dataset of these records: "
+            f"{type(e).__name__}: {' '.join(str(e).splitlines())[:200]}"
+        ) from e

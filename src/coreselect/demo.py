@@ -56,14 +56,26 @@ def demo(args: DemoArgs) -> dict:
 
     if args.task not in ("gsm8k", "csqa"):
         raise ConfigError(f"demo task must be gsm8k or csqa, got {args.task!r}")
-    data = assets.build_embedded_data(assets.CACHE_DIR / "data" / f"embedded-{args.n_per_source}",
-                                      n_per_source=args.n_per_source)
+    data = assets.build_embedded_data(
+        assets.CACHE_DIR / "data" / f"embedded-{args.n_per_source}", n_per_source=args.n_per_source
+    )
     print(f"pool: {data['pool']}\ntarget: {data['target_' + args.task]}")
     sel = SelectArgs(
-        pool=[str(data["pool"])], target=[str(data["target_" + args.task])], out=args.out, method="trim",
-        model="smollm2", budget=args.budget, warmup=args.warmup, warmup_epochs=args.warmup_epochs,
-        warmup_batch_size=4, warmup_grad_accum=2, warmup_lr=1e-4, max_length=args.max_length,
-        overwrite=args.overwrite, progress=args.progress, options={"scope": args.scope, "batch_tokens": 4096},
+        pool=[str(data["pool"])],
+        target=[str(data["target_" + args.task])],
+        out=args.out,
+        method="trim",
+        model="smollm2",
+        budget=args.budget,
+        warmup=args.warmup,
+        warmup_epochs=args.warmup_epochs,
+        warmup_batch_size=4,
+        warmup_grad_accum=2,
+        warmup_lr=1e-4,
+        max_length=args.max_length,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        options={"scope": args.scope, "batch_tokens": 4096},
     )
     info = select(sel)
     print_top(Path(args.out), args.top)

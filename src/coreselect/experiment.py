@@ -78,8 +78,20 @@ log = logging.getLogger("coreselect")
 __all__ = ["ExperimentArgs", "collect_results", "experiment", "write_results"]
 
 #: ``SelectArgs`` fields the experiment sets itself (not allowed under ``select:``).
-_SELECT_OWN = {"pool", "target", "out", "method", "model", "budget", "warmup", "dtype", "device", "progress",
-               "overwrite", "resume"}
+_SELECT_OWN = {
+    "pool",
+    "target",
+    "out",
+    "method",
+    "model",
+    "budget",
+    "warmup",
+    "dtype",
+    "device",
+    "progress",
+    "overwrite",
+    "resume",
+}
 #: ``TrainCommandArgs`` fields the experiment sets itself (not allowed under ``train:``).
 _TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume", "heads"}
 
@@ -239,8 +251,9 @@ def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
     if embedded:
         from coreselect import assets
 
-        data = assets.build_embedded_data(assets.CACHE_DIR / "data" / f"embedded-{args.pool_per_source}",
-                                          n_per_source=args.pool_per_source)
+        data = assets.build_embedded_data(
+            assets.CACHE_DIR / "data" / f"embedded-{args.pool_per_source}", n_per_source=args.pool_per_source
+        )
     pool = [str(data["pool"])] if args.pool == ["embedded"] else list(args.pool)
     targets: dict[str, str] = {}
     for task, target in args.targets.items():
@@ -277,11 +290,17 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
         return None
     if args.warmup != "auto":
         return args.warmup
-    sel = SelectArgs(pool=pool, out=str(out), model=args.model, **args.warmup_settings(), dtype=args.dtype,
-                     device=args.device,
-                     progress=args.progress, resume=True,
-                     **{k: v for k, v in args.select.items()
-                        if k in ("max_length", "template", "template_date", "seed")})
+    sel = SelectArgs(
+        pool=pool,
+        out=str(out),
+        model=args.model,
+        **args.warmup_settings(),
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+        resume=True,
+        **{k: v for k, v in args.select.items() if k in ("max_length", "template", "template_date", "seed")},
+    )
     n_pool = scan_pool(sel)[0]
     adapter, info = warmup_model(sel, out, n_pool)
     if info.get("reused_from_previous_run"):
@@ -292,19 +311,33 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
     return adapter
 
 
-def run_select(args: ExperimentArgs, pool: list[str], target: str, method: str, budget: str, warmup: str | None,
-               out: Path) -> Path:
+def run_select(
+    args: ExperimentArgs, pool: list[str], target: str, method: str, budget: str, warmup: str | None, out: Path
+) -> Path:
     """One selection (cached when ``coreset.jsonl`` and ``run.json`` exist)."""
     if (out / "coreset.jsonl").is_file() and (out / "run.json").is_file():
         _say(f"select {out.parent.parent.name}/{out.name}: cached")
         return out
-    sel = SelectArgs(pool=pool, target=[target], out=str(out), method=method, model=args.model, budget=budget,
-                     warmup=warmup or "none", dtype=args.dtype, device=args.device, progress=args.progress,
-                     resume=out.exists(), **args.select)
+    sel = SelectArgs(
+        pool=pool,
+        target=[target],
+        out=str(out),
+        method=method,
+        model=args.model,
+        budget=budget,
+        warmup=warmup or "none",
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+        resume=out.exists(),
+        **args.select,
+    )
     sel.options = sel.method_options(strict=False)  # the options of `select:` this method has
     info = select(sel)
-    _say(f"select {out.parent.parent.name}/{out.name}: {info['counts']['selected']} of {info['counts']['pool']} "
-         f"records ({info['timings']['total_s']:.0f} s)")
+    _say(
+        f"select {out.parent.parent.name}/{out.name}: {info['counts']['selected']} of {info['counts']['pool']} "
+        f"records ({info['timings']['total_s']:.0f} s)"
+    )
     return out
 
 
@@ -325,18 +358,36 @@ def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path
         import shutil
 
         shutil.rmtree(out)
-    targs = TrainCommandArgs(model=args.model, data=[data], out=str(out), seed=seed, dtype=args.dtype,
-                             device=args.device, progress=args.progress, resume=out.exists(),
-                             heads=str(heads) if heads else None, **args.train)
+    targs = TrainCommandArgs(
+        model=args.model,
+        data=[data],
+        out=str(out),
+        seed=seed,
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+        resume=out.exists(),
+        heads=str(heads) if heads else None,
+        **args.train,
+    )
     info = train(targs)
-    _say(f"train {out.relative_to(Path(args.out))}: {info['counts']['trained']} records, {info['steps']} steps, "
-         f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)"
-         + (" [heads only]" if heads else ""))
+    _say(
+        f"train {out.relative_to(Path(args.out))}: {info['counts']['trained']} records, {info['steps']} steps, "
+        f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['timings']['train_s']:.0f} s)"
+        + (" [heads only]" if heads else "")
+    )
     return result
 
 
-def run_eval(args: ExperimentArgs, task: str, target: str, adapter: Path | None, out: Path,
-             loaded: dict[str, Any], seen: set[str] | None = None) -> dict[str, Any]:
+def run_eval(
+    args: ExperimentArgs,
+    task: str,
+    target: str,
+    adapter: Path | None,
+    out: Path,
+    loaded: dict[str, Any],
+    seen: set[str] | None = None,
+) -> dict[str, Any]:
     """One ``coreselect eval`` (cached when ``eval.json`` exists and has the held-out loss if one is asked).
 
     ``adapter``: a LoRA folder or a head delta file. The task's test items and few-shot
@@ -345,27 +396,43 @@ def run_eval(args: ExperimentArgs, task: str, target: str, adapter: Path | None,
     path = out / "eval.json"
     held = args.heldout.get(task)
     old = _read(path)
-    if old is not None and not (adapter is not None and _newer(adapter.parent / "run.json", path)) \
-            and (not held or old.get("heldout")):
+    if (
+        old is not None
+        and not (adapter is not None and _newer(adapter.parent / "run.json", path))
+        and (not held or old.get("heldout"))
+    ):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
         return old
     targs = TrainCommandArgs(model=args.model, **args.train)
-    eargs = EvalCommandArgs(model=args.model, adapter=str(adapter) if adapter else None, task=task,
-                            shots=args.shots.get(task, args.shots.get(task_label(task))), limit=args.eval_limit,
-                            out=str(out), exclude=[target], heldout=[held] if held else [],
-                            max_length=targs.max_length, template=targs.template,  # held-out records as trained
-                            batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
-                            dtype=args.dtype, device=args.device, progress=args.progress)
+    eargs = EvalCommandArgs(
+        model=args.model,
+        adapter=str(adapter) if adapter else None,
+        task=task,
+        shots=args.shots.get(task, args.shots.get(task_label(task))),
+        limit=args.eval_limit,
+        out=str(out),
+        exclude=[target],
+        heldout=[held] if held else [],
+        max_length=targs.max_length,
+        template=targs.template,  # held-out records as trained
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+    )
     model = tok = None
     if adapter is None:  # the base model is loaded once and reused by every task
         model, tok = base_model(args, loaded)
     res = evaluate_command(eargs, model=model, tokenizer=tok, exact=seen or ())
     m = metric_name(res)
     dropped = sum((res.get("dropped_docs") or {}).values())
-    _say(f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items"
-         + (f" ({dropped} dropped: in the target or pool)" if dropped else "")
-         + (f", held-out loss {res['heldout']['loss']:.4f}" if res.get("heldout") else "")
-         + f" ({res['timings']['total_s']:.0f} s)")
+    _say(
+        f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items"
+        + (f" ({dropped} dropped: in the target or pool)" if dropped else "")
+        + (f", held-out loss {res['heldout']['loss']:.4f}" if res.get("heldout") else "")
+        + f" ({res['timings']['total_s']:.0f} s)"
+    )
     return res
 
 
@@ -396,9 +463,17 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
     from coreselect.train.lora import _pad_id
 
     targs = TrainCommandArgs(model=args.model, **args.train)
-    key = {"model": args.model, "pool": pool, "dtype": args.dtype, "device": args.device, "epochs": targs.epochs,
-           "max_length": targs.max_length, "template": targs.template, "batch_size": targs.batch_size,
-           "hardware": hardware()}
+    key = {
+        "model": args.model,
+        "pool": pool,
+        "dtype": args.dtype,
+        "device": args.device,
+        "epochs": targs.epochs,
+        "max_length": targs.max_length,
+        "template": targs.template,
+        "batch_size": targs.batch_size,
+        "hardware": hardware(),
+    }
     old = _read(out / "full_sft.json")
     if old is not None and old.get("key") == key:
         return old
@@ -417,17 +492,25 @@ def estimate_full_sft(args: ExperimentArgs, pool: list[str], out: Path, loaded: 
         elif (j := rng.randrange(n_records)) < n_sample:
             sample[j] = enc
     try:
-        s_tok = seconds_per_token(model, _pad_id(tok), sample, None, batch_size=targs.batch_size,
-                                  batches=AER_SAMPLE_BATCHES)
+        s_tok = seconds_per_token(
+            model, _pad_id(tok), sample, None, batch_size=targs.batch_size, batches=AER_SAMPLE_BATCHES
+        )
     except (RuntimeError, CoreselectError) as e:
         _say(f"AER: full-parameter SFT time could not be estimated ({str(e).splitlines()[0]})")
         return {"full_sft_s": None, "error": str(e).splitlines()[0], "key": key}
-    info = {"full_sft_s": s_tok * tokens * targs.epochs, "measured": False, "key": key,
-            "how": "estimated (the Full-data row trains LoRA): full-parameter forward+backward seconds per token "
-                   f"timed on {min(n_sample, n_records)} sampled pool records ({AER_SAMPLE_BATCHES} micro-batches "
-                   f"of {targs.batch_size} after 1 untimed) x pool tokens x epochs; optimizer step not timed "
-                   "(AER conservative)",
-            "s_per_token_full": s_tok, "tokens_pool": tokens, "records_pool": n_records, "epochs": targs.epochs}
+    info = {
+        "full_sft_s": s_tok * tokens * targs.epochs,
+        "measured": False,
+        "key": key,
+        "how": "estimated (the Full-data row trains LoRA): full-parameter forward+backward seconds per token "
+        f"timed on {min(n_sample, n_records)} sampled pool records ({AER_SAMPLE_BATCHES} micro-batches "
+        f"of {targs.batch_size} after 1 untimed) x pool tokens x epochs; optimizer step not timed "
+        "(AER conservative)",
+        "s_per_token_full": s_tok,
+        "tokens_pool": tokens,
+        "records_pool": n_records,
+        "epochs": targs.epochs,
+    }
     write_json(out / "full_sft.json", info)
     _say(f"AER: full-parameter SFT on the pool estimated at {info['full_sft_s']:.0f} s")
     return info
@@ -454,8 +537,12 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     if old is not None:
         changed = sorted(k for k in cfg if old.get(k) != cfg[k] and k not in ("progress",))
         if changed:
-            log.warning("settings changed since the previous run in %s (%s); cached stages keep their old "
-                        "outputs (delete them to redo)", out, ", ".join(changed))
+            log.warning(
+                "settings changed since the previous run in %s (%s); cached stages keep their old "
+                "outputs (delete them to redo)",
+                out,
+                ", ".join(changed),
+            )
             _say(f"note: settings changed since the previous run ({', '.join(changed)}); cached stages are reused")
     write_json(cfg_path, cfg)
 
@@ -480,24 +567,45 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
                 tag = budget_tag(budget)
                 run_name = f"{method}-{tag}"
                 sel_dir = out / name / "select"
-                sel = run_select(args, pool, target, sel_method, budget, _warmup_for(sel_method, warmup),
-                                 sel_dir / f"{sel_method}-{tag}")
+                sel = run_select(
+                    args,
+                    pool,
+                    target,
+                    sel_method,
+                    budget,
+                    _warmup_for(sel_method, warmup),
+                    sel_dir / f"{sel_method}-{tag}",
+                )
                 heads = None
                 if plan.train_heads_from:  # e.g. P2D's H_T: saved by that method's selection of this task/budget
                     src = plan.train_heads_from
-                    holder = sel if src == sel_method else run_select(
-                        args, pool, target, src, budget, _warmup_for(src, warmup), sel_dir / f"{src}-{tag}")
+                    holder = (
+                        sel
+                        if src == sel_method
+                        else run_select(
+                            args, pool, target, src, budget, _warmup_for(src, warmup), sel_dir / f"{src}-{tag}"
+                        )
+                    )
                     heads = holder / plan.train_heads_file
                 for seed in args.seeds:
-                    adapter = run_train(args, str(sel / "coreset.jsonl"), seed,
-                                        out / name / "train" / f"{run_name}-s{seed}", heads)
+                    adapter = run_train(
+                        args, str(sel / "coreset.jsonl"), seed, out / name / "train" / f"{run_name}-s{seed}", heads
+                    )
                     run_eval(args, task, target, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded, seen)
     full_sft = estimate_full_sft(args, pool, out, loaded)
     rows = collect_results(args, list(targets))
     wall = time.perf_counter() - t0
-    info = {"command": "experiment", "settings": cfg, "pool": pool, "targets": targets, "versions": versions(),
-            "hardware": hardware(), "wall_s": wall, "full_sft": {k: v for k, v in full_sft.items() if k != "key"},
-            "rows": rows}
+    info = {
+        "command": "experiment",
+        "settings": cfg,
+        "pool": pool,
+        "targets": targets,
+        "versions": versions(),
+        "hardware": hardware(),
+        "wall_s": wall,
+        "full_sft": {k: v for k, v in full_sft.items() if k != "key"},
+        "rows": rows,
+    }
     write_results(out, args, list(targets), rows, info)
     write_json(out / "experiment.json", info)
     _say(f"done in {wall:.0f} s -> {out / 'results.md'}")
@@ -519,8 +627,12 @@ def hardware() -> dict[str, Any]:
     """CPU / GPU description for the results."""
     import torch
 
-    hw: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return hw
@@ -555,18 +667,30 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
     names = [task_label(t) for t in tasks]
     rows: list[dict[str, Any]] = []
 
-    def row(label: str, method: str, budget: str, eval_names: list[str], train_dirs: list[Path],
-            select_dirs: list[Path], extra_select_s: float = 0.0) -> dict[str, Any]:
+    def row(
+        label: str,
+        method: str,
+        budget: str,
+        eval_names: list[str],
+        train_dirs: list[Path],
+        select_dirs: list[Path],
+        extra_select_s: float = 0.0,
+    ) -> dict[str, Any]:
         r: dict[str, Any] = {"row": label, "method": method, "budget": budget, "tasks": {}}
         for name in names:
             evals = [_read(out / name / "eval" / e / "eval.json") for e in eval_names]
             scores = [s for res in evals if (s := _score(res)) is not None]
             losses = [float(res["heldout"]["loss"]) for res in evals if res and res.get("heldout")]
             first = (evals[0] or {}) if evals else {}
-            r["tasks"][name] = {"scores": scores, "n_items": first.get("n"), "shots": first.get("shots"),
-                                "metric": first.get("metric"), "losses": losses,
-                                **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {}),
-                                **(dict(zip(("loss_mean", "loss_std"), _mean_std(losses))) if losses else {})}
+            r["tasks"][name] = {
+                "scores": scores,
+                "n_items": first.get("n"),
+                "shots": first.get("shots"),
+                "metric": first.get("metric"),
+                "losses": losses,
+                **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {}),
+                **(dict(zip(("loss_mean", "loss_std"), _mean_std(losses))) if losses else {}),
+            }
         complete = all(len(r["tasks"][n]["scores"]) == len(eval_names) for n in names)
         r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None
         times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
@@ -578,8 +702,16 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
     if args.include_pretrained:
         rows.append(row("Pretrained", "pretrained", "", ["pretrained"], [], []))
     if args.include_full_data:
-        rows.append(row("Full-data", "full", "100%", [f"full-s{s}" for s in args.seeds],
-                        [out / "full" / "train" / f"full-s{s}" for s in args.seeds], []))
+        rows.append(
+            row(
+                "Full-data",
+                "full",
+                "100%",
+                [f"full-s{s}" for s in args.seeds],
+                [out / "full" / "train" / f"full-s{s}" for s in args.seeds],
+                [],
+            )
+        )
     warm = _read(out / "warmup" / "info.json") or {}
     for method in args.methods:
         plan = row_plan(method)
@@ -590,11 +722,24 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
             label = name if len(args.budgets) == 1 else f"{name} ({budget})"
             extra = float(warm.get("wall_s") or 0.0) if _uses_warmup(method) else 0.0
             for src, key in plan.extra_cost:  # e.g. P2D-double-dagger: locating H_T (the p2d selection's stage 1)
-                extra += sum(float(((_read(out / n / "select" / f"{src}-{tag}" / "run.json") or {}).get("stats")
-                                    or {}).get(key) or 0.0) for n in names)
-            rows.append(row(label, method, budget, [f"{rn}-s{s}" for s in args.seeds],
-                            [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
-                            [out / n / "select" / f"{sel_method}-{tag}" for n in names], extra))
+                extra += sum(
+                    float(
+                        ((_read(out / n / "select" / f"{src}-{tag}" / "run.json") or {}).get("stats") or {}).get(key)
+                        or 0.0
+                    )
+                    for n in names
+                )
+            rows.append(
+                row(
+                    label,
+                    method,
+                    budget,
+                    [f"{rn}-s{s}" for s in args.seeds],
+                    [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
+                    [out / n / "select" / f"{sel_method}-{tag}" for n in names],
+                    extra,
+                )
+            )
     full_sft_s = (_read(out / "full_sft.json") or {}).get("full_sft_s")
     for r in rows:
         r["aer"] = _aer(r, len(names), full_sft_s)
@@ -623,8 +768,9 @@ def _secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
 
-def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]],
-                  info: dict[str, Any] | None = None) -> None:
+def write_results(
+    out: Path, args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]], info: dict[str, Any] | None = None
+) -> None:
     """``results.md`` (Table 1 layout) and ``results.csv`` (the same numbers, one column each)."""
     from coreselect.io import atomic_path
 
@@ -634,14 +780,20 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         std = r["method"] != "pretrained"
-        cells = [r["row"], *(_cell(r["tasks"][n], std) for n in names),
-                 *(_cell(r["tasks"][n], std, "loss_", 4) for n in held),
-                 "–" if r["average"] is None else f"{r['average']:.2f}", _secs(r["select_s"]), _secs(r["train_s"]),
-                 "–" if r.get("aer") is None else f"{r['aer']:.3f}"]
+        cells = [
+            r["row"],
+            *(_cell(r["tasks"][n], std) for n in names),
+            *(_cell(r["tasks"][n], std, "loss_", 4) for n in held),
+            "–" if r["average"] is None else f"{r['average']:.2f}",
+            _secs(r["select_s"]),
+            _secs(r["train_s"]),
+            "–" if r.get("aer") is None else f"{r['aer']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     n_items = {n: next((r["tasks"][n]["n_items"] for r in rows if r["tasks"][n]["n_items"]), None) for n in names}
-    shots = {n: next((r["tasks"][n]["shots"] for r in rows if r["tasks"][n].get("shots") is not None), None)
-             for n in names}
+    shots = {
+        n: next((r["tasks"][n]["shots"] for r in rows if r["tasks"][n].get("shots") is not None), None) for n in names
+    }
     metrics = {n: next((r["tasks"][n]["metric"] for r in rows if r["tasks"][n].get("metric")), None) for n in names}
     budgets = ", ".join(args.budgets)
     notes = [
@@ -651,19 +803,26 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
         f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
         "Metric per task: " + ", ".join(f"{n} `{m}`" for n, m in metrics.items()) + " (each eval.json also holds "
         "every metric with a 95% CI). Average: macro average over the tasks.",
-        "Test items per task: " + ", ".join(f"{n} {k}" for n, k in n_items.items()) + "; shots per task: "
-        + ", ".join(f"{n} {k}" for n, k in shots.items()) + ".",
-        ("Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
-        "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run."),
+        "Test items per task: "
+        + ", ".join(f"{n} {k}" for n, k in n_items.items())
+        + "; shots per task: "
+        + ", ".join(f"{n} {k}" for n, k in shots.items())
+        + ".",
+        (
+            "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
+            "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run."
+        ),
         "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
-        "full-data full-parameter SFT wall time on the same hardware; "
-        + _full_sft_note(_read(out / "full_sft.json")),
+        "full-data full-parameter SFT wall time on the same hardware; " + _full_sft_note(_read(out / "full_sft.json")),
     ]
     if held:
-        notes.append("Held-out loss ({task} loss): mean response-token cross-entropy (nats/token, lower is better) "
-                     "on the held-out target-format examples of `heldout:` (" + ", ".join(
-                         f"{task_label(t)}: {Path(f).name}" for t, f in args.heldout.items()) + "), mean (std) "
-                     "over seeds; each eval.json holds its 95% t-interval over examples.")
+        notes.append(
+            "Held-out loss ({task} loss): mean response-token cross-entropy (nats/token, lower is better) "
+            "on the held-out target-format examples of `heldout:` ("
+            + ", ".join(f"{task_label(t)}: {Path(f).name}" for t, f in args.heldout.items())
+            + "), mean (std) "
+            "over seeds; each eval.json holds its 95% t-interval over examples."
+        )
     if info is not None:
         hw = info["hardware"]
         dev = hw.get("gpu") or f"CPU only, {hw['cpu_count']} cores ({hw['torch_threads']} torch threads)"
@@ -672,9 +831,20 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
         tmp.write_text("# Results\n\n" + "\n".join(lines + notes) + "\n", encoding="utf-8")
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["row", "method", "budget", "n_seeds", *(f"{n}_{k}" for n in names for k in ("mean", "std")),
-                    *(f"{n}_loss_{k}" for n in held for k in ("mean", "std")),
-                    "average", "select_s", "train_s", "aer"])
+        w.writerow(
+            [
+                "row",
+                "method",
+                "budget",
+                "n_seeds",
+                *(f"{n}_{k}" for n in names for k in ("mean", "std")),
+                *(f"{n}_loss_{k}" for n in held for k in ("mean", "std")),
+                "average",
+                "select_s",
+                "train_s",
+                "aer",
+            ]
+        )
         for r in rows:
             vals: list[Any] = []
             for n in names:
@@ -683,16 +853,29 @@ def write_results(out: Path, args: ExperimentArgs, tasks: list[str], rows: list[
             for n in held:
                 t = r["tasks"][n]
                 vals += [_fmt(t.get("loss_mean")), _fmt(t.get("loss_std"))]
-            w.writerow([r["row"], r["method"], r["budget"], max(len(r["tasks"][n]["scores"]) for n in names), *vals,
-                        _fmt(r["average"]), _fmt(r["select_s"]), _fmt(r["train_s"]), _fmt(r.get("aer"))])
+            w.writerow(
+                [
+                    r["row"],
+                    r["method"],
+                    r["budget"],
+                    max(len(r["tasks"][n]["scores"]) for n in names),
+                    *vals,
+                    _fmt(r["average"]),
+                    _fmt(r["select_s"]),
+                    _fmt(r["train_s"]),
+                    _fmt(r.get("aer")),
+                ]
+            )
 
 
 def _full_sft_note(fs: dict[str, Any] | None) -> str:
     if not fs or not fs.get("full_sft_s"):
         why = f" ({fs['error']})" if fs and fs.get("error") else ""
         return f"its denominator could not be estimated{why}."
-    return (f"denominator {fs['full_sft_s']:.3g} s, {fs['how']}: {fs['s_per_token_full']:.3g} s/token x "
-            f"{fs['tokens_pool']} tokens x {fs['epochs']:g} epochs.")
+    return (
+        f"denominator {fs['full_sft_s']:.3g} s, {fs['how']}: {fs['s_per_token_full']:.3g} s/token x "
+        f"{fs['tokens_pool']} tokens x {fs['epochs']:g} epochs."
+    )
 
 
 def _fmt(x: float | None) -> str:

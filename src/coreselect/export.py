@@ -95,9 +95,17 @@ def convert(records: list[Any]) -> tuple[str, list[dict[str, Any]], dict[str, in
     counts: dict[str, int] = {}
     for rec in records:
         raw = rec.raw
-        shape = ("text" if rec.kind == "text" else "messages" if raw.get("messages") is not None
-                 else "conversations" if raw.get("conversations") is not None
-                 else "prompt-completion" if raw.get("prompt") is not None else "alpaca")
+        shape = (
+            "text"
+            if rec.kind == "text"
+            else "messages"
+            if raw.get("messages") is not None
+            else "conversations"
+            if raw.get("conversations") is not None
+            else "prompt-completion"
+            if raw.get("prompt") is not None
+            else "alpaca"
+        )
         counts[shape] = counts.get(shape, 0) + 1
     if records and counts.get("text", 0) == len(records):
         return "text", [{"text": rec.messages[0].content} for rec in records], counts
@@ -114,16 +122,31 @@ def convert(records: list[Any]) -> tuple[str, list[dict[str, Any]], dict[str, in
 def _llamafactory_entry(shape: str, file_name: str) -> dict[str, Any]:
     if shape == "text":  # pre-training format (stage: pt)
         return {"file_name": file_name, "columns": {"prompt": "text"}}
-    return {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": "messages"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant", "system_tag": "system"}}
+    return {
+        "file_name": file_name,
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
+    }
 
 
 def _axolotl_entry(shape: str, data: Path) -> dict[str, Any]:
     if shape == "text":
         return {"path": str(data), "ds_type": "json", "type": "completion", "field": "text"}
-    return {"path": str(data), "ds_type": "json", "type": "chat_template", "field_messages": "messages",
-            "message_property_mappings": {"role": "role", "content": "content"}, "roles_to_train": ["assistant"]}
+    return {
+        "path": str(data),
+        "ds_type": "json",
+        "type": "chat_template",
+        "field_messages": "messages",
+        "message_property_mappings": {"role": "role", "content": "content"},
+        "roles_to_train": ["assistant"],
+    }
 
 
 def _check_free(paths: list[Path], overwrite: bool) -> None:
@@ -177,8 +200,10 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
             records.append(rec)
             bar.update(1)
     if len(records) != len(scores):
-        raise CoreselectError(f"{run}: coreset.jsonl has {len(records)} records but scores.parquet selects "
-                              f"{len(scores)} (the folder mixes two runs; rerun select with --overwrite)")
+        raise CoreselectError(
+            f"{run}: coreset.jsonl has {len(records)} records but scores.parquet selects "
+            f"{len(scores)} (the folder mixes two runs; rerun select with --overwrite)"
+        )
     shape, rows, counts = convert(records)
     for row, sc in zip(rows, scores, strict=True):
         row["id"] = sc["id"]
@@ -194,16 +219,25 @@ def export(args: ExportArgs | None = None, /, **kwargs: Any) -> dict[str, Any]:
         import yaml
 
         entry = _axolotl_entry(shape, data.resolve())
-        head = (f"# axolotl dataset entry for the coreselect coreset of {run.resolve()}\n"
-                f"# ({len(rows)} records, best first; {'plain text' if shape == 'text' else 'chat messages'}).\n"
-                "# Merge this datasets: list into your axolotl config.\n")
+        head = (
+            f"# axolotl dataset entry for the coreselect coreset of {run.resolve()}\n"
+            f"# ({len(rows)} records, best first; {'plain text' if shape == 'text' else 'chat messages'}).\n"
+            "# Merge this datasets: list into your axolotl config.\n"
+        )
         with atomic_path(info_file) as tmp:
             tmp.write_text(head + yaml.safe_dump({"datasets": [entry]}, sort_keys=False), encoding="utf-8")
     info = {
-        "command": "export", "format": args.format, "run": str(run.resolve()), "data": str(data.resolve()),
-        "entry_file": None if args.format == "trl" else str(info_file.resolve()), "name": args.name,
+        "command": "export",
+        "format": args.format,
+        "run": str(run.resolve()),
+        "data": str(data.resolve()),
+        "entry_file": None if args.format == "trl" else str(info_file.resolve()),
+        "name": args.name,
         "manifest": str(manifest.resolve()),
-        "records": len(rows), "shape": shape, "input_shapes": counts, "text_as_chat": n_text_as_chat,
+        "records": len(rows),
+        "shape": shape,
+        "input_shapes": counts,
+        "text_as_chat": n_text_as_chat,
         "entry": entry,
     }
     write_json(manifest, info)
@@ -221,6 +255,7 @@ def usage_hint(info: dict[str, Any]) -> str:
     if info["format"] == "trl":
         return f'use: SFTTrainer(..., train_dataset=load_dataset("json", data_files="{data}", split="train"))'
     if info["format"] == "llamafactory":
-        return (f"use: dataset_dir: {_show(Path(info['entry_file']).parent)}, dataset: {info['name']}"
-                + (", stage: pt" if info["shape"] == "text" else ""))
+        return f"use: dataset_dir: {_show(Path(info['entry_file']).parent)}, dataset: {info['name']}" + (
+            ", stage: pt" if info["shape"] == "text" else ""
+        )
     return f"use: merge the datasets: entry of {_show(info['entry_file'])} into your axolotl config"

@@ -118,11 +118,21 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
     timings["total_s"] = time.perf_counter() - t_start
 
     scores = table.column("score").to_numpy()
-    info = run_info(args, method, ctx, timings, {
-        "pool": n_pool, "target": len(target), "selected": len(chosen), "rejected": rejects.count,
-        "scored_minus_inf": int((scores == float("-inf")).sum()), "truncated": method.n_truncated,
-        "resumed_shards": scored.resumed_shards,
-    })
+    info = run_info(
+        args,
+        method,
+        ctx,
+        timings,
+        {
+            "pool": n_pool,
+            "target": len(target),
+            "selected": len(chosen),
+            "rejected": rejects.count,
+            "scored_minus_inf": int((scores == float("-inf")).sum()),
+            "truncated": method.n_truncated,
+            "resumed_shards": scored.resumed_shards,
+        },
+    )
     info["engine"] = scored.info
     info.update(method.run_info(table, info))  # method-specific run.json keys (P2D: "aer")
     write_json(out / "run.json", info)
@@ -131,30 +141,62 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
     return info
 
 
-def run_info(args: SelectArgs, method: SelectionMethod, ctx: ModelContext | None, timings: dict[str, float],
-             counts: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def run_info(
+    args: SelectArgs,
+    method: SelectionMethod,
+    ctx: ModelContext | None,
+    timings: dict[str, float],
+    counts: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
     """The run.json keys of every ``select`` run (whole run or one shard process); settles the method's cost."""
     method.cost.wall_s = timings["fit_s"] + timings["score_s"]
-    method.cost.peak_memory_mb = max(method.cost.peak_memory_mb,
-                                     peak_memory_mb(ctx.runner.device if ctx is not None else "cpu"))
-    info = {"command": "select", "method": args.method, **extra, "settings": args.settings(),
-            "method_settings": method.settings(), "versions": versions(), "counts": counts, "timings": timings,
-            "cost": asdict(method.cost), "stats": method.stats}
+    method.cost.peak_memory_mb = max(
+        method.cost.peak_memory_mb, peak_memory_mb(ctx.runner.device if ctx is not None else "cpu")
+    )
+    info = {
+        "command": "select",
+        "method": args.method,
+        **extra,
+        "settings": args.settings(),
+        "method_settings": method.settings(),
+        "versions": versions(),
+        "counts": counts,
+        "timings": timings,
+        "cost": asdict(method.cost),
+        "stats": method.stats,
+    }
     if ctx is not None:
         from coreselect.models.loading import model_name
 
-        info["model"] = {"name": args.model, "resolved": model_name(ctx.model),
-                         "dtype": str(next(ctx.model.parameters()).dtype), "device": str(ctx.runner.device),
-                         "warmup": ctx.warmup}
+        info["model"] = {
+            "name": args.model,
+            "resolved": model_name(ctx.model),
+            "dtype": str(next(ctx.model.parameters()).dtype),
+            "device": str(ctx.runner.device),
+            "warmup": ctx.warmup,
+        }
     return info
 
 
-def _write_shard_run(args: SelectArgs, out: Path, method: SelectionMethod, ctx: ModelContext | None, n_pool: int,
-                     scored: Scored, timings: dict[str, float], t_start: float) -> dict[str, Any]:
+def _write_shard_run(
+    args: SelectArgs,
+    out: Path,
+    method: SelectionMethod,
+    ctx: ModelContext | None,
+    n_pool: int,
+    scored: Scored,
+    timings: dict[str, float],
+    t_start: float,
+) -> dict[str, Any]:
     """``--num-shards N > 1``: record what this process scored; ``coreselect merge`` finalizes."""
     timings["total_s"] = time.perf_counter() - t_start
-    shard = {"num_shards": args.num_shards, "shard_index": args.shard_index, "chunks": scored.chunks,
-             "records": chunk_records(scored.chunks, args.shard_records, n_pool)}
+    shard = {
+        "num_shards": args.num_shards,
+        "shard_index": args.shard_index,
+        "chunks": scored.chunks,
+        "records": chunk_records(scored.chunks, args.shard_records, n_pool),
+    }
     counts = {"pool": n_pool, "selected": 0, "truncated": method.n_truncated, "resumed_shards": scored.resumed_shards}
     info = run_info(args, method, ctx, timings, counts, shard=shard)
     write_json(out / f"run-shard-{args.shard_index}.json", info)
@@ -174,8 +216,13 @@ def fingerprint(args: SelectArgs) -> dict[str, Any]:
         method = make_method(args, ctx)
         method.fit_targets({"target": target})
         method.save_state(out)
-        info = {"command": "fingerprint", "settings": args.settings(), "versions": versions(),
-                "counts": {"target": len(target), "classes": method.stats.get("stage1", {}).get("n_classes", 0)},
-                "stats": method.stats, "model": {"name": args.model, "warmup": ctx.warmup}}
+        info = {
+            "command": "fingerprint",
+            "settings": args.settings(),
+            "versions": versions(),
+            "counts": {"target": len(target), "classes": method.stats.get("stage1", {}).get("n_classes", 0)},
+            "stats": method.stats,
+            "model": {"name": args.model, "warmup": ctx.warmup},
+        }
         write_json(out / "run.json", info)
     return info

@@ -15,8 +15,9 @@ class _Bar:
 
         self.tokens = 0
         self.t0 = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = tqdm(
+            total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+        )
 
     def update(self, n: int, tokens: int = 0) -> None:
         if tokens:

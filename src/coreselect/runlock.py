@@ -60,8 +60,9 @@ class RunLock:
             killed run left its lock and ``takeover`` is False.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], shard_index: int | None = None, *,
-                 takeover: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], shard_index: int | None = None, *, takeover: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / lock_name(shard_index)
         self.takeover = takeover
@@ -76,25 +77,34 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(_read(fd))
             os.close(fd)
-            raise CoreselectError(f"{self.out_dir}: in use by another coreselect run ({holder}); "
-                                  "wait for it to finish or choose another --out") from None
+            raise CoreselectError(
+                f"{self.out_dir}: in use by another coreselect run ({holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
         stale = _read(fd)
         if stale is not None and not self.takeover:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise CoreselectError(f"{self.out_dir}: a run that was killed ({_describe(stale)}) left it; "
-                                  "use --resume to continue it or --overwrite to start again")
+            raise CoreselectError(
+                f"{self.out_dir}: a run that was killed ({_describe(stale)}) left it; "
+                "use --resume to continue it or --overwrite to start again"
+            )
         self.previous = stale
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
         self._fd = fd
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return

@@ -85,18 +85,29 @@ def warmup_model(args: SelectArgs, out_dir: Path, n_pool: int) -> tuple[str | No
     records = [r for r in iter_pool(args) if r.index in picks]
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     targs = TrainArgs(
-        lora_r=args.warmup_lora_r, lora_alpha=args.warmup_lora_alpha, lr=args.warmup_lr, epochs=args.warmup_epochs,
-        batch_size=args.warmup_batch_size, grad_accum=args.warmup_grad_accum, max_length=args.max_length,
+        lora_r=args.warmup_lora_r,
+        lora_alpha=args.warmup_lora_alpha,
+        lr=args.warmup_lr,
+        epochs=args.warmup_epochs,
+        batch_size=args.warmup_batch_size,
+        grad_accum=args.warmup_grad_accum,
+        max_length=args.max_length,
         seed=args.seed,
     )
-    formatter = Formatter(tok, args.max_length, args.template,
-                          template_date=args.template_date)
-    res = train_lora(model, tok, records, targs, out_dir / "warmup", progress=args.progress,
-                     resume=args.resume, formatter=formatter)
+    formatter = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
+    res = train_lora(
+        model, tok, records, targs, out_dir / "warmup", progress=args.progress, resume=args.resume, formatter=formatter
+    )
     del model
-    info = {"mode": "auto", "adapter": str(res.adapter_dir), "n_records": len(records), "steps": res.steps,
-            "wall_s": time.perf_counter() - t0, "final_loss": res.losses[-1] if res.losses else None,
-            "checkpoints": [str(c.path) for c in res.checkpoints]}
+    info = {
+        "mode": "auto",
+        "adapter": str(res.adapter_dir),
+        "n_records": len(records),
+        "steps": res.steps,
+        "wall_s": time.perf_counter() - t0,
+        "final_loss": res.losses[-1] if res.losses else None,
+        "checkpoints": [str(c.path) for c in res.checkpoints],
+    }
     return str(res.adapter_dir), info
 
 
@@ -108,18 +119,25 @@ def load_context(args: SelectArgs, out_dir: Path, n_pool: int) -> ModelContext:
 
     adapter, info = warmup_model(args, out_dir, n_pool)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code, adapter=adapter)
+    model, tok = load_model(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, adapter=adapter
+    )
     info["model_load_s"] = time.perf_counter() - t0
-    formatter = Formatter(tok, args.max_length, args.template,
-                          template_date=args.template_date)
+    formatter = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     return ModelContext(model, tok, ModelRunner(model, tok), formatter, info)
 
 
 def method_context(args: SelectArgs, ctx: ModelContext | None) -> MethodContext:
-    return MethodContext(model=ctx, model_name=args.model, dtype=args.dtype, device=args.device,
-                         trust_remote_code=args.trust_remote_code, budget=args.budget, out=args.out,
-                         progress=args.progress)
+    return MethodContext(
+        model=ctx,
+        model_name=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        budget=args.budget,
+        out=args.out,
+        progress=args.progress,
+    )
 
 
 def make_method(args: SelectArgs, ctx: ModelContext | None) -> SelectionMethod:

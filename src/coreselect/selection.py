@@ -128,8 +128,9 @@ def chunk_records(chunks: Iterable[int], shard_records: int, n_pool: int) -> int
     return sum(hi - lo for lo, hi in (chunk_span(j, shard_records, n_pool) for j in chunks))
 
 
-def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int = 1, shard_index: int = 0,
-                *, resume: bool = False) -> tuple[list[int], list[int]]:
+def plan_shards(
+    out_dir: Path, n_pool: int, shard_records: int, num_shards: int = 1, shard_index: int = 0, *, resume: bool = False
+) -> tuple[list[int], list[int]]:
     """``(done, todo)``: this process's shard chunks already complete on disk, and those left.
 
     A complete shard ``j`` must hold exactly pool positions ``[j*S, min((j+1)*S, n_pool))``;
@@ -148,8 +149,10 @@ def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int 
         except (OSError, pa.ArrowException) as e:
             raise CoreselectError(f"{found[j]}: unreadable score shard ({e}); use --overwrite") from None
         if len(idx) != hi - lo or (len(idx) and (idx.min() != lo or idx.max() != hi - 1)):
-            raise CoreselectError(f"{found[j]}: holds other pool positions than [{lo}, {hi}) (the pool or "
-                                  "--shard-records changed since the interrupted run; use --overwrite)")
+            raise CoreselectError(
+                f"{found[j]}: holds other pool positions than [{lo}, {hi}) (the pool or "
+                "--shard-records changed since the interrupted run; use --overwrite)"
+            )
         done.append(j)
     todo = [j for j in mine if j not in found]
     return done, todo
@@ -158,20 +161,28 @@ def plan_shards(out_dir: Path, n_pool: int, shard_records: int, num_shards: int 
 def check_coverage(table: pa.Table, n_pool: int, where: str = "scores") -> None:
     """Every pool position ``0..n_pool-1`` must be scored exactly once."""
     idx = np.sort(table.column("index").to_numpy())
-    if len(idx) == n_pool and (n_pool == 0 or (idx[0] == 0 and idx[-1] == n_pool - 1)) and \
-            (len(idx) < 2 or bool((np.diff(idx) == 1).all())):
+    if (
+        len(idx) == n_pool
+        and (n_pool == 0 or (idx[0] == 0 and idx[-1] == n_pool - 1))
+        and (len(idx) < 2 or bool((np.diff(idx) == 1).all()))
+    ):
         return
     dup = idx[1:][idx[1:] == idx[:-1]]
     if dup.size:
-        raise CoreselectError(f"{where}: pool record index {int(dup[0])} is scored more than once "
-                              "(overlapping shards or mixed runs)")
+        raise CoreselectError(
+            f"{where}: pool record index {int(dup[0])} is scored more than once (overlapping shards or mixed runs)"
+        )
     beyond = idx[(idx < 0) | (idx >= n_pool)]
     if beyond.size:
-        raise CoreselectError(f"{where}: score for index {int(beyond[0])} but the pool has {n_pool} records "
-                              "(the pool changed since scoring)")
+        raise CoreselectError(
+            f"{where}: score for index {int(beyond[0])} but the pool has {n_pool} records "
+            "(the pool changed since scoring)"
+        )
     missing = np.setdiff1d(np.arange(n_pool), idx)
-    raise CoreselectError(f"{where}: {missing.size} of {n_pool} pool records have no score "
-                          f"(first: index {int(missing[0])}; a shard process has not finished?)")
+    raise CoreselectError(
+        f"{where}: {missing.size} of {n_pool} pool records have no score "
+        f"(first: index {int(missing[0])}; a shard process has not finished?)"
+    )
 
 
 def read_scores(paths: Sequence[Path]) -> pa.Table:
@@ -230,16 +241,16 @@ def check_out_dir(out_dir: Path, *, overwrite: bool, resume: bool) -> None:
         raise CoreselectError(f"{out_dir}: output folder exists and is not empty (use --overwrite or --resume)")
 
 
-def check_shard_out_dir(out_dir: Path, num_shards: int, shard_index: int, *, overwrite: bool,
-                        resume: bool) -> None:
+def check_shard_out_dir(out_dir: Path, num_shards: int, shard_index: int, *, overwrite: bool, resume: bool) -> None:
     """``check_out_dir`` for one of several shard processes sharing ``out_dir``: only this
     process's own shards (or its ``run-shard-I.json``) count as a previous run."""
     if resume or overwrite or not out_dir.exists():
         return
     own = [p for j, p in existing_shards(out_dir).items() if owns_shard(j, num_shards, shard_index)]
     if own or (out_dir / f"run-shard-{shard_index}.json").exists():
-        raise CoreselectError(f"{out_dir}: holds shards of a previous shard-{shard_index} run "
-                              "(use --overwrite or --resume)")
+        raise CoreselectError(
+            f"{out_dir}: holds shards of a previous shard-{shard_index} run (use --overwrite or --resume)"
+        )
 
 
 def clear_outputs(out_dir: Path, num_shards: int = 1, shard_index: int = 0) -> None:

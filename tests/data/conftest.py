@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 
 WORDS = [
-    "hello world the cat sat on the mat", "what is two plus two the answer is four",
-    "user assistant system Today Date Jul", "write a poem about the sea it is wide and deep",
+    "hello world the cat sat on the mat",
+    "what is two plus two the answer is four",
+    "user assistant system Today Date Jul",
+    "write a poem about the sea it is wide and deep",
 ]
 
 
@@ -32,14 +34,19 @@ def make_bos_tokenizer(*, add_eos: bool = False, chat_template: str | None = Non
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(WORDS * 4, trainer)
     single = "<s> $A </s>" if add_eos else "<s> $A"
     tk.post_processor = processors.TemplateProcessing(
-        single=single, pair=f"{single} $B", special_tokens=[("<s>", 0), ("</s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+        single=single, pair=f"{single} $B", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     assert tok.convert_tokens_to_ids(["<s>", "</s>"]) == [0, 1]
     if chat_template is not None:
         tok.chat_template = chat_template

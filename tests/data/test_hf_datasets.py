@@ -32,8 +32,11 @@ def test_select_on_datasets_equals_select_on_files(small_pool, tmp_path):
     pool_ds = datasets.Dataset.from_list(_rows(pool))
     target_ds = datasets.Dataset.from_list(_rows(target))
     files, _ = _bm25(tmp_path, "files", [str(pool)], [str(target)])
-    for name, p, t in [("ds", pool_ds, target_ds), ("iterable", pool_ds.to_iterable_dataset(), [target_ds]),
-                       ("dict", datasets.DatasetDict({"train": pool_ds}), target_ds)]:
+    for name, p, t in [
+        ("ds", pool_ds, target_ds),
+        ("iterable", pool_ds.to_iterable_dataset(), [target_ds]),
+        ("dict", datasets.DatasetDict({"train": pool_ds}), target_ds),
+    ]:
         out, info = _bm25(tmp_path, name, p, t)
         assert (out / "coreset.jsonl").read_text() == (files / "coreset.jsonl").read_text(), name
         a, b = pq.read_table(out / "scores.parquet"), pq.read_table(files / "scores.parquet")
@@ -100,8 +103,9 @@ def test_a_dataset_label_cannot_be_reread_from_run_json():
 
 
 def test_dataset_dict_without_train_split_is_an_error():
-    dd = datasets.DatasetDict({"a": datasets.Dataset.from_list([chat(1, "q", "a")]),
-                               "b": datasets.Dataset.from_list([chat(2, "q", "a")])})
+    dd = datasets.DatasetDict(
+        {"a": datasets.Dataset.from_list([chat(1, "q", "a")]), "b": datasets.Dataset.from_list([chat(2, "q", "a")])}
+    )
     with pytest.raises(CoreselectError, match=r"splits \['a', 'b'\] and none is 'train'"):
         list(read_records(dd))
     assert [r.id for r in read_records(datasets.DatasetDict({"test": dd["a"]}))] == ["1"]

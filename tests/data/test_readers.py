@@ -32,13 +32,15 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
     ("raw", "expected", "kind"),
     [
         (
-            {"messages": [
-                {"role": "system", "content": "be nice"},
-                {"role": "user", "content": "q1"},
-                {"role": "assistant", "content": "a1"},
-                {"role": "user", "content": "q2"},
-                {"role": "assistant", "content": "a2"},
-            ]},
+            {
+                "messages": [
+                    {"role": "system", "content": "be nice"},
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a2"},
+                ]
+            },
             [("system", "be nice"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")],
             "chat",
         ),
@@ -48,11 +50,13 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
             "chat",
         ),
         (
-            {"conversations": [
-                {"from": "system", "value": "sys"},
-                {"from": "human", "value": "q"},
-                {"from": "gpt", "value": "a"},
-            ]},
+            {
+                "conversations": [
+                    {"from": "system", "value": "sys"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
             [("system", "sys"), ("user", "q"), ("assistant", "a")],
             "chat",
         ),
@@ -63,13 +67,18 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
         ),
         ({"prompt": "P", "completion": "C"}, [("user", "P"), ("assistant", "C")], "chat"),
         (
-            {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "P"}],
-             "completion": [{"role": "assistant", "content": "C"}]},
+            {
+                "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "P"}],
+                "completion": [{"role": "assistant", "content": "C"}],
+            },
             [("system", "s"), ("user", "P"), ("assistant", "C")],
             "chat",
         ),
-        ({"instruction": "Do X", "input": "with Y", "output": "done"},
-         [("user", "Do X\n\nwith Y"), ("assistant", "done")], "chat"),
+        (
+            {"instruction": "Do X", "input": "with Y", "output": "done"},
+            [("user", "Do X\n\nwith Y"), ("assistant", "done")],
+            "chat",
+        ),
         ({"instruction": "Do X", "input": "", "output": "done"}, [("user", "Do X"), ("assistant", "done")], "chat"),
         ({"instruction": "Do X", "output": "done"}, [("user", "Do X"), ("assistant", "done")], "chat"),
         ({"instruction": "Do X", "input": None, "output": "done"}, [("user", "Do X"), ("assistant", "done")], "chat"),
@@ -87,10 +96,21 @@ def test_shapes_normalize(tmp_path: Path, raw: dict, expected: list, kind: str) 
 
 def test_precedence(tmp_path: Path) -> None:
     rows = [
-        {**CHAT, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
-         "prompt": "p", "completion": "c", "instruction": "i", "output": "o", "text": "t"},
-        {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
-         "prompt": "p", "completion": "c", "text": "t"},
+        {
+            **CHAT,
+            "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+            "prompt": "p",
+            "completion": "c",
+            "instruction": "i",
+            "output": "o",
+            "text": "t",
+        },
+        {
+            "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+            "prompt": "p",
+            "completion": "c",
+            "text": "t",
+        },
         {"prompt": "p", "completion": "c", "instruction": "i", "output": "o", "text": "t"},
         {"instruction": "i", "output": "o", "text": "t"},
         {"messages": None, "text": "t"},  # null counts as absent
@@ -122,20 +142,41 @@ def test_single_path_accepted(tmp_path: Path) -> None:
 BAD_CASES = [
     ({"messages": "hi"}, "messages", "expected a list"),
     ({"messages": []}, "messages", "empty turn list"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]},
-     "messages[1].content", "expected a string"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  \n"}]},
-     "messages[1].content", "empty content"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]},
-     "messages[1].role", "unknown role"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                   {"role": "user", "content": "q"}, {"role": "user", "content": "a"}]},
-     "messages[3].role", "expected role 'assistant'"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]},
+        "messages[1].content",
+        "expected a string",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  \n"}]},
+        "messages[1].content",
+        "empty content",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]},
+        "messages[1].role",
+        "unknown role",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q"},
+                {"role": "user", "content": "a"},
+            ]
+        },
+        "messages[3].role",
+        "expected role 'assistant'",
+    ),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "messages[0].role", "expected role 'user'"),
     ({"messages": [{"role": "user", "content": "q"}]}, "messages", "end with an assistant"),
     ({"messages": [{"role": "system", "content": "s"}]}, "messages", "no user/assistant"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
-     "messages[1].role", "expected role 'assistant'"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+        "messages[1].role",
+        "expected role 'assistant'",
+    ),
     ({"messages": ["hi"]}, "messages[0]", "expected an object"),
     ({"messages": [{"content": "q"}]}, "messages[0].role", "missing"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}, "conversations[1].value", "missing"),
@@ -216,14 +257,17 @@ def test_missing_file_and_bad_option(tmp_path: Path) -> None:
 def test_skip_mode_and_reject_log(tmp_path: Path) -> None:
     f = tmp_path / "mix.jsonl"
     f.write_bytes(
-        b"\n".join([
-            json.dumps({**CHAT, "id": "a"}).encode(),
-            b"{broken",
-            json.dumps({"foo": 1}).encode(),
-            b"\xff\xfe",
-            json.dumps({**CHAT, "id": "a"}).encode(),
-            json.dumps({"text": "ok"}).encode(),
-        ]) + b"\n"
+        b"\n".join(
+            [
+                json.dumps({**CHAT, "id": "a"}).encode(),
+                b"{broken",
+                json.dumps({"foo": 1}).encode(),
+                b"\xff\xfe",
+                json.dumps({**CHAT, "id": "a"}).encode(),
+                json.dumps({"text": "ok"}).encode(),
+            ]
+        )
+        + b"\n"
     )
     log = RejectLog()
     recs = list(read_records([f], on_bad_record="skip", rejects=log, start_index=5))
@@ -298,11 +342,13 @@ def test_parquet_rows(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     f = tmp_path / "pq.parquet"
-    table = pa.Table.from_pylist([
-        {"instruction": "i0", "input": "", "output": "o0", "text": None},
-        {"instruction": None, "input": None, "output": None, "text": "t1"},
-        {"instruction": "i2", "input": "x", "output": None, "text": None},
-    ])
+    table = pa.Table.from_pylist(
+        [
+            {"instruction": "i0", "input": "", "output": "o0", "text": None},
+            {"instruction": None, "input": None, "output": None, "text": "t1"},
+            {"instruction": "i2", "input": "x", "output": None, "text": None},
+        ]
+    )
     pq.write_table(table, f, row_group_size=2)
     it = read_records([f])
     r0, r1 = next(it), next(it)
@@ -317,10 +363,12 @@ def test_load_from_disk_folder(tmp_path: Path) -> None:
     import datasets
 
     folder = tmp_path / "arrowpool"
-    datasets.Dataset.from_list([
-        {"messages": CHAT["messages"], "id": "m0"},
-        {"messages": [{"role": "user", "content": "only"}], "id": "m1"},
-    ]).save_to_disk(str(folder))
+    datasets.Dataset.from_list(
+        [
+            {"messages": CHAT["messages"], "id": "m0"},
+            {"messages": [{"role": "user", "content": "only"}], "id": "m1"},
+        ]
+    ).save_to_disk(str(folder))
     log = RejectLog()
     recs = list(read_records([folder], on_bad_record="skip", rejects=log))
     assert [(r.id, r.line, r.source) for r in recs] == [("m0", 0, "arrowpool")]

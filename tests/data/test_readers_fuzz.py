@@ -128,9 +128,36 @@ def test_arbitrary_bytes_per_line(lines: list[bytes], skip: bool) -> None:
 # JSON decoder yields them from "\ud800"), separators Python's strip() removes, special-token and
 # role-tag spellings, template words.
 HOSTILE_PIECES = [
-    "\x00", "\x01", "\x1b[0m", "\x7f", "\ud800", "\udfff", "\ud83d\ude00", "\u2028", "\x85", "\ufeff", "\u200b",
-    "\u202e", "e\u0301", "漢字", "\r\n", "\t", " ", "\n", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|user|>",
-    "<|assistant|>\n", "user", "assistant", "system", "the cat", "Ġ", "▁",
+    "\x00",
+    "\x01",
+    "\x1b[0m",
+    "\x7f",
+    "\ud800",
+    "\udfff",
+    "\ud83d\ude00",
+    "\u2028",
+    "\x85",
+    "\ufeff",
+    "\u200b",
+    "\u202e",
+    "e\u0301",
+    "漢字",
+    "\r\n",
+    "\t",
+    " ",
+    "\n",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|user|>",
+    "<|assistant|>\n",
+    "user",
+    "assistant",
+    "system",
+    "the cat",
+    "Ġ",
+    "▁",
 ]
 hostile_text = st.lists(st.sampled_from(HOSTILE_PIECES) | st.text(max_size=6), min_size=1, max_size=8).map("".join)
 
@@ -151,9 +178,12 @@ def _formatters(smol: object) -> list:
     from coreselect.data.formatting import Formatter
     from data.conftest import make_bos_tokenizer
 
-    bos = make_bos_tokenizer(chat_template=(
-        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}"
-        "{% endfor %}"))
+    bos = make_bos_tokenizer(
+        chat_template=(
+            "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}"
+            "{% endfor %}"
+        )
+    )
     return [Formatter(smol, 48), Formatter(smol, 48, "plain"), Formatter(bos, 48), Formatter(bos, 48, "plain")]
 
 

@@ -17,20 +17,45 @@ pytest.importorskip("ray.data")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
+    )
     yield
     ray.shutdown()
 
 
 def test_ray_engine_equals_local_engine(tiny_model_dir, tmp_path, local_ray, one_torch_thread):
-    rows = [chat(i, f"Question {i}: what is {i} plus {i % 5}?" + " Why?" * (i % 3),
-                 f"{i} + {i % 5} = {i + i % 5}." * (1 + i % 2), "math" if i % 2 else "other") for i in range(17)]
+    rows = [
+        chat(
+            i,
+            f"Question {i}: what is {i} plus {i % 5}?" + " Why?" * (i % 3),
+            f"{i} + {i % 5} = {i + i % 5}." * (1 + i % 2),
+            "math" if i % 2 else "other",
+        )
+        for i in range(17)
+    ]
     pool = write_jsonl(tmp_path / "pool.jsonl", rows)
-    target = write_jsonl(tmp_path / "target.jsonl",
-                         [chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42.", "gsm8k")])
-    base = ["select", "--model", str(tiny_model_dir), "--pool", str(pool), "--target", str(target), "--warmup",
-            "none", "--layers", "2", "--shard-records", "4", "--budget", "4", "--no-progress"]
+    target = write_jsonl(
+        tmp_path / "target.jsonl", [chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42.", "gsm8k")]
+    )
+    base = [
+        "select",
+        "--model",
+        str(tiny_model_dir),
+        "--pool",
+        str(pool),
+        "--target",
+        str(target),
+        "--warmup",
+        "none",
+        "--layers",
+        "2",
+        "--shard-records",
+        "4",
+        "--budget",
+        "4",
+        "--no-progress",
+    ]
     assert main([*base, "--out", str(tmp_path / "local")]) == 0
     assert main([*base, "--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2"]) == 0
     a = pq.read_table(tmp_path / "local" / "scores.parquet")

@@ -40,35 +40,57 @@ def _pool(tmp_path: Path) -> tuple[Path, Path]:
     for i in range(60):
         w = words[i % len(words)]
         user = f"Question {i}: what about {w}?" + " Please explain." * (i % 4)
-        rows.append(chat(i, user, f"{i} + {i % 7} = {i + i % 7}. It is about {w}." * (1 + i % 3),
-                         "math" if i % 3 else "other"))
+        rows.append(
+            chat(i, user, f"{i} + {i % 7} = {i + i % 7}. It is about {w}." * (1 + i % 3), "math" if i % 3 else "other")
+        )
     target = [chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k")]
     return write_jsonl(tmp_path / "pool.jsonl", rows), write_jsonl(tmp_path / "target.jsonl", target)
 
 
 def _argv(model: Path, pool: Path, target: Path, out: Path, *extra: str) -> list[str]:
-    return ["select", "--model", str(model), "--pool", str(pool), "--target", str(target), "--out", str(out),
-            "--warmup", "none", "--layers", "2", "--shard-records", "5", "--batch-tokens", "64", "--budget", "7",
-            "--no-progress", *extra]
+    return [
+        "select",
+        "--model",
+        str(model),
+        "--pool",
+        str(pool),
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+        "--warmup",
+        "none",
+        "--layers",
+        "2",
+        "--shard-records",
+        "5",
+        "--batch-tokens",
+        "64",
+        "--budget",
+        "7",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _shards(out: Path) -> list[Path]:
     return sorted((out / "shards").glob("scores-*.parquet")) if (out / "shards").exists() else []
 
 
-def _run_and_kill(argv: list[str], out: Path, when, *, slow: bool = True, delay: float = 0.25,
-                  timeout: float = 180) -> None:
+def _run_and_kill(
+    argv: list[str], out: Path, when, *, slow: bool = True, delay: float = 0.25, timeout: float = 180
+) -> None:
     """Start ``coreselect select`` in a subprocess, SIGKILL it as soon as ``when(out)`` holds."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     cmd = ["-c", SLOW_MAIN, str(delay)] if slow else ["-m", "coreselect"]
-    proc = subprocess.Popen([sys.executable, *cmd, *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, *cmd, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t_end = time.monotonic() + timeout
     try:
         while not when(out):
             if proc.poll() is not None:
-                pytest.fail(f"run ended (rc={proc.returncode}) before the kill point: "
-                            f"{proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(
+                    f"run ended (rc={proc.returncode}) before the kill point: {proc.stderr.read().decode()[-2000:]}"
+                )
             if time.monotonic() > t_end:
                 pytest.fail("kill point not reached in time")
             time.sleep(0.002)

@@ -15,15 +15,41 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture()
 def pool23(tmp_path):
-    rows = [chat(i, f"Question {i}: what is {i} plus {i % 5}?" + " Why?" * (i % 3),
-                 f"{i} + {i % 5} = {i + i % 5}." * (1 + i % 2), "math" if i % 2 else "other") for i in range(23)]
+    rows = [
+        chat(
+            i,
+            f"Question {i}: what is {i} plus {i % 5}?" + " Why?" * (i % 3),
+            f"{i} + {i % 5} = {i + i % 5}." * (1 + i % 2),
+            "math" if i % 2 else "other",
+        )
+        for i in range(23)
+    ]
     target = [chat(100, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k")]
     return write_jsonl(tmp_path / "pool.jsonl", rows), write_jsonl(tmp_path / "target.jsonl", target)
 
 
 def _argv(model, pool, target, out, *extra):
-    return ["select", "--model", str(model), "--pool", str(pool), "--target", str(target), "--out", str(out),
-            "--warmup", "none", "--layers", "2", "--shard-records", "4", "--budget", "5", "--no-progress", *extra]
+    return [
+        "select",
+        "--model",
+        str(model),
+        "--pool",
+        str(pool),
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+        "--warmup",
+        "none",
+        "--layers",
+        "2",
+        "--shard-records",
+        "4",
+        "--budget",
+        "5",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_two_shard_processes_then_merge_equal_one_run(tiny_model_dir, pool23, tmp_path, capsys):
@@ -42,8 +68,7 @@ def test_two_shard_processes_then_merge_equal_one_run(tiny_model_dir, pool23, tm
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"scores-{j:05d}.parquet" for j in range(6)]
     # rerunning shard 0 without --resume/--overwrite is refused; with --resume it has nothing to do
     assert main(_argv(tiny_model_dir, pool, target, out, "--num-shards", "2", "--shard-index", "0")) == 2
-    assert main(_argv(tiny_model_dir, pool, target, out, "--num-shards", "2", "--shard-index", "0",
-                      "--resume")) == 0
+    assert main(_argv(tiny_model_dir, pool, target, out, "--num-shards", "2", "--shard-index", "0", "--resume")) == 0
     assert json.loads((out / "run-shard-0.json").read_text())["counts"]["resumed_shards"] == 3
 
     assert main(["merge", "--out", str(out), "--pool", str(pool), "--budget", "5"]) == 0

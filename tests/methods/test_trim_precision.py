@@ -45,13 +45,21 @@ def precision_pool(tmp_path_factory):
     for i in range(24):
         a, b = 3 + (7 * i) % 40, 2 + (5 * i) % 30
         name, thing = NAMES[i % len(NAMES)], THINGS[i % len(THINGS)]
-        rows.append(chat(i, f"{name} has {a} {thing} and gets {b} more. How many {thing} now?",
-                         f"{a} + {b} = {a + b}. {name} has {a + b} {thing}. The answer is {a + b}.", "math"))
+        rows.append(
+            chat(
+                i,
+                f"{name} has {a} {thing} and gets {b} more. How many {thing} now?",
+                f"{a} + {b} = {a + b}. {name} has {a + b} {thing}. The answer is {a + b}.",
+                "math",
+            )
+        )
     for i in range(16):
         u, r = OTHER[i % len(OTHER)]
         rows.append(chat(100 + i, u if i < len(OTHER) else f"{u} ({i})", r, "other"))
-    target = [chat(900, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k"),
-              chat(901, "Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.", "gsm8k")]
+    target = [
+        chat(900, "What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42.", "gsm8k"),
+        chat(901, "Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.", "gsm8k"),
+    ]
     d = tmp_path_factory.mktemp("precision")
     pool = list(read_records([write_jsonl(d / "pool.jsonl", rows)]))
     return pool, list(read_records([write_jsonl(d / "t.jsonl", target)]))
@@ -59,8 +67,9 @@ def precision_pool(tmp_path_factory):
 
 def _scores(model_dir, dtype, pool, target):
     model, tok = load_model(str(model_dir), device="cpu", dtype=dtype)
-    m = TrimMethod(ModelRunner(model, tok), Formatter(tok, 256), TrimConfig(layers=2, batch_tokens=2048),
-                   progress=False)
+    m = TrimMethod(
+        ModelRunner(model, tok), Formatter(tok, 256), TrimConfig(layers=2, batch_tokens=2048), progress=False
+    )
     return m.fit(target).score(pool)
 
 
@@ -78,8 +87,10 @@ def test_bf16_ranks_like_fp32(tiny_model_dir, precision_pool, one_torch_thread):
     n_top = max(1, round(0.1 * len(pool)))
     top32 = set(np.argsort(-s32, kind="stable")[:n_top])
     top16 = set(np.argsort(-s16, kind="stable")[:n_top])
-    print(f"bf16 vs fp32: spearman {rho:.4f}, top-{n_top} overlap {len(top32 & top16)}, "
-          f"max |diff| {np.abs(s32 - s16).max():.2e}")
+    print(
+        f"bf16 vs fp32: spearman {rho:.4f}, top-{n_top} overlap {len(top32 & top16)}, "
+        f"max |diff| {np.abs(s32 - s16).max():.2e}"
+    )
     assert rho >= 0.98
     assert len(top32 - top16) <= 1
 

@@ -55,14 +55,20 @@ SLIDING: dict[str, dict[str, Any]] = {
     "gemma2": {"sliding_window": WINDOW},
     "gemma3": {"sliding_window": WINDOW},
 }
-MATH = [("What is 7 plus 5?", "7 + 5 = 12. The answer is 12."),
-        ("Tom has 3 apples and buys 4 more. How many?", "3 + 4 = 7. He has 7 apples."),
-        ("What is 48 divided by 2?", "48 / 2 = 24. The answer is 24.")]
-OTHER = [("Write a poem about the sea.", "The sea is wide, the sea is deep."),
-         ("How do I bake bread?", "Mix flour, water and yeast, knead, let it rise, bake."),
-         ("Translate good morning to French.", "Bonjour.")]
-TARGET = [("What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42."),
-          ("Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72.")]
+MATH = [
+    ("What is 7 plus 5?", "7 + 5 = 12. The answer is 12."),
+    ("Tom has 3 apples and buys 4 more. How many?", "3 + 4 = 7. He has 7 apples."),
+    ("What is 48 divided by 2?", "48 / 2 = 24. The answer is 24."),
+]
+OTHER = [
+    ("Write a poem about the sea.", "The sea is wide, the sea is deep."),
+    ("How do I bake bread?", "Mix flour, water and yeast, knead, let it rise, bake."),
+    ("Translate good morning to French.", "Bonjour."),
+]
+TARGET = [
+    ("What is 12 plus 30?", "10 + 30 = 40, plus 2 is 42. The answer is 42."),
+    ("Natalia sold 48 clips and half as many later. Total?", "48 / 2 = 24. 48 + 24 = 72."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +95,19 @@ def build(tok):
     @functools.cache
     def cached(family: str, overrides: tuple) -> Any:
         cfg_cls, model_cls, extra = FAMILIES[family]
-        cfg = cfg_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra, **dict(overrides))
+        cfg = cfg_cls(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **extra,
+            **dict(overrides),
+        )
         torch.manual_seed(0)
         return model_cls(cfg).eval()
 
@@ -141,8 +157,7 @@ def test_sliding_window_shorter_than_records_batched_equals_unbatched(family, bu
     assert any(float(a[..., i, j].abs().max()) == 0.0 for a in att)
     unbatched = trim_scores(model, tok, data, batch_tokens=1)  # one record per forward pass
     for side in ("right", "left"):
-        np.testing.assert_allclose(trim_scores(model, tok, data, side=side), unbatched, atol=1e-5, rtol=0,
-                                   err_msg=side)
+        np.testing.assert_allclose(trim_scores(model, tok, data, side=side), unbatched, atol=1e-5, rtol=0, err_msg=side)
 
 
 # ------------------------------------------------------------------------------ warmup LoRA
@@ -167,8 +182,12 @@ def test_warmup_lora_adapts_every_attention_projection_and_trains(family, build,
     losses = []
     peft_model.train()
     for step in range(4):
-        loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, labels=labels).loss
+        loss = peft_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=labels,
+        ).loss
         loss.backward()
         if step == 0:  # lora_B starts at 0, so its gradient is the first to move
             assert all(float(p.grad.abs().max()) > 0 for n, p in trainable.items() if "lora_B" in n), family
@@ -183,7 +202,8 @@ def _contexts(model, batch, layer: int, geom: HeadGeometry) -> torch.Tensor:
     """``[T, H, d]`` head outputs (the output projection's input) of ``layer`` for a 1-record batch."""
     out: list[torch.Tensor] = []
     h = projection(model, layer, geom.spec.output).register_forward_pre_hook(
-        lambda _m, args: out.append(args[0][0].reshape(-1, geom.n_heads, geom.head_dim).clone()))
+        lambda _m, args: out.append(args[0][0].reshape(-1, geom.n_heads, geom.head_dim).clone())
+    )
     try:
         with torch.no_grad():
             model(input_ids=batch.input_ids, position_ids=batch.position_ids)
@@ -203,8 +223,12 @@ def test_head_rows_drive_exactly_their_heads_in_the_real_model(family, build, to
     batch = collate([Formatter(tok, 128).encode(data[0][0])], [0], tok.pad_token_id)
     base = _contexts(model, batch, layer, geom)
     s = geom.spec
-    cases = [("q", 2, {2}), ("q", 1, {1}), ("k", 0, {h for h in range(geom.n_heads) if geom.kv_head(h) == 0}),
-             ("v", geom.n_kv_heads - 1, {h for h in range(geom.n_heads) if geom.kv_head(h) == geom.n_kv_heads - 1})]
+    cases = [
+        ("q", 2, {2}),
+        ("q", 1, {1}),
+        ("k", 0, {h for h in range(geom.n_heads) if geom.kv_head(h) == 0}),
+        ("v", geom.n_kv_heads - 1, {h for h in range(geom.n_heads) if geom.kv_head(h) == geom.n_kv_heads - 1}),
+    ]
     for part, head, expect in cases:
         W = projection_weight(projection(model, layer, s.fused or {"q": s.query, "k": s.key, "v": s.value}[part]))
         rows = torch.tensor(list(geom.rows(part, head)))
@@ -233,8 +257,17 @@ def test_p2d_locates_heads_and_trains_only_them(family, build, tok, data, tmp_pa
     assert scores.shape == (geom.n_layers, geom.n_heads) and np.isfinite(scores).all() and scores.max() > 0
     assert len(hs.heads) == 2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainArgs(lr=5e-2, warmup_ratio=0.0, schedule="constant", epochs=1, batch_size=2, grad_accum=1,
-                     max_length=128, max_steps=2, max_grad_norm=None)
+    args = TrainArgs(
+        lr=5e-2,
+        warmup_ratio=0.0,
+        schedule="constant",
+        epochs=1,
+        batch_size=2,
+        grad_accum=1,
+        max_length=128,
+        max_steps=2,
+        max_grad_norm=None,
+    )
     train_heads(model, tok, data[0], hs, args, tmp_path, progress=False)
     # which entries of which parameter the heads own
     owned: dict[int, torch.Tensor] = {}
@@ -266,8 +299,9 @@ def test_less_extracts_gradients(family, build, tok, data, tmp_path):
     from coreselect.methods.baselines.model_based import LESSMethod
 
     names = attention_projections(build(family))
-    warm = get_peft_model(build(family), LoraConfig(r=2, lora_alpha=4, target_modules=names,
-                                                    init_lora_weights=False))  # random B: nonzero A-gradients
+    warm = get_peft_model(
+        build(family), LoraConfig(r=2, lora_alpha=4, target_modules=names, init_lora_weights=False)
+    )  # random B: nonzero A-gradients
     ckpt = Path(tmp_path) / "checkpoint-1"
     warm.save_pretrained(ckpt)
     less = LESSMethod(build(family), tok, Formatter(tok, 128), [ckpt], proj_dim=16, optimizer="sgd")

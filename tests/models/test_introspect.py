@@ -22,20 +22,37 @@ from coreselect.models.introspect import (
     projection_weight,
 )
 
-SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 4,
-         "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 
 def tiny(model_type: str, **kw):
     """A tiny random-init causal LM of ``model_type`` (``AutoConfig.for_model`` + small sizes)."""
     torch.manual_seed(0)
     if model_type == "gpt2":
-        cfg = T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                           eos_token_id=2)
+        cfg = T.GPT2Config(
+            vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
     elif model_type == "falcon":
-        cfg = T.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             bos_token_id=1, eos_token_id=2, **kw)
+        cfg = T.FalconConfig(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            **kw,
+        )
     else:
         cfg = T.AutoConfig.for_model(model_type, **{**SMALL, **kw})
     return T.AutoModelForCausalLM.from_config(cfg).eval()
@@ -105,8 +122,7 @@ def test_phi3_and_neox_default_llama_targets_fail_but_the_table_adapts_everythin
         model = tiny(model_type)
         names = attention_projections(model)
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=names))
-        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters()
-                   if "lora_A" in n}
+        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
         assert adapted == set(names)
         # the table still reads through peft's wrappers
         assert attention_projections(peft_model) == names
@@ -142,7 +158,7 @@ def _split_like_transformers(layout: str, fused: torch.Tensor, H: int, K: int, d
     """q ``[H, d]``, k/v ``[K, d]`` of a fused-QKV output vector, as the modeling code splits it."""
     x = fused[None, None]  # [B=1, T=1, out]
     if layout == "concat":  # Phi3Attention.forward
-        q, k, v = x[..., : H * d], x[..., H * d: H * d + K * d], x[..., H * d + K * d:]
+        q, k, v = x[..., : H * d], x[..., H * d : H * d + K * d], x[..., H * d + K * d :]
         return q.view(H, d), k.view(K, d), v.view(K, d)
     if layout == "per_head":  # GPTNeoXAttention.forward: view(..., -1, 3 * d).transpose(1, 2).chunk(3, -1)
         q, k, v = x.view(1, 1, -1, 3 * d).transpose(1, 2).chunk(3, dim=-1)
@@ -159,13 +175,15 @@ def test_fused_index_maps_match_the_modeling_code(layout, H, K):
     for h in range(H):
         assert list(g.rows("q", h)) == q[h].tolist()
         assert head_index_map([(0, h)], g)[0]["qkv"].tolist() == sorted(
-            q[h].tolist() + k[g.kv_head(h)].tolist() + v[g.kv_head(h)].tolist())
+            q[h].tolist() + k[g.kv_head(h)].tolist() + v[g.kv_head(h)].tolist()
+        )
     for kv in range(K):
         assert list(g.rows("k", kv)) == k[kv].tolist() and list(g.rows("v", kv)) == v[kv].tolist()
 
 
-@pytest.mark.parametrize("variant", [{"new_decoder_architecture": True, "num_kv_heads": 2},
-                                     {"multi_query": True}, {"multi_query": False}])
+@pytest.mark.parametrize(
+    "variant", [{"new_decoder_architecture": True, "num_kv_heads": 2}, {"multi_query": True}, {"multi_query": False}]
+)
 def test_falcon_layouts_match_its_split_heads(variant):
     """Falcon has three layouts; its own ``_split_heads`` is the reference."""
     model = tiny("falcon", **variant)

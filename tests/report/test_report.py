@@ -17,8 +17,16 @@ import pytest
 from coreselect.__main__ import main
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package; .ci/run installs it
-PANELS = ["run-summary", "target-saliency", "fingerprint-classes", "top-records", "below-cut", "score-histogram",
-          "source-mix", "length-dist"]
+PANELS = [
+    "run-summary",
+    "target-saliency",
+    "fingerprint-classes",
+    "top-records",
+    "below-cut",
+    "score-histogram",
+    "source-mix",
+    "length-dist",
+]
 
 
 class Page(HTMLParser):
@@ -51,8 +59,25 @@ def parse(path: Path) -> Page:
 
 
 def _select(model, pool, target, out, *extra):
-    return main(["select", "--model", str(model), "--pool", str(pool), "--target", str(target), "--out", str(out),
-                 "--warmup", "none", "--layers", "2", "--no-progress", *extra])
+    return main(
+        [
+            "select",
+            "--model",
+            str(model),
+            "--pool",
+            str(pool),
+            "--target",
+            str(target),
+            "--out",
+            str(out),
+            "--warmup",
+            "none",
+            "--layers",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture()
@@ -70,8 +95,11 @@ def test_report_has_every_panel_and_is_self_contained(trim_run):
     assert set(PANELS) <= page.ids
     assert page.imgs and all(s.startswith("data:image/png;base64,") for s in page.imgs)
     assert not [u for u in page.links if u.startswith(("http://", "https://", "//"))]
-    assert {p.name for p in (trim_run / "report").glob("*.png")} >= {"score-histogram.png", "source-mix.png",
-                                                                     "length-dist.png"}
+    assert {p.name for p in (trim_run / "report").glob("*.png")} >= {
+        "score-histogram.png",
+        "source-mix.png",
+        "length-dist.png",
+    }
     text = html.read_text(encoding="utf-8")
     # 2 top + 2 below-cut records, each with the pooled terms; target tokens carry q/k/alpha for the toggle
     assert text.count('class="rec" data-index=') == 4
@@ -100,8 +128,9 @@ def test_report_escapes_record_text(tiny_model_dir, tmp_path):
     from conftest import chat, write_jsonl
 
     evil = "<script>alert(1)</script> & <img src=http://x>"
-    pool = write_jsonl(tmp_path / "p.jsonl", [chat(i, f"What is {i} plus 2? {evil}", f"{i} + 2 = {i + 2}.", evil)
-                                              for i in range(4)])
+    pool = write_jsonl(
+        tmp_path / "p.jsonl", [chat(i, f"What is {i} plus 2? {evil}", f"{i} + 2 = {i + 2}.", evil) for i in range(4)]
+    )
     target = write_jsonl(tmp_path / "t.jsonl", [chat(9, "What is 3 plus 4?", "3 + 4 = 7.")])
     out = tmp_path / "run"
     assert _select(tiny_model_dir, pool, target, out, "--budget", "2") == 0
@@ -147,8 +176,10 @@ def test_explain_errors(trim_run, capsys):
 def test_report_on_random_run_has_only_distributions(small_pool, tmp_path):
     pool, _ = small_pool
     out = tmp_path / "rand"
-    assert main(["select", "--method", "random", "--pool", str(pool), "--out", str(out), "--budget", "3",
-                 "--no-progress"]) == 0
+    assert (
+        main(["select", "--method", "random", "--pool", str(pool), "--out", str(out), "--budget", "3", "--no-progress"])
+        == 0
+    )
     assert main(["report", str(out), "--no-progress"]) == 0
     page = parse(out / "report.html")
     assert {"score-histogram", "source-mix", "length-dist"} <= page.ids
@@ -161,8 +192,23 @@ def test_compare_folder(trim_run, small_pool, tmp_path):
     cmp_dir = tmp_path / "cmp"
     cmp_dir.mkdir()
     shutil.copytree(trim_run, cmp_dir / "trim")
-    assert main(["select", "--method", "random", "--pool", str(pool), "--out", str(cmp_dir / "random"),
-                 "--budget", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--method",
+                "random",
+                "--pool",
+                str(pool),
+                "--out",
+                str(cmp_dir / "random"),
+                "--budget",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (cmp_dir / "run.json").write_text(json.dumps({"command": "compare"}))
     assert main(["report", str(cmp_dir), "--no-progress"]) == 0
     page = parse(cmp_dir / "report.html")
@@ -212,20 +258,42 @@ def test_report_renders_in_headless_chromium(chromium, trim_run, tmp_path):
     html = (trim_run / "report.html").resolve()
     shot = tmp_path / "shot.png"
     # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers have a tiny /dev/shm
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
-             f"--user-data-dir={tmp_path / 'prof'}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--no-default-browser-check",
+        f"--user-data-dir={tmp_path / 'prof'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=3000",
+    ]
     env = {**os.environ, "HOME": str(tmp_path)}
-    dom = subprocess.run([chromium, *flags, "--dump-dom", html.as_uri()], check=False, capture_output=True,
-                         text=True, timeout=120, env=env)
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", html.as_uri()],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="top-records"' in dom.stdout
     # the toggle's script ran on load: the combined-saliency button is the active one
     assert 'class="btn on" data-mode="a"' in dom.stdout
-    errors = [line for line in dom.stderr.splitlines()
-              if "Uncaught" in line or ("CONSOLE" in line and "rror" in line)]
+    errors = [line for line in dom.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "rror" in line)]
     assert not errors, errors
-    png = subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2000", html.as_uri()],
-                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    png = subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2000", html.as_uri()],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert png.returncode == 0 and shot.stat().st_size > 10_000, png.stderr[-2000:]

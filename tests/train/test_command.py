@@ -10,8 +10,23 @@ import torch
 
 from coreselect.__main__ import main
 
-FAST = ["--lora-r", "4", "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
-        "--max-length", "128", "--lr", "1e-3", "--no-progress"]
+FAST = [
+    "--lora-r",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--grad-accum",
+    "1",
+    "--max-length",
+    "128",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+]
 
 
 def _train(model, data, out, *extra):
@@ -30,8 +45,11 @@ def test_train_writes_a_loadable_adapter_and_run_json(tiny_model_dir, small_pool
     assert _train(tiny_model_dir, pool, out) == 0
     assert "trained 8 records, 2 steps, loss" in capsys.readouterr().out
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj",
-                                                                                      "o_proj"}
+    assert (
+        cfg["r"] == 4
+        and cfg["lora_alpha"] == 8
+        and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    )
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "train" and run["steps"] == 2 and run["counts"]["records"] == 8
     assert run["train_args"]["lora_r"] == 4 and run["settings"]["data"] == [str(pool)]
@@ -92,8 +110,22 @@ def test_resume_after_an_interruption_gives_the_same_adapter(tiny_model_dir, sma
 def test_target_modules_packing_and_precision_flags(tiny_model_dir, small_pool, tmp_path):
     pool, _ = small_pool
     out = tmp_path / "t"
-    assert _train(tiny_model_dir, pool, out, "--lora-target-modules", "q_proj,v_proj", "--packing",
-                  "--precision", "fp32", "--report-to", "none", "--no-plot") == 0
+    assert (
+        _train(
+            tiny_model_dir,
+            pool,
+            out,
+            "--lora-target-modules",
+            "q_proj,v_proj",
+            "--packing",
+            "--precision",
+            "fp32",
+            "--report-to",
+            "none",
+            "--no-plot",
+        )
+        == 0
+    )
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"q_proj", "v_proj"}
     run = json.loads((out / "run.json").read_text())

@@ -33,22 +33,71 @@ def test_two_gloo_processes_train_the_one_process_adapter(tiny_model_dir, small_
     from safetensors.torch import load_file
 
     pool, _ = small_pool  # 8 records
-    common = ["train", "--model", str(tiny_model_dir), "--data", str(pool), "--lora-r", "4", "--lora-alpha", "8",
-              "--lora-dropout", "0", "--epochs", "2", "--max-length", "128", "--lr", "1e-2", "--warmup-ratio", "0",
-              "--device", "cpu", "--dtype", "float32", "--no-progress", "--no-plot"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(pool),
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-dropout",
+        "0",
+        "--epochs",
+        "2",
+        "--max-length",
+        "128",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--no-plot",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "coreselect", *common, "--out", str(one), "--batch-size", "2", "--grad-accum", "2"])
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--main_process_port", str(_free_port()),
-          "-m", "coreselect", *common, "--out", str(two), "--batch-size", "1", "--grad-accum", "2"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "coreselect",
+            *common,
+            "--out",
+            str(two),
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "2",
+        ]
+    )
 
     s1, s2 = (json.loads((d / "train_state.json").read_text()) for d in (one, two))
     assert s1["processes"] == 1 and s2["processes"] == 2
     assert s1["steps"] == s2["steps"] == 4  # 8 records / 4 per step x 2 epochs
     assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
-    a, b = load_file(str(one / "adapter" / "adapter_model.safetensors")), \
-        load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(one / "adapter" / "adapter_model.safetensors")),
+        load_file(str(two / "adapter" / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-3)

@@ -60,8 +60,17 @@ def test_sparse_training_moves_only_the_selected_slices_and_lowers_the_loss(tiny
     records = _records(small_pool)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss0 = eval_loss(model, tok, records, max_length=256)
-    args = TrainArgs(lr=5e-3, epochs=20, batch_size=4, grad_accum=1, max_steps=16, warmup_ratio=0.0,
-                     weight_decay=0.1, max_length=256, seed=0)
+    args = TrainArgs(
+        lr=5e-3,
+        epochs=20,
+        batch_size=4,
+        grad_accum=1,
+        max_steps=16,
+        warmup_ratio=0.0,
+        weight_decay=0.1,
+        max_length=256,
+        seed=0,
+    )
     res = train_heads(model, tok, records, HEADS, args, tmp_path / "run", progress=False)
     loss1 = eval_loss(model, tok, records, max_length=256)
     assert loss1 < loss0 - 1e-3 and len(res.losses) == 16
@@ -114,8 +123,9 @@ def test_checkpoints_hold_only_the_deltas_and_resume_matches_one_run(tiny_model_
     from safetensors.torch import load_file
 
     records = _records(small_pool)  # 8 records, batch 4: 2 steps per epoch
-    args = TrainArgs(lr=5e-3, epochs=2, batch_size=4, grad_accum=1, warmup_ratio=0.0, max_length=256, seed=0,
-                     max_grad_norm=None)
+    args = TrainArgs(
+        lr=5e-3, epochs=2, batch_size=4, grad_accum=1, warmup_ratio=0.0, max_length=256, seed=0, max_grad_norm=None
+    )
     model, tok = load_model(str(tiny_model_dir), device="cpu")
     full = train_heads(model, tok, records, HEADS, args, tmp_path / "full", progress=False)
     assert [c.step for c in full.checkpoints] == [2, 4]
@@ -161,8 +171,15 @@ def _tiny_fused(family: str):
     import transformers as T
 
     torch.manual_seed(0)
-    small = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    small = {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     if family == "phi3":  # [q | k | v] in qkv_proj, GQA
         return T.Phi3ForCausalLM(T.Phi3Config(**small, intermediate_size=64, num_key_value_heads=2)).eval()
     if family == "gpt_neox":  # [H, 3, d] in query_key_value, with biases
@@ -177,6 +194,7 @@ def test_fused_qkv_deltas_hooked_equal_merged_and_touch_only_the_heads(family):
     """Fused QKV and Conv1D: the hooked deltas and the merged weights give the same logits, and
     the merge writes only the rows / columns :func:`head_slices` assigns to the heads."""
     from coreselect.models.introspect import projection, projection_weight
+
     model = _tiny_fused(family)
     geom = HeadGeometry.of(model)
     heads = [(0, 1), (1, 2)]
@@ -218,9 +236,15 @@ def test_train_hook_reads_heads_json_and_apply_rejects_other_models(tiny_model_d
     model, tok = load_model(str(tiny_model_dir), device="cpu")
     hs = HeadSet("tiny", "gradient", 0.1, [(0, 3)], n_layers=4, n_heads=4)
     hs.save(tmp_path / "heads.json")
-    res = train_heads_from_file(model, tok, _records(small_pool), tmp_path / "heads.json",
-                                TrainArgs(lr=1e-3, max_steps=1, batch_size=2, grad_accum=1, max_length=256),
-                                tmp_path / "run", progress=False)
+    res = train_heads_from_file(
+        model,
+        tok,
+        _records(small_pool),
+        tmp_path / "heads.json",
+        TrainArgs(lr=1e-3, max_steps=1, batch_size=2, grad_accum=1, max_length=256),
+        tmp_path / "run",
+        progress=False,
+    )
     assert res.steps == 1 and res.delta_path.exists()
     bad = HeadSet("tiny", "gradient", 0.1, [(5, 0)], n_layers=6, n_heads=4)
     with pytest.raises(CoreselectError):
@@ -233,9 +257,33 @@ def test_cli_train_heads(tiny_model_dir, small_pool, tmp_path):
 
     HeadSet("tiny", "gradient", 0.1, [(2, 1)], n_layers=4, n_heads=4).save(tmp_path / "heads.json")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(small_pool[0]), "--out", str(out),
-                 "--heads", str(tmp_path / "heads.json"), "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1",
-                 "--lr", "1e-3", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(small_pool[0]),
+                "--out",
+                str(out),
+                "--heads",
+                str(tmp_path / "heads.json"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--lr",
+                "1e-3",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "run.json").read_text())
     assert info["mode"] == "heads" and info["steps"] == 2 and info["counts"]["trained"] == 8
     assert (out / "heads_delta.safetensors").exists() and is_trained(out)
@@ -260,15 +308,58 @@ def test_two_gloo_processes_train_the_one_process_heads(tiny_model_dir, small_po
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     HeadSet("tiny", "gradient", 0.1, HEADS, n_layers=4, n_heads=4).save(tmp_path / "heads.json")
-    common = ["train", "--model", str(tiny_model_dir), "--data", str(small_pool[0]), "--heads",
-              str(tmp_path / "heads.json"), "--epochs", "2", "--max-length", "128", "--lr", "1e-2",
-              "--warmup-ratio", "0", "--device", "cpu", "--dtype", "float32", "--no-progress", "--no-plot"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_pool[0]),
+        "--heads",
+        str(tmp_path / "heads.json"),
+        "--epochs",
+        "2",
+        "--max-length",
+        "128",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--no-plot",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "coreselect", *common, "--out", str(one), "--batch-size", "2", "--grad-accum", "2"])
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--main_process_port", str(port),
-          "-m", "coreselect", *common, "--out", str(two), "--batch-size", "1", "--grad-accum", "2"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "coreselect",
+            *common,
+            "--out",
+            str(two),
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            "2",
+        ]
+    )
     s1, s2 = (json.loads((d / "train_state.json").read_text()) for d in (one, two))
     assert s1["processes"] == 1 and s2["processes"] == 2 and s1["mode"] == s2["mode"] == "heads"
     assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
@@ -285,8 +376,16 @@ def test_gradient_checkpointing_gives_the_same_deltas(tiny_model_dir, small_pool
     out = {}
     for gc in (False, True):
         model, tok = load_model(str(tiny_model_dir), device="cpu")
-        args = TrainArgs(lr=5e-3, batch_size=4, grad_accum=1, max_steps=2, warmup_ratio=0.0, max_length=128,
-                         gradient_checkpointing=gc, plot=False)
+        args = TrainArgs(
+            lr=5e-3,
+            batch_size=4,
+            grad_accum=1,
+            max_steps=2,
+            warmup_ratio=0.0,
+            max_length=128,
+            gradient_checkpointing=gc,
+            plot=False,
+        )
         res = train_heads(model, tok, _records(small_pool), HEADS, args, tmp_path / str(gc), progress=False)
         out[gc] = load_file(str(res.delta_path))
     assert any(v.abs().sum() > 0 for k, v in out[True].items() if k.endswith(".weight"))

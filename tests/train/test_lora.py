@@ -52,8 +52,17 @@ def fresh(model_dir: Path):
 
 
 def small(**kw) -> TrainArgs:
-    base = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-2, "epochs": 3, "batch_size": 2,
-            "grad_accum": 2, "max_length": 128, "warmup_ratio": 0.1}
+    base = {
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lr": 1e-2,
+        "epochs": 3,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "max_length": 128,
+        "warmup_ratio": 0.1,
+    }
     return TrainArgs(**{**base, **kw})
 
 
@@ -67,9 +76,19 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_labels_are_ignored_exactly_outside_the_response(tiny_model_dir):
     model, tok = fresh(tiny_model_dir)
     fmt = Formatter(tok, 128)
-    multi = Record(9, "9", "t", (Message("system", "Be brief."), Message("user", "What is 7 plus 5?"),
-                                 Message("assistant", "12."), Message("user", "And 48 / 2?"),
-                                 Message("assistant", "24.")), raw={})
+    multi = Record(
+        9,
+        "9",
+        "t",
+        (
+            Message("system", "Be brief."),
+            Message("user", "What is 7 plus 5?"),
+            Message("assistant", "12."),
+            Message("user", "And 48 / 2?"),
+            Message("assistant", "24."),
+        ),
+        raw={},
+    )
     enc = [fmt.encode(r) for r in (RECORDS[0], multi, RECORDS[5])]
     batch = collate(enc, [0, 1, 2], tok.pad_token_id, "right")
     labels = make_labels(batch)
@@ -88,7 +107,7 @@ def test_labels_are_ignored_exactly_outside_the_response(tiny_model_dir):
         # the end-of-turn target directly follows the last response token of its turn
         for pos in tmpl_targets.nonzero()[0]:
             assert codes[pos - 1] == RESPONSE
-        assert (labels[r, len(e):] == -100).all()  # padding
+        assert (labels[r, len(e) :] == -100).all()  # padding
     # our shifted token-sum / count is HF's own causal-LM loss
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -109,8 +128,9 @@ def test_trainer_loss_is_the_hand_computed_response_loss(tiny_model_dir, tmp_pat
     so the model is the base model), split over micro-batches or packed into one row."""
     model, tok = fresh(tiny_model_dir)
     hand = eval_loss(model, tok, RECORDS, max_length=128)
-    result = train_lora(model, tok, RECORDS, small(epochs=1, batch_size=3, grad_accum=2, packing=packing),
-                        tmp_path, progress=False)
+    result = train_lora(
+        model, tok, RECORDS, small(epochs=1, batch_size=3, grad_accum=2, packing=packing), tmp_path, progress=False
+    )
     assert result.steps == 1
     assert result.losses[0] == pytest.approx(hand, rel=1e-5)
 
@@ -186,7 +206,7 @@ def test_checkpoints_keep_lr_and_count(trained):
     prev = 10
     for c in result.checkpoints:
         assert c.epoch == c.step / 2
-        assert c.lr == pytest.approx(sum(lrs[prev:c.step]) / (c.step - prev))
+        assert c.lr == pytest.approx(sum(lrs[prev : c.step]) / (c.step - prev))
         assert (c.path / "adapter_config.json").is_file() and (c.path / "optimizer.safetensors").is_file()
         assert not list(c.path.glob("*.pt")) and not list(c.path.glob("*.bin"))  # no pickle anywhere
         assert not list(c.path.glob("*.pth")) and (c.path / "coreselect.json").is_file()
@@ -202,8 +222,9 @@ def test_save_every_steps_and_max_steps(tiny_model_dir, tmp_path):
     result = train_lora(model, tok, RECORDS, small(save_every=3, max_steps=5, epochs=10), tmp_path, progress=False)
     assert result.steps == 5
     assert [c.step for c in result.checkpoints] == [3, 5]  # every 3 steps + the final one
-    assert result.checkpoints[1].lr == pytest.approx(sum(json.loads(
-        (tmp_path / "train_state.json").read_text())["lrs"][3:5]) / 2)
+    assert result.checkpoints[1].lr == pytest.approx(
+        sum(json.loads((tmp_path / "train_state.json").read_text())["lrs"][3:5]) / 2
+    )
     with pytest.raises(ConfigError, match="resume"):  # never silently mixes with an old run
         train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, small(save_every=3, max_steps=5), tmp_path, progress=False)
 
@@ -226,8 +247,15 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     (cut / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"junk")
 
     with pytest.raises(ConfigError, match="differ"):
-        train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, small(epochs=3, save_every=2, lora_dropout=0.1, lr=1e-3),
-                   cut, progress=False, resume=True)
+        train_lora(
+            fresh(tiny_model_dir)[0],
+            tok,
+            RECORDS,
+            small(epochs=3, save_every=2, lora_dropout=0.1, lr=1e-3),
+            cut,
+            progress=False,
+            resume=True,
+        )
     resumed = train_lora(fresh(tiny_model_dir)[0], tok, RECORDS, args, cut, progress=False, resume=True)
     assert resumed.steps == 6
     assert resumed.losses == pytest.approx(ref.losses, abs=1e-6)
@@ -292,8 +320,7 @@ def test_defaults_are_table_7():
 
 def test_default_targets_are_the_attention_projections(tiny_model_dir, tmp_path):
     model, tok = fresh(tiny_model_dir)
-    train_lora(model, tok, RECORDS, small(epochs=1, batch_size=6, grad_accum=1, plot=False), tmp_path,
-               progress=False)
+    train_lora(model, tok, RECORDS, small(epochs=1, batch_size=6, grad_accum=1, plot=False), tmp_path, progress=False)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert not (tmp_path / "loss.png").exists()
@@ -309,13 +336,34 @@ def test_report_to_an_integration_that_is_not_installed_is_a_config_error(tiny_m
         train_lora(model, tok, RECORDS, small(report_to="tensorboard"), tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("kw", [
-    {"lora_r": 0}, {"lora_alpha": 0}, {"lora_dropout": 1.0}, {"lora_dropout": -0.1}, {"lr": 0}, {"lr": float("nan")},
-    {"warmup_ratio": 1.0}, {"schedule": "step"}, {"weight_decay": -1}, {"epochs": 0}, {"batch_size": 0},
-    {"grad_accum": 1.5}, {"max_length": 1}, {"seed": -1}, {"save_every": "step"}, {"save_every": 0},
-    {"keep_checkpoints": 0}, {"max_steps": 0}, {"target_modules": ()}, {"batch_size": True},
-    {"max_grad_norm": 0}, {"precision": "fp8"}, {"report_to": ""},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"lora_r": 0},
+        {"lora_alpha": 0},
+        {"lora_dropout": 1.0},
+        {"lora_dropout": -0.1},
+        {"lr": 0},
+        {"lr": float("nan")},
+        {"warmup_ratio": 1.0},
+        {"schedule": "step"},
+        {"weight_decay": -1},
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"grad_accum": 1.5},
+        {"max_length": 1},
+        {"seed": -1},
+        {"save_every": "step"},
+        {"save_every": 0},
+        {"keep_checkpoints": 0},
+        {"max_steps": 0},
+        {"target_modules": ()},
+        {"batch_size": True},
+        {"max_grad_norm": 0},
+        {"precision": "fp8"},
+        {"report_to": ""},
+    ],
+)
 def test_bad_args_raise(kw):
     with pytest.raises(ConfigError):
         TrainArgs(**kw)

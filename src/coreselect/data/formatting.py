@@ -56,12 +56,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from coreselect.data.records import Record
 from coreselect.errors import BadRecordError, ConfigError, CoreselectError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+; typing only
 
 TEMPLATE, PROMPT, RESPONSE = 0, 1, 2
 Scope = Literal["all", "prompt", "response"]
@@ -131,8 +134,10 @@ def surrogate_error(text: str) -> str | None:
     hit = _SURROGATE.search(text)
     if hit is None:
         return None
-    return (f"lone surrogate U+{ord(hit.group()):04X} at character {hit.start()} "
-            "(not valid Unicode, cannot be encoded as UTF-8)")
+    return (
+        f"lone surrogate U+{ord(hit.group()):04X} at character {hit.start()} "
+        "(not valid Unicode, cannot be encoded as UTF-8)"
+    )
 
 
 @contextmanager
@@ -148,8 +153,10 @@ def _fixed_clock(template: str, date: datetime) -> Iterator[None]:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:  # pragma: no cover - a transformers that moved it
-        raise ConfigError("this chat template reads today's date (strftime_now) and this transformers "
-                          "version gives coreselect no way to fix it; use --template plain") from None
+        raise ConfigError(
+            "this chat template reads today's date (strftime_now) and this transformers "
+            "version gives coreselect no way to fix it; use --template plain"
+        ) from None
 
     def strftime_now(fmt: str) -> str:
         return date.strftime(fmt)
@@ -211,8 +218,14 @@ class Formatter:
             ``26 Jul 2024`` or ``2024-07-26`` style; default :data:`DEFAULT_TEMPLATE_DATE`.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 2048, template: TemplateChoice = "auto", *,
-                 template_date: str = DEFAULT_TEMPLATE_DATE) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 2048,
+        template: TemplateChoice = "auto",
+        *,
+        template_date: str = DEFAULT_TEMPLATE_DATE,
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("coreselect needs a fast tokenizer (offset mapping); this one is a slow tokenizer")
         if max_length < 2:
@@ -269,17 +282,21 @@ class Formatter:
         bare = list(tok("a", add_special_tokens=False)["input_ids"])
         full = list(tok("a", add_special_tokens=True)["input_ids"])
         for i in range(len(full) - len(bare) + 1):
-            if full[i:i + len(bare)] == bare:
-                return full[:i], full[i + len(bare):]
-        raise ConfigError("cannot tell which special tokens this tokenizer adds (tokenizer('a') does not "
-                          "contain the tokens of 'a')")
+            if full[i : i + len(bare)] == bare:
+                return full[:i], full[i + len(bare) :]
+        raise ConfigError(
+            "cannot tell which special tokens this tokenizer adds (tokenizer('a') does not contain the tokens of 'a')"
+        )
 
     # ------------------------------------------------------------------ rendering
     def _apply(self, msgs: list[dict[str, str]]) -> str:
         """``apply_chat_template`` with the fixed date (``date_string`` and ``strftime_now``)."""
         assert self._chat_template is not None
-        kwargs: dict[str, Any] = {"tokenize": False, "chat_template": self._chat_template,
-                                  "date_string": self._date.strftime("%d %b %Y")}
+        kwargs: dict[str, Any] = {
+            "tokenize": False,
+            "chat_template": self._chat_template,
+            "date_string": self._date.strftime("%d %b %Y"),
+        }
         if not self._reads_clock:
             return str(self.tokenizer.apply_chat_template(msgs, **kwargs))
         with _fixed_clock(self._chat_template, self._date):
@@ -302,8 +319,9 @@ class Formatter:
         except CoreselectError:
             raise
         except Exception as e:  # noqa: BLE001 - any jinja error (e.g. a template that rejects system turns)
-            raise BadRecordError(record.file, record.line, None,
-                                 f"chat template failed: {type(e).__name__}: {e}") from None
+            raise BadRecordError(
+                record.file, record.line, None, f"chat template failed: {type(e).__name__}: {e}"
+            ) from None
         if not self._probed:
             self._probe(record, msgs, text)
         spans = self._spans_by_skeleton(msgs, text)
@@ -333,7 +351,7 @@ class Formatter:
             at = next((i for i, (a, b) in enumerate(zip(text, again)) if a != b), min(len(text), len(again)))
             raise ConfigError(
                 f"the chat template renders {record.file}:{record.line} differently on two calls "
-                f"(first difference at character {at}: {text[at:at + 20]!r} vs {again[at:at + 20]!r}); "
+                f"(first difference at character {at}: {text[at : at + 20]!r} vs {again[at : at + 20]!r}); "
                 "coreselect needs a deterministic rendering (fingerprints and scores must not change "
                 "between runs): fix the template or use --template plain"
             )
@@ -382,8 +400,11 @@ class Formatter:
             content, after, last = m["content"], literals[k + 1], k == len(order) - 1
             for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
                 end = pos + len(cand)
-                if text.startswith(cand, pos) and text.startswith(after, end) and (
-                        not last or end + len(after) == len(text)):
+                if (
+                    text.startswith(cand, pos)
+                    and text.startswith(after, end)
+                    and (not last or end + len(after) == len(text))
+                ):
                     break
             else:
                 return None
@@ -406,9 +427,12 @@ class Formatter:
             at = text.find(needle, cursor)
             if at < 0:
                 raise BadRecordError(
-                    record.file, record.line, None,
+                    record.file,
+                    record.line,
+                    None,
                     f"the chat template changed a {m.role} message's text, so prompt/response tokens "
-                    "cannot be located; use --template plain")
+                    "cannot be located; use --template plain",
+                )
             spans.append((at, at + len(needle), RESPONSE if m.role == "assistant" else PROMPT))
             cursor = at + len(needle)
         return spans
@@ -433,8 +457,9 @@ class Formatter:
             try:
                 enc = self.tokenizer(text[:cut], add_special_tokens=add_special, return_offsets_mapping=True)
             except Exception as e:  # noqa: BLE001 - the tokenizer refused the text: a bad record, not a crash
-                raise BadRecordError(record.file, record.line, None,
-                                     f"the tokenizer cannot read this record: {type(e).__name__}: {e}") from None
+                raise BadRecordError(
+                    record.file, record.line, None, f"the tokenizer cannot read this record: {type(e).__name__}: {e}"
+                ) from None
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
             offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             if cut == len(text):
@@ -480,13 +505,17 @@ class Formatter:
                 break
         toks: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * len(records)
         for flag in (False, True):
-            idx = [i for i, p in enumerate(prepared)
-                   if not isinstance(p, Exception) and p[2] is flag and len(p[0]) <= self._char_budget]
+            idx = [
+                i
+                for i, p in enumerate(prepared)
+                if not isinstance(p, Exception) and p[2] is flag and len(p[0]) <= self._char_budget
+            ]
             if not idx:
                 continue
             try:
-                enc = self.tokenizer([prepared[i][0] for i in idx], add_special_tokens=flag,
-                                     return_offsets_mapping=True)
+                enc = self.tokenizer(
+                    [prepared[i][0] for i in idx], add_special_tokens=flag, return_offsets_mapping=True
+                )
             except Exception:  # noqa: BLE001 - let the one-by-one path name the bad record
                 continue
             for k, i in enumerate(idx):
@@ -501,17 +530,28 @@ class Formatter:
             out.append(self._finish(r, spans, add, ids, offsets, n_total))
         return out
 
-    def _finish(self, record: Record, spans: list[tuple[int, int, int]], add_special: bool, ids: np.ndarray,
-                offsets: np.ndarray, n_total: int) -> Encoded:
+    def _finish(
+        self,
+        record: Record,
+        spans: list[tuple[int, int, int]],
+        add_special: bool,
+        ids: np.ndarray,
+        offsets: np.ndarray,
+        n_total: int,
+    ) -> Encoded:
         """Scope codes, loss mask and truncation of one tokenized record."""
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos and not self._warned_double_bos:
             # coreselect adds no BOS of its own to a template that writes one; a second one comes
             # from the template or the record itself (a text starting with the BOS string)
             self._warned_double_bos = True
-            log.warning("%s:%s starts with two BOS tokens: the %s spells one out itself; kept as the tokenizer "
-                        "reads it (further such records are not reported)", record.file, record.line,
-                        "record" if add_special else "chat template")
+            log.warning(
+                "%s:%s starts with two BOS tokens: the %s spells one out itself; kept as the tokenizer "
+                "reads it (further such records are not reported)",
+                record.file,
+                record.line,
+                "record" if add_special else "chat template",
+            )
         codes = np.zeros(len(ids), dtype=np.int8)
         loss = np.zeros(len(ids), dtype=bool)
         starts, ends = offsets[:, 0], offsets[:, 1]
@@ -526,14 +566,20 @@ class Formatter:
                 # the post-processor appends, with offsets (0, 0), counts as well)
                 last = np.nonzero(inside)[0]
                 if last.size:
-                    nxt = np.nonzero(special[last[-1] + 1:])[0]
+                    nxt = np.nonzero(special[last[-1] + 1 :])[0]
                     if nxt.size:
                         loss[last[-1] + 1 + nxt[0]] = True
         codes[special] = TEMPLATE
         keep = self.max_length
         # copies, so that a truncated record does not keep its whole tokenization alive
-        return Encoded(record.index, ids[:keep].copy(), codes[:keep].copy(), loss[:keep].copy(), n_total,
-                       offsets[:keep].astype(np.int32))
+        return Encoded(
+            record.index,
+            ids[:keep].copy(),
+            codes[:keep].copy(),
+            loss[:keep].copy(),
+            n_total,
+            offsets[:keep].astype(np.int32),
+        )
 
     def token_strings(self, ids: list[int]) -> dict[int, str]:
         """Human-readable strings of token ids (for fingerprint files and reports)."""
@@ -573,7 +619,7 @@ class EncodePool:
     def encode(self, records: list[Record]) -> list[Encoded]:
         if self._pool is None:
             return self.formatter.encode_many(records)
-        parts = [records[i:i + self.chunk] for i in range(0, len(records), self.chunk)]
+        parts = [records[i : i + self.chunk] for i in range(0, len(records), self.chunk)]
         return [e for part in self._pool.imap(_worker_encode, parts) for e in part]
 
     def close(self) -> None:
@@ -582,8 +628,8 @@ class EncodePool:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> EncodePool:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

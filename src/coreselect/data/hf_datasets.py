@@ -43,10 +43,26 @@ if TYPE_CHECKING:
 __all__ = ["DatasetInput", "as_inputs", "dataset_source", "is_dataset"]
 
 #: builder names that say how the data was stored, not what it is
-_FORMAT_BUILDERS = frozenset({
-    "json", "csv", "parquet", "text", "arrow", "generator", "pandas", "sql", "spark", "webdataset",
-    "imagefolder", "audiofolder", "videofolder", "xml", "cache", "polars",
-})
+_FORMAT_BUILDERS = frozenset(
+    {
+        "json",
+        "csv",
+        "parquet",
+        "text",
+        "arrow",
+        "generator",
+        "pandas",
+        "sql",
+        "spark",
+        "webdataset",
+        "imagefolder",
+        "audiofolder",
+        "videofolder",
+        "xml",
+        "cache",
+        "polars",
+    }
+)
 _LABEL_RE = re.compile(r"^<(?:Iterable)?Dataset [^<>]*>$")
 
 
@@ -56,8 +72,9 @@ def is_dataset(obj: object) -> bool:
         return False
     import datasets
 
-    return isinstance(obj, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict,
-                            datasets.IterableDatasetDict))
+    return isinstance(
+        obj, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
+    )
 
 
 def _pick_split(obj: Any) -> Any:
@@ -148,8 +165,10 @@ def _rows(label: str, ds: Any) -> Iterator[tuple[int, Any, None]]:
         except StopIteration:
             return
         except Exception as e:
-            raise CoreselectError(f"{label}: reading the dataset failed at row {row}: {type(e).__name__}: "
-                                  f"{' '.join(str(e).splitlines())[:200]}") from e
+            raise CoreselectError(
+                f"{label}: reading the dataset failed at row {row}: {type(e).__name__}: "
+                f"{' '.join(str(e).splitlines())[:200]}"
+            ) from e
         yield row, item, None
         row += 1
 
@@ -167,6 +186,6 @@ def dataset_source(p: object) -> Any:
     if isinstance(p, str) and _LABEL_RE.match(p):
         raise CoreselectError(
             f"{p}: an in-memory datasets object passed to coreselect.select() cannot be re-read from run.json; "
-            "save it first (ds.save_to_disk(DIR) or ds.to_json(FILE)) and pass that path")
+            "save it first (ds.save_to_disk(DIR) or ds.to_json(FILE)) and pass that path"
+        )
     return None
-

@@ -271,8 +271,9 @@ def _open_source(p: str | os.PathLike[str]) -> _Source:
     hub = _HUB_RE.match(file)
     # "org/name" that does not exist is a hub name, unless "org/" is a local folder (then it is a missing path)
     local_parent = hub is not None and not file.startswith("hf:") and path.parent.is_dir() and str(path.parent) != "."
-    if file.startswith("hf:") or (hub and not path.exists() and not local_parent
-                                  and not file.lower().endswith(_KNOWN_SUFFIXES)):
+    if file.startswith("hf:") or (
+        hub and not path.exists() and not local_parent and not file.lower().endswith(_KNOWN_SUFFIXES)
+    ):
         if hub is None:
             raise CoreselectError(f"{file}: not a Hub dataset name (expected hf:org/name[:split])")
         name, split = hub["name"], hub["split"]
@@ -388,8 +389,9 @@ def _normalize(raw: dict[str, Any]) -> tuple[tuple[Message, ...], Literal["chat"
             raise _Invalid("prompt", f"expected a string or a list of messages, got {_tname(prompt)}")
         else:
             raise _Invalid(
-                "completion", f"expected a {'string' if isinstance(prompt, str) else 'list of messages'} "
-                f"like 'prompt', got {_tname(completion)}"
+                "completion",
+                f"expected a {'string' if isinstance(prompt, str) else 'list of messages'} "
+                f"like 'prompt', got {_tname(completion)}",
             )
     elif has("instruction"):
         instruction = _text(raw["instruction"], "instruction")

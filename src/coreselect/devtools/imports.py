@@ -106,8 +106,10 @@ def main() -> int:
         print(f"{mod.removeprefix(PACKAGE + '.') or PACKAGE}: {', '.join(short) or '-'}")
     cyc = cycles(g)
     users = sorted(m for m, d in g.items() if f"{PACKAGE}.api" in d)
-    print(f"\n{len(g)} modules, {sum(len(d) for d in g.values())} edges, {len(cyc)} cycle(s); "
-          f"modules importing {PACKAGE}.api: {', '.join(users) or 'none'}")
+    print(
+        f"\n{len(g)} modules, {sum(len(d) for d in g.values())} edges, {len(cyc)} cycle(s); "
+        f"modules importing {PACKAGE}.api: {', '.join(users) or 'none'}"
+    )
     for c in cyc:
         print("cycle: " + " <-> ".join(c))
     return 1 if cyc else 0

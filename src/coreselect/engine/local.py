@@ -40,8 +40,10 @@ class LocalEngine(Engine):
         shards = existing_shards(out)
         table = read_scores([shards[i] for i in sorted(shards)])
         if table.num_rows != n_pool:
-            raise CoreselectError(f"{out}: score shards hold {table.num_rows} rows but the pool has {n_pool} "
-                                  "(the pool changed since the interrupted run; use --overwrite)")
+            raise CoreselectError(
+                f"{out}: score shards hold {table.num_rows} rows but the pool has {n_pool} "
+                "(the pool changed since the interrupted run; use --overwrite)"
+            )
         return Scored(table, {"name": args.engine}, n_done, mine)
 
     def _stream(self, method: SelectionMethod, job: EngineJob) -> tuple[int, list[int]]:

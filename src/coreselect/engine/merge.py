@@ -109,13 +109,19 @@ def merge(args: MergeArgs) -> dict[str, Any]:
         "settings": asdict(args),
         "method_settings": shard_runs[0].get("method_settings", {}) if shard_runs else {},
         "versions": versions(),
-        "counts": {"pool": n_pool, "selected": len(chosen), "rejected": rejects.count, "shards": len(paths),
-                   "shard_processes": len(shard_runs),
-                   "scored_minus_inf": int((scores == float("-inf")).sum()),
-                   "truncated": sum(int(r.get("counts", {}).get("truncated", 0)) for r in shard_runs)},
+        "counts": {
+            "pool": n_pool,
+            "selected": len(chosen),
+            "rejected": rejects.count,
+            "shards": len(paths),
+            "shard_processes": len(shard_runs),
+            "scored_minus_inf": int((scores == float("-inf")).sum()),
+            "truncated": sum(int(r.get("counts", {}).get("truncated", 0)) for r in shard_runs),
+        },
         "timings": {"write_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start},
-        "shard_runs": [{"shard": r.get("shard"), "timings": r.get("timings"), "stats": r.get("stats")}
-                       for r in shard_runs],
+        "shard_runs": [
+            {"shard": r.get("shard"), "timings": r.get("timings"), "stats": r.get("stats")} for r in shard_runs
+        ],
     }
     write_json(out / "run.json", info)
     return info

@@ -37,8 +37,15 @@ from coreselect.errors import CoreselectError
 from coreselect.methods.base import SelectionMethod
 from coreselect.runtime import iter_pool
 
-INPUT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("source", pa.string()),
-                          ("kind", pa.string()), ("messages", pa.string())])
+INPUT_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("messages", pa.string()),
+    ]
+)
 
 
 class MethodScorer:
@@ -58,8 +65,9 @@ class MethodScorer:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        args = SelectArgs.from_settings({**settings, "warmup": adapter or "none", "progress": False,
-                                         "resume": False, "overwrite": False})
+        args = SelectArgs.from_settings(
+            {**settings, "warmup": adapter or "none", "progress": False, "resume": False, "overwrite": False}
+        )
         ctx = load_context(args, Path(state_dir), 0) if _needs_model(args.method) else None
         self.method: SelectionMethod = make_method(args, ctx)
         if not self.method.load_state(Path(state_dir)):
@@ -70,10 +78,17 @@ class MethodScorer:
 
         # the arg-type ignore: ``kind`` comes back from the staged parquet as a plain str (a Record's "chat" / "text")
         records = [
-            Record(index=int(i), id=str(rid), source=str(src), raw={}, kind=str(kind),  # type: ignore[arg-type]
-                   messages=tuple(Message(m["role"], m["content"]) for m in json.loads(msgs)))
-            for i, rid, src, kind, msgs in zip(batch["index"], batch["id"], batch["source"], batch["kind"],
-                                               batch["messages"])
+            Record(
+                index=int(i),
+                id=str(rid),
+                source=str(src),
+                raw={},
+                kind=str(kind),  # type: ignore[arg-type]
+                messages=tuple(Message(m["role"], m["content"]) for m in json.loads(msgs)),
+            )
+            for i, rid, src, kind, msgs in zip(
+                batch["index"], batch["id"], batch["source"], batch["kind"], batch["messages"]
+            )
         ]
         before = self.method.n_truncated
         chunk = self.method.score_batch(records)
@@ -111,9 +126,17 @@ def stage_pool(args: SelectArgs, folder: Path) -> int:
             rows = []
 
     for r in iter_pool(args):
-        rows.append({"index": r.index, "id": r.id, "source": r.source, "kind": r.kind,
-                     "messages": json.dumps([{"role": m.role, "content": m.content} for m in r.messages],
-                                            ensure_ascii=False)})
+        rows.append(
+            {
+                "index": r.index,
+                "id": r.id,
+                "source": r.source,
+                "kind": r.kind,
+                "messages": json.dumps(
+                    [{"role": m.role, "content": m.content} for m in r.messages], ensure_ascii=False
+                ),
+            }
+        )
         n += 1
         if len(rows) >= args.shard_records:
             flush()
@@ -152,10 +175,17 @@ def score_with_ray(args: SelectArgs, out: Path, ctx: Any, method: SelectionMetho
     ds = ray.data.read_parquet(str((work / "input").resolve()), override_num_blocks=max(n_parts, 1))
     scored = ds.map_batches(
         MethodScorer,
-        fn_constructor_kwargs={"settings": settings, "adapter": adapter, "state_dir": str(out.resolve()),
-                               "torch_threads": 0 if use_gpu else 1},
-        batch_size=args.shard_records, batch_format="numpy", concurrency=actors,
-        num_cpus=res.get("num_cpus"), num_gpus=res.get("num_gpus"),
+        fn_constructor_kwargs={
+            "settings": settings,
+            "adapter": adapter,
+            "state_dir": str(out.resolve()),
+            "torch_threads": 0 if use_gpu else 1,
+        },
+        batch_size=args.shard_records,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=res.get("num_cpus"),
+        num_gpus=res.get("num_gpus"),
     )
     scored.write_parquet(str((work / "scores").resolve()))
     table = pq.read_table(work / "scores").sort_by("index")
@@ -166,8 +196,7 @@ def score_with_ray(args: SelectArgs, out: Path, ctx: Any, method: SelectionMetho
     method.n_truncated += n_trunc
     method.cost.forward_passes += table.num_rows
     method.stats["stage2"] = {"wall_s": dt, "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9)}
-    return table, {"name": "ray", "actors": actors, "actor_resources": res, "records": n,
-                   "address": args.ray_address}
+    return table, {"name": "ray", "actors": actors, "actor_resources": res, "records": n, "address": args.ray_address}
 
 
 class RayEngine(Engine):

@@ -145,8 +145,9 @@ def headline(result: dict[str, Any]) -> str:
     parts = []
     if result.get("task"):
         m = result["metric"]
-        parts.append(f"{result['task']}: {m} {result[m]:.4f}{_ci(result.get('ci95'))}, n={result['n']}, "
-                     f"{result['shots']}-shot")
+        parts.append(
+            f"{result['task']}: {m} {result[m]:.4f}{_ci(result.get('ci95'))}, n={result['n']}, {result['shots']}-shot"
+        )
     if result.get("heldout"):
         h = result["heldout"]
         parts.append(f"held-out loss {h['loss']:.4f}{_ci(h.get('ci95'))} on {h['n']} examples")
@@ -173,8 +174,9 @@ def _check(args: EvalCommandArgs) -> bool:
     if heads_delta and not Path(str(args.adapter)).is_file():
         raise CoreselectError(f"{args.adapter}: no such head delta file")
     if args.adapter and not heads_delta and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise CoreselectError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json) "
-                              "nor a heads_delta.safetensors file")
+        raise CoreselectError(
+            f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json) nor a heads_delta.safetensors file"
+        )
     return heads_delta
 
 
@@ -187,20 +189,24 @@ def _write_lm_eval(res: dict[str, Any], out: Path) -> dict[str, str]:
     files = {}
     samples = res.pop("samples", None) or {}
     with atomic_path(out / "lm_eval_results.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps(res, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     files["lm_eval_results"] = "lm_eval_results.json"
     for task, rows in samples.items():
         name = f"samples_{task}.jsonl"
         with atomic_path(out / name) as tmp:
-            tmp.write_text("".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                                   for r in rows), encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows),
+                encoding="utf-8",
+            )
         files[f"samples_{task}"] = name
     return files
 
 
-def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any = None,
-                     exact: Iterable[str] = ()) -> dict[str, Any]:
+def evaluate_command(
+    args: EvalCommandArgs, *, model: Any = None, tokenizer: Any = None, exact: Iterable[str] = ()
+) -> dict[str, Any]:
     """Evaluate and write ``OUT/eval.json`` (+ lm-eval's files); return the summary.
 
     ``model`` / ``tokenizer`` may be passed in already loaded (the experiment runner reuses
@@ -217,9 +223,13 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
     heads_delta = _check(args)
     specs = args.task_list()
     if model is None:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
-                                      trust_remote_code=args.trust_remote_code,
-                                      adapter=None if heads_delta else args.adapter)
+        model, tokenizer = load_model(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+            adapter=None if heads_delta else args.adapter,
+        )
         if heads_delta:
             from coreselect.methods.p2d.train import apply_head_delta
 
@@ -235,10 +245,21 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
         from coreselect.eval.lmeval import run, summarize
 
         t = time.perf_counter()
-        lm = run(model, tokenizer, specs, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, seed=args.seed, include=args.include_path,
-                 packaged=args.packaged, exclude=exclude_texts(args.exclude), exact=exact,
-                 bootstrap_iters=args.bootstrap_iters)
+        lm = run(
+            model,
+            tokenizer,
+            specs,
+            shots=args.shots,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            include=args.include_path,
+            packaged=args.packaged,
+            exclude=exclude_texts(args.exclude),
+            exact=exact,
+            bootstrap_iters=args.bootstrap_iters,
+        )
         timings["eval_s"] = time.perf_counter() - t
         summary = summarize(lm)
         top = lm["coreselect"]["top"][0]
@@ -247,19 +268,34 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
         if m is None:
             raise CoreselectError(f"lm-eval reported no metric for {top}")
         hm = head["metrics"][m]
-        res.update(task=top, metric=m, value=hm["value"], stderr=hm["stderr"], ci95=hm["ci95"], n=head["n"],
-                   n_available=head["n_available"], shots=head["shots"], tasks=summary,
-                   dropped_docs=lm["coreselect"]["dropped_docs"],
-                   ci_method="normal approximation: value ± 1.96 × lm-eval's stderr (for mean metrics such as "
-                             "acc / exact_match: sample std over items / sqrt(n))")
+        res.update(
+            task=top,
+            metric=m,
+            value=hm["value"],
+            stderr=hm["stderr"],
+            ci95=hm["ci95"],
+            n=head["n"],
+            n_available=head["n_available"],
+            shots=head["shots"],
+            tasks=summary,
+            dropped_docs=lm["coreselect"]["dropped_docs"],
+            ci_method="normal approximation: value ± 1.96 × lm-eval's stderr (for mean metrics such as "
+            "acc / exact_match: sample std over items / sqrt(n))",
+        )
         res[m] = hm["value"]
         files.update(_write_lm_eval(lm, out))
     if args.heldout:
         from coreselect.eval.heldout import heldout_loss
 
         t = time.perf_counter()
-        h = heldout_loss(model, tokenizer, args.heldout, max_length=args.max_length, template=args.template,
-                         batch_size=args.batch_size)
+        h = heldout_loss(
+            model,
+            tokenizer,
+            args.heldout,
+            max_length=args.max_length,
+            template=args.template,
+            batch_size=args.batch_size,
+        )
         timings["heldout_s"] = time.perf_counter() - t
         write_jsonl(out / "heldout.jsonl", h.pop("per_example"))
         files["heldout"] = "heldout.jsonl"
@@ -268,7 +304,8 @@ def evaluate_command(args: EvalCommandArgs, *, model: Any = None, tokenizer: Any
         if res["metric"] is None:
             res.update(metric="heldout_loss", value=h["loss"], stderr=h["stderr"], ci95=h["ci95"], n=h["n"])
     timings["total_s"] = time.perf_counter() - t0
-    res.update(model=args.model, adapter=args.adapter, settings=asdict(args), versions=vers, timings=timings,
-               files=files)
+    res.update(
+        model=args.model, adapter=args.adapter, settings=asdict(args), versions=vers, timings=timings, files=files
+    )
     write_json(out / "eval.json", res)
     return res

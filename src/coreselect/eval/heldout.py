@@ -45,8 +45,15 @@ def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, 
     return mean, sd, se, [mean - h, mean + h]
 
 
-def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length: int = 2048,
-                 template: TemplateChoice = "auto", batch_size: int = 8) -> dict[str, Any]:
+def heldout_loss(
+    model: Any,
+    tokenizer: Any,
+    paths: Sequence[str],
+    *,
+    max_length: int = 2048,
+    template: TemplateChoice = "auto",
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """Mean response loss of ``model`` on the records of ``paths`` with a 95% t-interval over examples.
 
     Returns ``{"loss", "stderr", "ci95", "sd", "loss_token_weighted", "n", "tokens", "skipped",
@@ -77,9 +84,10 @@ def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length
     try:
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
-                batch = collate(enc, order[b:b + batch_size], int(pad), "right", device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).logits
+                batch = collate(enc, order[b : b + batch_size], int(pad), "right", device)
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+                ).logits
                 s, c = response_losses(logits, batch)
                 for j, i in enumerate(batch.positions):
                     sums[i], counts[i] = float(s[j]), int(c[j])
@@ -89,9 +97,19 @@ def heldout_loss(model: Any, tokenizer: Any, paths: Sequence[str], *, max_length
     per = [{"id": records[i].id, "loss": sums[i] / counts[i], "tokens": counts[i]} for i in keep]
     mean, sd, se, ci = t_interval([sums[i] / counts[i] for i in keep])
     tokens = sum(counts.values())
-    return {"loss": mean, "stderr": se, "ci95": ci, "sd": sd,
-            "loss_token_weighted": math.fsum(sums.values()) / tokens, "n": len(per), "tokens": tokens,
-            "skipped": len(records) - len(keep), "truncated": sum(enc[i].truncated for i in keep),
-            "files": [str(p) for p in paths], "max_length": max_length, "template": template,
-            "ci_method": "Student-t interval over examples of the per-example mean response-token loss",
-            "per_example": per}
+    return {
+        "loss": mean,
+        "stderr": se,
+        "ci95": ci,
+        "sd": sd,
+        "loss_token_weighted": math.fsum(sums.values()) / tokens,
+        "n": len(per),
+        "tokens": tokens,
+        "skipped": len(records) - len(keep),
+        "truncated": sum(enc[i].truncated for i in keep),
+        "files": [str(p) for p in paths],
+        "max_length": max_length,
+        "template": template,
+        "ci_method": "Student-t interval over examples of the per-example mean response-token loss",
+        "per_example": per,
+    }

@@ -31,8 +31,15 @@ __all__ = ["Z95", "drop_docs", "is_task_file", "normalize_question", "run", "sum
 #: Two-sided 95% normal quantile: a metric's CI is ``value ± Z95 * stderr`` (lm-eval's stderr).
 Z95 = 1.959963984540054
 #: exception names that mean "the data is not here and cannot be fetched"
-_NETWORK_ERRORS = ("ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
-                   "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError")
+_NETWORK_ERRORS = (
+    "ConnectionError",
+    "DatasetNotFoundError",
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "HfHubHTTPError",
+    "RepositoryNotFoundError",
+    "GatedRepoError",
+)
 _MANAGERS: dict[tuple[bool, tuple[str, ...]], Any] = {}
 
 
@@ -86,8 +93,10 @@ def load_tasks(specs: Sequence[str], include: Sequence[str] = (), packaged: bool
     tm = task_manager(specs, include, packaged)
     unknown = [s for s in specs if not is_task_file(s) and s not in tm.all_tasks]
     if unknown:
-        raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not a packaged task ({', '.join(PACKAGED)}), "
-                          "an lm-eval task/group/tag name or a task .yaml")
+        raise ConfigError(
+            f"unknown task(s) {', '.join(unknown)}: not a packaged task ({', '.join(PACKAGED)}), "
+            "an lm-eval task/group/tag name or a task .yaml"
+        )
     for s in specs:
         if is_task_file(s) and not Path(s).expanduser().is_file():
             raise ConfigError(f"{s}: no such task file")
@@ -98,13 +107,18 @@ def load_tasks(specs: Sequence[str], include: Sequence[str] = (), packaged: bool
     except Exception as e:  # noqa: BLE001 - lm-eval/datasets raise many kinds; report one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         name = type(e).__name__
-        if "offline" in msg.lower() or "connect" in msg.lower() or name in _NETWORK_ERRORS or (
-                _offline() and isinstance(e, OSError)):
+        if (
+            "offline" in msg.lower()
+            or "connect" in msg.lower()
+            or name in _NETWORK_ERRORS
+            or (_offline() and isinstance(e, OSError))
+        ):
             raise CoreselectError(
                 f"cannot load task data for {', '.join(specs)} ({name}: {msg[:200]}); this machine is offline "
                 "(HF_DATASETS_OFFLINE / no network) and the data is not in the local Hugging Face cache: use a "
                 f"packaged task ({', '.join(PACKAGED)}), a task .yaml over local files, or run once with network "
-                "access to fill the cache") from None
+                "access to fill the cache"
+            ) from None
         raise CoreselectError(f"cannot load task(s) {', '.join(specs)}: {name}: {msg[:300]}") from None
     children = {c for kids in loaded.get("group_map", {}).values() for c in kids}
     top = [g for n, g in loaded.get("groups", {}).items() if n not in children]
@@ -178,8 +192,12 @@ def drop_docs(task: Any, contains: Iterable[str] = (), exact: Iterable[str] = ()
 class _Quiet(logging.Filter):
     """Drops lm-eval's warnings about how coreselect calls it (a loaded model, packaged loaders)."""
 
-    NOISE = ("Custom kwargs can be passed", "model kwarg is not of type", "Passed an already-initialized model",
-             "specified through cli")
+    NOISE = (
+        "Custom kwargs can be passed",
+        "model kwarg is not of type",
+        "Passed an already-initialized model",
+        "specified through cli",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -195,10 +213,23 @@ def _leaf_tasks(objs: Iterable[Any]) -> list[Any]:
     return out
 
 
-def run(model: Any, tokenizer: Any, specs: Sequence[str], *, shots: int | None = None, limit: int | None = None,
-        batch_size: int = 8, max_new_tokens: int | None = None, seed: int = 1234, include: Sequence[str] = (),
-        packaged: bool = True, exclude: Iterable[str] = (), exact: Iterable[str] = (), bootstrap_iters: int = 1000,
-        log_samples: bool = True) -> dict[str, Any]:
+def run(
+    model: Any,
+    tokenizer: Any,
+    specs: Sequence[str],
+    *,
+    shots: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 1234,
+    include: Sequence[str] = (),
+    packaged: bool = True,
+    exclude: Iterable[str] = (),
+    exact: Iterable[str] = (),
+    bootstrap_iters: int = 1000,
+    log_samples: bool = True,
+) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on an already loaded ``model`` / ``tokenizer``; lm-eval's results dict.
 
     ``shots=None`` keeps each task's own ``num_fewshot`` (the packaged tasks: the paper's
@@ -221,9 +252,19 @@ def run(model: Any, tokenizer: Any, specs: Sequence[str], *, shots: int | None =
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         model.eval()
         res = lm_eval.simple_evaluate(
-            model=lm, tasks=top, num_fewshot=shots, limit=limit, task_manager=tm, bootstrap_iters=bootstrap_iters,
-            log_samples=log_samples, gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            model=lm,
+            tasks=top,
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=tm,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     finally:
         for lg in loggers:
             lg.removeFilter(quiet)
@@ -250,16 +291,23 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         metrics: dict[str, dict[str, Any]] = {}
         for key, value in row.items():
             metric, _, filt = key.partition(",")
-            if metric in ("alias", "sample_len") or "_stderr" in metric or isinstance(value, bool) \
-                    or not isinstance(value, (int, float)):
+            if (
+                metric in ("alias", "sample_len")
+                or "_stderr" in metric
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             name = metric if filt in ("none", "") else f"{metric},{filt}"
             se = row.get(f"{metric}_stderr,{filt}")
             se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
             v = float(value)
-            metrics[name] = {"value": v, "stderr": se,
-                             "ci95": [v - Z95 * se, v + Z95 * se] if se is not None else None}
+            metrics[name] = {"value": v, "stderr": se, "ci95": [v - Z95 * se, v + Z95 * se] if se is not None else None}
         ns = n_samples.get(task, {})
-        out[task] = {"n": ns.get("effective"), "n_available": ns.get("original"),
-                     "shots": res.get("n-shot", {}).get(task), "metrics": metrics}
+        out[task] = {
+            "n": ns.get("effective"),
+            "n_available": ns.get("original"),
+            "shots": res.get("n-shot", {}).get(task),
+            "metrics": metrics,
+        }
     return out

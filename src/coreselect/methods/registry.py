@@ -64,8 +64,10 @@ class MethodSpec:
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(unknown)}: neither a run setting nor an option of "
-                              f"{self.name} (its options: {', '.join(self.option_names()) or 'none'})")
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)}: neither a run setting nor an option of "
+                f"{self.name} (its options: {', '.join(self.option_names()) or 'none'})"
+            )
         values = {k: v for k, v in (run or {}).items() if k in names}
         values.update(options)
         return self.config(**values)

@@ -28,6 +28,7 @@ from coreselect.methods.base import (
     record_chunks,
     scores_from_chunks,
 )
+from coreselect.methods.registry import register
 from coreselect.methods.trim_math import (
     FingerprintBuilder,
     Fingerprints,
@@ -39,8 +40,7 @@ from coreselect.methods.trim_math import (
     token_saliency,
     token_scores,
 )
-from coreselect.methods.registry import register
-from coreselect.models.runner import ModelRunner, token_budget_batches
+from coreselect.models.runner import ModelRunner, Packed, token_budget_batches
 from coreselect.progress import progress_bar
 
 __all__ = [
@@ -202,8 +202,9 @@ class TrimMethod(SelectionMethod):
     #: Stage I's output in the run folder (:meth:`save_state`)
     STATE_FILE: ClassVar[str] = "fingerprints.safetensors"
 
-    def __init__(self, runner: ModelRunner, formatter: Formatter, config: TrimConfig | None = None,
-                 *, progress: bool = True) -> None:
+    def __init__(
+        self, runner: ModelRunner, formatter: Formatter, config: TrimConfig | None = None, *, progress: bool = True
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.formatter = formatter
@@ -221,10 +222,15 @@ class TrimMethod(SelectionMethod):
     def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
         st = run.get("settings", {})
         adapter = ((run.get("model") or {}).get("warmup") or {}).get("adapter")
-        return [("model", st.get("model", "?")), ("warmup adapter", adapter or "none"),
-                ("scope", st.get("scope")), ("layers L", st.get("layers")), ("λ (oov_penalty)", st.get("oov_penalty")),
-                ("w_Q / w_K", f"{st.get('w_row')} / {st.get('w_col')}"),
-                ("w_μ / w_m / η", f"{st.get('w_mean')} / {st.get('w_max')} / {st.get('coverage_weight')}")]
+        return [
+            ("model", st.get("model", "?")),
+            ("warmup adapter", adapter or "none"),
+            ("scope", st.get("scope")),
+            ("layers L", st.get("layers")),
+            ("λ (oov_penalty)", st.get("oov_penalty")),
+            ("w_Q / w_K", f"{st.get('w_row')} / {st.get('w_col')}"),
+            ("w_μ / w_m / η", f"{st.get('w_mean')} / {st.get('w_max')} / {st.get('coverage_weight')}"),
+        ]
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> TrimMethod:
@@ -270,16 +276,24 @@ class TrimMethod(SelectionMethod):
             # eager pass for the probabilities only; the hidden states come from the same
             # kernel that scores the pool in Stage II (issue 11, §2)
             attns = self.runner.attentions(batch, cfg.layers)
-            alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col, windows=windows,
-                                   minmax_mask=keep if cfg.saliency_minmax == "scope" else None)
+            alpha = token_saliency(
+                attns,
+                batch.attention_mask,
+                cfg.w_row,
+                cfg.w_col,
+                windows=windows,
+                minmax_mask=keep if cfg.saliency_minmax == "scope" else None,
+            )
             del attns
             hidden = self.runner.hidden(batch)
             real = batch.attention_mask.bool()
             finite = ((torch.isfinite(hidden).all(-1) & torch.isfinite(alpha)) | ~real).all(1)
             if not bool(finite.all()):
                 bad = target[positions[int((~finite).nonzero()[0])]]
-                raise CoreselectError(f"non-finite hidden states or saliency for target record id {bad.id} "
-                                      f"in {hidden.dtype} (try --dtype float32 or bfloat16)")
+                raise CoreselectError(
+                    f"non-finite hidden states or saliency for target record id {bad.id} "
+                    f"in {hidden.dtype} (try --dtype float32 or bfloat16)"
+                )
             builder.add(hidden, alpha, batch.input_ids, keep)
             n_tokens += batch.n_real_tokens
         ids = sorted(builder._sums)
@@ -291,8 +305,12 @@ class TrimMethod(SelectionMethod):
             raise CoreselectError(f"the target has no scorable token under scope '{cfg.scope}'")
         self.set_fingerprints(fp)
         dt = time.perf_counter() - t0
-        self.stats["stage1"] = {"wall_s": dt, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
-                                "n_classes": len(fp)}
+        self.stats["stage1"] = {
+            "wall_s": dt,
+            "tokens": n_tokens,
+            "tokens_per_s": n_tokens / max(dt, 1e-9),
+            "n_classes": len(fp),
+        }
         self.cost.forward_passes += len(target)
         return self
 
@@ -329,8 +347,10 @@ class TrimMethod(SelectionMethod):
         vocab = self._table.vocab
         if ids[0] < 0 or ids[-1] >= vocab:
             bad = int(ids[-1] if ids[-1] >= vocab else ids[0])
-            raise CoreselectError(f"token id {bad} is outside the model's embedding table (V={vocab}): "
-                                  "the tokenizer does not match the model")
+            raise CoreselectError(
+                f"token id {bad} is outside the model's embedding table (V={vocab}): "
+                "the tokenizer does not match the model"
+            )
         self._table.prefill(torch.from_numpy(ids))
         batches = token_budget_batches([len(e) for e in encoded], cfg.batch_tokens)
         collate = runner.collate_packed if cfg.packing else runner.collate
@@ -342,14 +362,28 @@ class TrimMethod(SelectionMethod):
             hidden = forward(cur)  # type: ignore[arg-type]
             if k + 1 < len(batches):
                 nxt = collate(encoded, batches[k + 1])
-            batch = cur.batch if cfg.packing else cur  # type: ignore[union-attr]
+            batch = cur.batch if isinstance(cur, Packed) else cur
             finite = torch.isfinite(hidden).all(-1).all(-1)
             scored = cfg.scored_positions(batch)
-            s, in_m, _ = token_scores(self.fingerprints, hidden, batch.input_ids, scored,
-                                      oov_penalty=cfg.oov_penalty, table=self._table, checked=True)
-            sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                    coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
-                                    content=batch.scope_mask(cfg.scope))
+            s, in_m, _ = token_scores(
+                self.fingerprints,
+                hidden,
+                batch.input_ids,
+                scored,
+                oov_penalty=cfg.oov_penalty,
+                table=self._table,
+                checked=True,
+            )
+            sc, parts = pool_scores(
+                s,
+                in_m,
+                batch.attention_mask,
+                w_mean=cfg.w_mean,
+                w_max=cfg.w_max,
+                coverage_weight=cfg.coverage_weight,
+                coverage=cfg.coverage,
+                content=batch.scope_mask(cfg.scope),
+            )
             outs.append((sc.double(), parts["n_scored"], finite))
             del hidden, s, in_m, scored
             if bar is not None:
@@ -358,14 +392,16 @@ class TrimMethod(SelectionMethod):
         sc_all, n_all, ok_all = (_to_host(torch.cat([o[i] for o in outs])) for i in range(3))
         if not ok_all.all():
             bad = int(order[int(np.argmin(ok_all))])
-            raise CoreselectError(f"non-finite hidden states for pool record index {encoded[bad].index} "
-                                  "(try --dtype float32)")
+            raise CoreselectError(
+                f"non-finite hidden states for pool record index {encoded[bad].index} (try --dtype float32)"
+            )
         scores[order] = sc_all
         n_scored[order] = n_all
         return scores, n_scored
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
-                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
         """Stage II (Algorithm 2), streaming: ``chunk_records`` records at a time."""
         if self.fingerprints is None:
             raise CoreselectError("TrimMethod.score called before fit (no fingerprints)")
@@ -382,8 +418,10 @@ class TrimMethod(SelectionMethod):
         # While the model scores chunk k, one background thread reads and tokenizes chunk
         # k+1 (the fast tokenizer releases the GIL). Only that thread touches the pool
         # iterator and the tokenizer, one call at a time, so results do not change.
-        with progress_bar(total=total, desc="Stage II: scoring", enabled=self.progress) as bar, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreselect-tokenize") as ex:
+        with (
+            progress_bar(total=total, desc="Stage II: scoring", enabled=self.progress) as bar,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreselect-tokenize") as ex,
+        ):
             pending = ex.submit(read_and_encode)
             while True:
                 chunk, encoded = pending.result()

@@ -291,10 +291,10 @@ class Fingerprints:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except FileNotFoundError:
             raise CoreselectError(f"{path}: no such fingerprints file") from None
-        except Exception as e:  # safetensors raises its own error types
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CoreselectError(f"{path}: not a fingerprints safetensors file ({e})") from None
         if meta.get("format") != "coreselect.fingerprints/1" or not {"token_ids", "vectors"} <= t.keys():
             raise CoreselectError(f"{path}: not a coreselect fingerprints file")
@@ -470,9 +470,13 @@ def token_scores(
         from coreselect.errors import CoreselectError
 
         bad = int(ids[outside & scored.to(ids.device)][0])
-        raise CoreselectError(f"token id {bad} is outside the model's embedding table (V={table.vocab}): "
-                              "the tokenizer does not match the model")
-    rows, direct = table.rows(ids.clamp(min=0, max=table.vocab - 1), filled=checked)  # only unscored (pad) ids are clamped
+        raise CoreselectError(
+            f"token id {bad} is outside the model's embedding table (V={table.vocab}): "
+            "the tokenizer does not match the model"
+        )
+    rows, direct = table.rows(
+        ids.clamp(min=0, max=table.vocab - 1), filled=checked
+    )  # only unscored (pad) ids are clamped
     has_fp = rows >= 0
     in_m = scored & (direct | (has_fp & (oov_penalty is not None)))
     vec = table.vectors if table.fingerprints is fingerprints else fingerprints.vectors

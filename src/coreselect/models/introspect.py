@@ -57,9 +57,20 @@ from torch import Tensor
 from coreselect.errors import ConfigError
 
 __all__ = [
-    "ATTENTION_SPECS", "AttentionSpec", "HeadGeometry", "Layout", "attention_module", "attention_projections",
-    "attention_spec", "decoder_layers", "eager_attention", "head_index_map", "projection", "projection_weight",
-    "text_config", "unwrap",
+    "ATTENTION_SPECS",
+    "AttentionSpec",
+    "HeadGeometry",
+    "Layout",
+    "attention_module",
+    "attention_projections",
+    "attention_spec",
+    "decoder_layers",
+    "eager_attention",
+    "head_index_map",
+    "projection",
+    "projection_weight",
+    "text_config",
+    "unwrap",
 ]
 
 Layout = Literal["separate", "concat", "per_head", "grouped"]
@@ -99,10 +110,30 @@ class AttentionSpec:
 
 _QKVO = AttentionSpec()
 ATTENTION_SPECS: dict[str, AttentionSpec] = {
-    **dict.fromkeys((
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
-        "gemma3_text", "olmo", "olmo2", "starcoder2", "granite", "cohere", "stablelm", "smollm3", "exaone4",
-    ), _QKVO),
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "starcoder2",
+            "granite",
+            "cohere",
+            "stablelm",
+            "smollm3",
+            "exaone4",
+        ),
+        _QKVO,
+    ),
     "phi": AttentionSpec(output="dense"),
     "gptj": AttentionSpec(output="out_proj"),
     "opt": AttentionSpec(output="out_proj"),
@@ -211,7 +242,8 @@ def _unknown(model_type: str, attn: torch.nn.Module) -> ConfigError:
         f"unknown architecture {model_type!r}: coreselect does not know its attention projections. Its attention "
         f"module ({type(attn).__name__}) has these linear submodules: {names}. Pass the ones to adapt with "
         "--lora-target-modules (P2D head slicing needs the family added to "
-        "coreselect.models.introspect.ATTENTION_SPECS)")
+        "coreselect.models.introspect.ATTENTION_SPECS)"
+    )
 
 
 def attention_spec(model: Any) -> AttentionSpec:
@@ -234,8 +266,10 @@ def projection(model: Any, layer: int, name: str) -> torch.nn.Module:
     attn = attention_module(decoder_layers(model)[layer])
     mod = getattr(attn, name, None)
     if not _is_projection(mod):
-        raise ConfigError(f"{type(attn).__name__} of layer {layer} has no linear {name!r} "
-                          f"(its linear submodules: {', '.join(_linear_names(attn)) or 'none'})")
+        raise ConfigError(
+            f"{type(attn).__name__} of layer {layer} has no linear {name!r} "
+            f"(its linear submodules: {', '.join(_linear_names(attn)) or 'none'})"
+        )
     return _base_layer(mod)
 
 
@@ -295,8 +329,10 @@ class HeadGeometry:
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim) < 1 or self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"invalid head geometry {self.n_layers} layers x {self.n_heads} heads "
-                              f"({self.n_kv_heads} KV heads) x {self.head_dim}")
+            raise ConfigError(
+                f"invalid head geometry {self.n_layers} layers x {self.n_heads} heads "
+                f"({self.n_kv_heads} KV heads) x {self.head_dim}"
+            )
         if self.spec.layout not in LAYOUTS:
             raise ConfigError(f"unresolved QKV layout {self.spec.layout!r}")
         if self.spec.layout == "per_head" and self.n_kv_heads != self.n_heads:
@@ -374,8 +410,11 @@ class HeadGeometry:
         if s.fused:
             out = {s.fused: torch.tensor(sorted(q + k + v), dtype=torch.int64)}
         else:
-            out = {s.query: torch.tensor(q, dtype=torch.int64), s.key: torch.tensor(k, dtype=torch.int64),
-                   s.value: torch.tensor(v, dtype=torch.int64)}
+            out = {
+                s.query: torch.tensor(q, dtype=torch.int64),
+                s.key: torch.tensor(k, dtype=torch.int64),
+                s.value: torch.tensor(v, dtype=torch.int64),
+            }
         out[s.output] = cols.to(torch.int64)
         return out
 

@@ -35,8 +35,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ConfigError(f"unknown dtype {dtype!r} (expected auto, float32, bfloat16 or float16)")
     return table[dtype]
@@ -77,8 +83,9 @@ def resolve_model(spec: str) -> ModelSpec:
         raise CoreselectError(f"{spec}: no such model folder")
     near = difflib.get_close_matches(spec.lower(), ALIASES, n=1, cutoff=0.75)
     if "/" not in spec and near:  # a mistyped packaged name, not a hub id
-        raise CoreselectError(f"{spec}: unknown model; did you mean {near[0]!r}? "
-                              f"(packaged models: {', '.join(ALIASES)})")
+        raise CoreselectError(
+            f"{spec}: unknown model; did you mean {near[0]!r}? (packaged models: {', '.join(ALIASES)})"
+        )
     return ModelSpec(spec, is_local=False)
 
 

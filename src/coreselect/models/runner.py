@@ -31,8 +31,8 @@ from torch import Tensor
 
 from coreselect.data.formatting import Encoded, Scope, pad_id, scope_mask
 from coreselect.errors import ConfigError
-from coreselect.models.introspect import attention_module as _attention_module  # noqa: F401 (old name)
-from coreselect.models.introspect import decoder_layers as _decoder_layers  # noqa: F401 (old name)
+from coreselect.models.introspect import attention_module as _attention_module
+from coreselect.models.introspect import decoder_layers as _decoder_layers
 from coreselect.models.introspect import eager_attention
 
 
@@ -121,8 +121,13 @@ def _to_device(a: np.ndarray, device: torch.device | str) -> Tensor:
     return t.to(dev)
 
 
-def collate(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int, padding_side: str = "right",
-            device: torch.device | str = "cpu") -> Batch:
+def collate(
+    encoded: Sequence[Encoded],
+    positions: Sequence[int],
+    pad_id: int,
+    padding_side: str = "right",
+    device: torch.device | str = "cpu",
+) -> Batch:
     """Pad a batch; ``padding_side`` is ``right`` or ``left``.
 
     Everything is built on the host with numpy (position ids included) and copied once per tensor
@@ -197,8 +202,13 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(encoded: Sequence[Encoded], positions: Sequence[int], pad_id: int,
-                   device: torch.device | str = "cpu", width: int | None = None) -> Packed:
+def collate_packed(
+    encoded: Sequence[Encoded],
+    positions: Sequence[int],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    width: int | None = None,
+) -> Packed:
     """:func:`collate` (right padding) plus the same records packed into rows of ``width`` tokens
     (default: the longest record, so attention costs no more than the padded batch)."""
     batch = collate(encoded, positions, pad_id, "right", "cpu")
@@ -215,18 +225,22 @@ def collate_packed(encoded: Sequence[Encoded], positions: Sequence[int], pad_id:
         at = 0
         for i in members:
             n = int(lengths[i])
-            ids[r, at:at + n] = encoded[positions[i]].input_ids
-            pos[r, at:at + n] = ramp[:n]
+            ids[r, at : at + n] = encoded[positions[i]].input_ids
+            pos[r, at : at + n] = ramp[:n]
             gather[i, :n] = r * w + at + ramp[:n]
             gather[i, n:] = r * w + at + n - 1  # padding: the record's last state (never scored)
             at += n
-        pos[r, at:] = ramp[:w - at]
+        pos[r, at:] = ramp[: w - at]
     dev = torch.device(device)
-    on_dev = Batch(positions=batch.positions, input_ids=_to_device(batch.input_ids.numpy(), dev),
-                   attention_mask=_to_device(batch.attention_mask.numpy(), dev),
-                   position_ids=_to_device(batch.position_ids.numpy(), dev),
-                   codes=_to_device(batch.codes.numpy(), dev), loss_mask=_to_device(batch.loss_mask.numpy(), dev),
-                   lengths=lengths)
+    on_dev = Batch(
+        positions=batch.positions,
+        input_ids=_to_device(batch.input_ids.numpy(), dev),
+        attention_mask=_to_device(batch.attention_mask.numpy(), dev),
+        position_ids=_to_device(batch.position_ids.numpy(), dev),
+        codes=_to_device(batch.codes.numpy(), dev),
+        loss_mask=_to_device(batch.loss_mask.numpy(), dev),
+        lengths=lengths,
+    )
     return Packed(on_dev, _to_device(ids, dev), _to_device(pos, dev), _to_device(gather.reshape(-1), dev), len(rows))
 
 
@@ -261,7 +275,9 @@ def attention_windows(config: Any, layer_indices: Sequence[int]) -> list[int | N
     """
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(cfg, "use_bidirectional_attention", False):
-        raise ConfigError(f"{type(cfg).__name__} uses bidirectional attention; TRIM's saliency assumes causal attention")
+        raise ConfigError(
+            f"{type(cfg).__name__} uses bidirectional attention; TRIM's saliency assumes causal attention"
+        )
     sw = getattr(cfg, "sliding_window", None)
     if getattr(cfg, "use_sliding_window", True) is False:
         sw = None  # Qwen2-style flag that older configs keep beside a non-null sliding_window
@@ -277,8 +293,9 @@ def attention_windows(config: Any, layer_indices: Sequence[int]) -> list[int | N
         elif kind == "full_attention":
             out.append(None)
         else:
-            raise ConfigError(f"layer {i} of {type(cfg).__name__} has attention type {kind!r}, "
-                              "which TRIM's saliency does not support")
+            raise ConfigError(
+                f"layer {i} of {type(cfg).__name__} has attention type {kind!r}, which TRIM's saliency does not support"
+            )
     return out
 
 

@@ -54,9 +54,18 @@ class RunData:
         def col(c: str) -> np.ndarray:
             return t.column(c).to_numpy(zero_copy_only=False)
 
-        return cls(name or run_dir.name, run_dir, load_run(run_dir), col("index"), t.column("id").to_pylist(),
-                   t.column("source").to_pylist(), col("n_tokens"), col("score").astype(np.float64),
-                   col("rank"), col("selected").astype(bool))
+        return cls(
+            name or run_dir.name,
+            run_dir,
+            load_run(run_dir),
+            col("index"),
+            t.column("id").to_pylist(),
+            t.column("source").to_pylist(),
+            col("n_tokens"),
+            col("score").astype(np.float64),
+            col("rank"),
+            col("selected").astype(bool),
+        )
 
     @property
     def k(self) -> int:
@@ -69,7 +78,7 @@ class RunData:
     def by_rank(self, first: int, n: int) -> list[int]:
         """Row positions of ranks ``first .. first + n - 1`` (1-based)."""
         order = np.argsort(self.rank, kind="stable")
-        return [int(i) for i in order[first - 1: first - 1 + n]]
+        return [int(i) for i in order[first - 1 : first - 1 + n]]
 
     def cut(self) -> float | None:
         """A score between the last selected record and the first one left out."""
@@ -88,8 +97,10 @@ class RunData:
         if pool not in cache:
             from coreselect.data.readers import read_records
 
-            words = {r.index: sum(len(m.content.split()) for m in r.messages)
-                     for r in read_records(list(pool), on_bad_record="skip", check_duplicate_ids=False)}
+            words = {
+                r.index: sum(len(m.content.split()) for m in r.messages)
+                for r in read_records(list(pool), on_bad_record="skip", check_duplicate_ids=False)
+            }
             cache[pool] = np.array([words.get(int(i), 0) for i in self.index], dtype=np.int64)
         return cache[pool], "words"
 
@@ -133,8 +144,11 @@ class _Images:
 
 def _summary(r: RunData) -> str:
     st = r.run.get("settings", {})
-    rows: list[tuple[str, object]] = [("method", r.method), ("pool records", len(r.index)),
-                                      ("selected", f"{r.k} (budget {st.get('budget', '?')})")]
+    rows: list[tuple[str, object]] = [
+        ("method", r.method),
+        ("pool records", len(r.index)),
+        ("selected", f"{r.k} (budget {st.get('budget', '?')})"),
+    ]
     if r.method in registry.names():  # the method's own rows (TRIM: its knobs)
         rows += registry.get(r.method).cls.report_summary(r.run)
     total = (r.run.get("timings") or {}).get("total_s")
@@ -148,8 +162,11 @@ def _distribution_sections(r: RunData, img: _Images) -> list[tuple[str, str, str
     cut = r.cut()
     hist = img("score-histogram", plots.score_histogram(r.score, cut, r.k), "score histogram")
     out.append(("score-histogram", "Score distribution and the budget's cut", hist))
-    src = img("source-mix", plots.source_mix([(r.name, r.sources, [s for s, x in zip(r.sources, r.selected) if x])]),
-              "source mix")
+    src = img(
+        "source-mix",
+        plots.source_mix([(r.name, r.sources, [s for s, x in zip(r.sources, r.selected) if x])]),
+        "source mix",
+    )
     out.append(("source-mix", "Source mix: coreset vs pool", src))
     try:
         lengths, unit = r.lengths({})
@@ -173,18 +190,25 @@ def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
     if targets:
         target_views = ex.target_views(targets[:MAX_TARGETS])
         more = f" (first {MAX_TARGETS} of {len(targets)})" if len(targets) > MAX_TARGETS else ""
-        body = (f'<p class="note">Background: saliency of each token in Stage I{escape(more)}. Toggle '
-                '<button class="btn" data-mode="q">row Q</button> <button class="btn" data-mode="k">column K</button> '
-                '<button class="btn" data-mode="a">combined α</button>; grey text: template / out-of-scope tokens '
-                '(not fingerprinted).</p>')
+        body = (
+            f'<p class="note">Background: saliency of each token in Stage I{escape(more)}. Toggle '
+            '<button class="btn" data-mode="q">row Q</button> <button class="btn" data-mode="k">column K</button> '
+            '<button class="btn" data-mode="a">combined α</button>; grey text: template / out-of-scope tokens '
+            "(not fingerprinted).</p>"
+        )
         body += "".join(H.target_block(v) for v in target_views)
     else:
         body = '<p class="note">The run reused saved fingerprints; no target examples recorded.</p>'
     out.append(("target-saliency", "Target examples: token saliency (Stage I)", body))
     classes = ex.top_classes(25)
-    out.append(("fingerprint-classes", "Token classes carrying the most fingerprint weight",
-                f'<p class="note">{len(ex.fingerprints)} token classes in the fingerprints.</p>'
-                + H.table(["token", "count", "total weight"], [(H.visible(t), c, w) for t, c, w in classes])))
+    out.append(
+        (
+            "fingerprint-classes",
+            "Token classes carrying the most fingerprint weight",
+            f'<p class="note">{len(ex.fingerprints)} token classes in the fingerprints.</p>'
+            + H.table(["token", "count", "total weight"], [(H.visible(t), c, w) for t, c, w in classes]),
+        )
+    )
 
     top_rows = r.by_rank(1, min(args.top, r.k))
     below_rows = r.by_rank(r.k + 1, args.below)
@@ -204,7 +228,8 @@ def _token_sections(r: RunData, args: ReportArgs) -> list[tuple[str, str, str]]:
             return '<p class="note">none</p>'
         return H.score_legend(*scale) + "".join(
             H.record_block(views[int(r.index[i])], int(r.rank[i]), float(r.score[i]), bool(r.selected[i]), lam, scale)
-            for i in rows)
+            for i in rows
+        )
 
     out.append(("top-records", f"Top {len(top_rows)} selected records (Stage II)", blocks(top_rows)))
     out.append(("below-cut", f"{len(below_rows)} records just below the cut", blocks(below_rows)))
@@ -218,12 +243,17 @@ def _single(d: Path, args: ReportArgs, img: _Images) -> str:
         try:
             tok = _token_sections(r, args)
         except CoreselectError as e:
-            tok = [("token-views", "Token-level views",
-                    f'<p class="warn">token-level views skipped: {escape(str(e))}</p>')]
+            tok = [
+                ("token-views", "Token-level views", f'<p class="warn">token-level views skipped: {escape(str(e))}</p>')
+            ]
         sections += tok[:2] + _distribution_sections(r, img) + tok[2:]
     else:
-        sections[0] = ("run-summary", "Run", _summary(r) + f'<p class="note">{escape(r.method)} keeps no token '
-                       "fingerprints, so only the distribution panels are shown.</p>")
+        sections[0] = (
+            "run-summary",
+            "Run",
+            _summary(r) + f'<p class="note">{escape(r.method)} keeps no token '
+            "fingerprints, so only the distribution panels are shown.</p>",
+        )
         sections += _distribution_sections(r, img)
     if r.method in registry.names():  # the method's own figures, after the summary (P2D: its heads)
         for i, f in enumerate(registry.get(r.method).cls.report_figures(d, r.run), start=1):
@@ -234,17 +264,25 @@ def _single(d: Path, args: ReportArgs, img: _Images) -> str:
 
 
 def _compare(d: Path, img: _Images) -> str:
-    runs = [RunData.load(s, s.name) for s in sorted(d.iterdir())
-            if s.is_dir() and (s / "scores.parquet").is_file() and (s / "run.json").is_file()]
+    runs = [
+        RunData.load(s, s.name)
+        for s in sorted(d.iterdir())
+        if s.is_dir() and (s / "scores.parquet").is_file() and (s / "run.json").is_file()
+    ]
     if not runs:
         raise CoreselectError(f"{d}: no finished run in its sub-folders")
-    summary = H.table(["run", "method", "pool", "selected", "wall time (s)"],
-                      [(r.name, r.method, len(r.index), r.k, float((r.run.get("timings") or {}).get("total_s", 0.0)))
-                       for r in runs])
+    summary = H.table(
+        ["run", "method", "pool", "selected", "wall time (s)"],
+        [(r.name, r.method, len(r.index), r.k, float((r.run.get("timings") or {}).get("total_s", 0.0))) for r in runs],
+    )
     cache: dict[tuple[str, ...], np.ndarray] = {}
-    src = img("source-mix", plots.source_mix([(f"{r.name} ({r.method})", r.sources,
-                                               [s for s, x in zip(r.sources, r.selected) if x]) for r in runs]),
-              "source mix per method")
+    src = img(
+        "source-mix",
+        plots.source_mix(
+            [(f"{r.name} ({r.method})", r.sources, [s for s, x in zip(r.sources, r.selected) if x]) for r in runs]
+        ),
+        "source mix per method",
+    )
     panels = []
     for r in runs:
         lengths, unit = r.lengths(cache)
@@ -255,8 +293,12 @@ def _compare(d: Path, img: _Images) -> str:
     names = [r.name for r in runs]
     jac = img("jaccard", plots.jaccard_matrix(names, m), "Jaccard overlap")
     jac += H.table(["", *names], [(n, *[float(x) for x in row]) for n, row in zip(names, m)])
-    sections = [("run-summary", "Runs", summary), ("source-mix", "Source mix per method", src),
-                ("length-dist", "Length distribution per method", ln), ("jaccard", "Coreset overlap (Jaccard)", jac)]
+    sections = [
+        ("run-summary", "Runs", summary),
+        ("source-mix", "Source mix per method", src),
+        ("length-dist", "Length distribution per method", ln),
+        ("jaccard", "Coreset overlap (Jaccard)", jac),
+    ]
     return H.page(f"coreselect compare report: {d.name}", f"{len(runs)} methods · {d}", sections)
 
 

@@ -66,6 +66,7 @@ def _tok(text: str) -> str:
 
 def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain table; numbers are right-aligned, everything escaped."""
+
     def cell(v: object) -> str:
         if isinstance(v, float):
             return f'<td class="n">{v:.4g}</td>'
@@ -91,14 +92,22 @@ def target_block(v: TargetView) -> str:
         q, k, a = float(v.q[i]), float(v.k[i]), float(v.alpha[i])
         cls = "sal tpl" if tpl[i] else ("sal" if v.scored[i] else "sal uns")
         title = f"Q {q:.3f} · K {k:.3f} · α {a:.3f}" + ("" if v.scored[i] else " · not fingerprinted")
-        parts.append(f'<span class="{cls}" data-q="{q:.4f}" data-k="{k:.4f}" data-a="{a:.4f}" '
-                     f'style="background:{sal_color(a)}" title="{escape(title)}">{_tok(text)}</span>')
+        parts.append(
+            f'<span class="{cls}" data-q="{q:.4f}" data-k="{k:.4f}" data-a="{a:.4f}" '
+            f'style="background:{sal_color(a)}" title="{escape(title)}">{_tok(text)}</span>'
+        )
     meta = f"target {escape(v.record.id)} · source {escape(v.record.source)} · {len(v.tokens)} tokens"
     return f'<div class="rec"><div class="meta">{meta}</div><div class="toks">{"".join(parts)}</div></div>'
 
 
-def record_block(v: RecordView, rank: int, stored_score: float, selected: bool, oov_penalty: float | None,
-                 scale: tuple[float, float] = (0.0, 1.0)) -> str:
+def record_block(
+    v: RecordView,
+    rank: int,
+    stored_score: float,
+    selected: bool,
+    oov_penalty: float | None,
+    scale: tuple[float, float] = (0.0, 1.0),
+) -> str:
     """One pool record, each scored token's background its ``s_j`` on ``scale``; unseen-class tokens underlined."""
     tpl = is_template(v.codes)
     parts = []
@@ -109,18 +118,24 @@ def record_block(v: RecordView, rank: int, stored_score: float, selected: bool, 
                 cls, title = "", f"s {s:.3f}"
             else:
                 cls, title = "oov", f"s {s:.3f} · unseen class → {visible(v.backoff[i] or '?')} (λ={oov_penalty})"
-            parts.append(f'<span class="{cls}" style="background:{score_color(s, *scale)}" title="{escape(title)}">'
-                         f"{_tok(text)}</span>")
+            parts.append(
+                f'<span class="{cls}" style="background:{score_color(s, *scale)}" title="{escape(title)}">'
+                f"{_tok(text)}</span>"
+            )
         else:
             cls, title = ("tpl", "template (not scored)") if tpl[i] else ("uns", "not scored")
             parts.append(f'<span class="{cls}" title="{title}">{_tok(text)}</span>')
     n = len(v.tokens)
-    meta = (f"<b>#{rank}</b> {'selected' if selected else 'not selected'} · id {escape(v.record.id)} · "
-            f"source {escape(v.record.source)} · <b>score {stored_score:.4f}</b> "
-            f"(recomputed {v.score:.4f}) · mean {v.mean:.4f} · max {v.max:.4f} · coverage {v.coverage:.3f} "
-            f"· {v.n_scored}/{n} tokens scored, {int(v.oov.sum())} via unseen-class backoff")
-    return (f'<div class="rec" data-index="{v.record.index}"><div class="meta">{meta}</div>'
-            f'<div class="toks">{"".join(parts)}</div></div>')
+    meta = (
+        f"<b>#{rank}</b> {'selected' if selected else 'not selected'} · id {escape(v.record.id)} · "
+        f"source {escape(v.record.source)} · <b>score {stored_score:.4f}</b> "
+        f"(recomputed {v.score:.4f}) · mean {v.mean:.4f} · max {v.max:.4f} · coverage {v.coverage:.3f} "
+        f"· {v.n_scored}/{n} tokens scored, {int(v.oov.sum())} via unseen-class backoff"
+    )
+    return (
+        f'<div class="rec" data-index="{v.record.index}"><div class="meta">{meta}</div>'
+        f'<div class="toks">{"".join(parts)}</div></div>'
+    )
 
 
 def figure(uri: str, alt: str) -> str:
@@ -135,10 +150,12 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
     """The whole document; ``sections`` are ``(id, title, inner html)``."""
     nav = "".join(f'<a href="#{sid}">{escape(t)}</a>' for sid, t, _ in sections)
     body = "".join(section(sid, t, inner) for sid, t, inner in sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
-            f"<body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header><nav>{nav}</nav>"
-            f"<main>{body}</main><script>{JS}</script></body></html>\n")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
+        f"<body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header><nav>{nav}</nav>"
+        f"<main>{body}</main><script>{JS}</script></body></html>\n"
+    )
 
 
 def score_legend(lo: float, hi: float) -> str:
@@ -146,9 +163,11 @@ def score_legend(lo: float, hi: float) -> str:
     base = max(lo, 0.0)
     grad = ", ".join(score_color(x, lo, hi) for x in np.linspace(base, hi, 5))
     neg = f" (negative s<sub>j</sub>: red, down to {lo:.2f})" if lo < 0 else ""
-    return (f'<p class="note">Background: match score s<sub>j</sub> (eq. 10-12), {base:.2f} '
-            f'<span class="legend" style="background:linear-gradient(to right, {grad})"></span> {hi:.2f}'
-            f"{neg}; the scale spans the shown tokens. "
-            '<span class="oov">Dotted underline</span>: the token\'s class was not in the target, scored against '
-            'the nearest fingerprinted class (eq. 11) times λ. <span class="tpl">Grey</span>: template or '
-            'out-of-scope tokens, never scored. Hover a token for its numbers.</p>')
+    return (
+        f'<p class="note">Background: match score s<sub>j</sub> (eq. 10-12), {base:.2f} '
+        f'<span class="legend" style="background:linear-gradient(to right, {grad})"></span> {hi:.2f}'
+        f"{neg}; the scale spans the shown tokens. "
+        '<span class="oov">Dotted underline</span>: the token\'s class was not in the target, scored against '
+        'the nearest fingerprinted class (eq. 11) times λ. <span class="tpl">Grey</span>: template or '
+        "out-of-scope tokens, never scored. Hover a token for its numbers.</p>"
+    )

@@ -84,11 +84,24 @@ def length_dist(panels: Sequence[tuple[str, np.ndarray, np.ndarray, str]]) -> by
     for ax, (title, pool, core, unit) in zip(axes, panels):
         hi = max(int(pool.max()) if pool.size else 1, 1)
         bins = np.linspace(0, hi, 31).tolist()  # matplotlib's stubs take a Sequence[float], not an ndarray
-        ax.hist(pool, bins=bins, density=True, color=POOL_COLOR, alpha=0.7, label=f"pool (median {np.median(pool):.0f})"
-                if pool.size else "pool")
+        ax.hist(
+            pool,
+            bins=bins,
+            density=True,
+            color=POOL_COLOR,
+            alpha=0.7,
+            label=f"pool (median {np.median(pool):.0f})" if pool.size else "pool",
+        )
         if core.size:
-            ax.hist(core, bins=bins, density=True, histtype="step", lw=2, color=CORE_COLOR,
-                    label=f"coreset (median {np.median(core):.0f})")
+            ax.hist(
+                core,
+                bins=bins,
+                density=True,
+                histtype="step",
+                lw=2,
+                color=CORE_COLOR,
+                label=f"coreset (median {np.median(core):.0f})",
+            )
         ax.set_xlabel(f"length ({unit})")
         ax.set_ylabel("density")
         ax.set_title(title, fontsize=10)

@@ -81,14 +81,23 @@ def explain(args: ExplainArgs, stream: TextIO | None = None) -> RecordView:
     view = ex.record_views([rec])[0]
     plain = args.plain or not stream.isatty()
     status = "selected" if r.selected[row] else "not selected"
-    print(f"record {args.index} · id {rec.id} · source {rec.source} · rank {int(r.rank[row])}/{len(r.index)} "
-          f"({status}, {r.k} selected)", file=stream)
-    legend = ("[token|s_j], ~ = unseen class scored via its nearest fingerprinted class" if plain else
-              "background = s_j (darker green = higher, scaled to this record; red = negative), "
-              "underline = unseen class backoff, grey = not scored")
+    print(
+        f"record {args.index} · id {rec.id} · source {rec.source} · rank {int(r.rank[row])}/{len(r.index)} "
+        f"({status}, {r.k} selected)",
+        file=stream,
+    )
+    legend = (
+        "[token|s_j], ~ = unseen class scored via its nearest fingerprinted class"
+        if plain
+        else "background = s_j (darker green = higher, scaled to this record; red = negative), "
+        "underline = unseen class backoff, grey = not scored"
+    )
     print(f"({legend})\n", file=stream)
     print(render(view, plain), file=stream)
-    print(f"\nmean {view.mean:.4f} · max {view.max:.4f} · coverage {view.coverage:.4f} · "
-          f"score {view.score:.4f} (stored {float(r.score[row]):.4f}) · {view.n_scored}/{len(view.tokens)} "
-          f"tokens scored, {int(view.oov.sum())} via backoff", file=stream)
+    print(
+        f"\nmean {view.mean:.4f} · max {view.max:.4f} · coverage {view.coverage:.4f} · "
+        f"score {view.score:.4f} (stored {float(r.score[row]):.4f}) · {view.n_scored}/{len(view.tokens)} "
+        f"tokens scored, {int(view.oov.sum())} via backoff",
+        file=stream,
+    )
     return view

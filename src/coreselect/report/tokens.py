@@ -120,11 +120,15 @@ class Explainer:
         adapter = warmup_adapter(self.run)
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise CoreselectError(f"{adapter}: the run's warmup adapter is gone, cannot recompute its scores")
-        model, tok = load_model(self.args.model, dtype=self.args.dtype, device=self.args.device,
-                                trust_remote_code=self.args.trust_remote_code, adapter=adapter)
+        model, tok = load_model(
+            self.args.model,
+            dtype=self.args.dtype,
+            device=self.args.device,
+            trust_remote_code=self.args.trust_remote_code,
+            adapter=adapter,
+        )
         self.tokenizer = tok
-        self.formatter = Formatter(tok, self.args.max_length, self.args.template,
-                                   template_date=self.args.template_date)
+        self.formatter = Formatter(tok, self.args.max_length, self.args.template, template_date=self.args.template_date)
         self.runner = ModelRunner(model, tok)
         self.fingerprints = Fingerprints.load(fp_path)
         if len(self.fingerprints) and self.fingerprints.dim != model.config.hidden_size:
@@ -170,11 +174,17 @@ class Explainer:
             k = _minmax(k_raw, mask, 1e-12, over)
             alpha = cfg.w_row * q + cfg.w_col * k  # eq. 7, identical to token_saliency
             del attns
-            views.append(TargetView(
-                record=rec, tokens=self.token_texts(rec, len(enc)), codes=enc.codes,
-                scored=scope_mask(enc.codes, cfg.scope), q=q[0].cpu().numpy(), k=k[0].cpu().numpy(),
-                alpha=alpha[0].cpu().numpy(),
-            ))
+            views.append(
+                TargetView(
+                    record=rec,
+                    tokens=self.token_texts(rec, len(enc)),
+                    codes=enc.codes,
+                    scored=scope_mask(enc.codes, cfg.scope),
+                    q=q[0].cpu().numpy(),
+                    k=k[0].cpu().numpy(),
+                    alpha=alpha[0].cpu().numpy(),
+                )
+            )
         return views
 
     # ------------------------------------------------------------------ Stage II
@@ -189,11 +199,19 @@ class Explainer:
             batch = self.runner.collate([enc], [0])
             hidden = self.runner.hidden(batch)
             mask = cfg.scored_positions(batch).to(hidden.device)
-            s, in_m, direct = token_scores(fp, hidden, batch.input_ids, mask, oov_penalty=cfg.oov_penalty,
-                                           table=self.table)
-            score, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                       coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
-                                       content=batch.scope_mask(cfg.scope))
+            s, in_m, direct = token_scores(
+                fp, hidden, batch.input_ids, mask, oov_penalty=cfg.oov_penalty, table=self.table
+            )
+            score, parts = pool_scores(
+                s,
+                in_m,
+                batch.attention_mask,
+                w_mean=cfg.w_mean,
+                w_max=cfg.w_max,
+                coverage_weight=cfg.coverage_weight,
+                coverage=cfg.coverage,
+                content=batch.scope_mask(cfg.scope),
+            )
             in_m_np, direct_np = in_m[0].cpu().numpy(), direct[0].cpu().numpy()
             backoff: list[str | None] = [None] * len(enc)
             oov_pos = np.nonzero(in_m_np & ~direct_np)[0]
@@ -201,12 +219,22 @@ class Explainer:
                 rows, _ = self.table.rows(batch.input_ids[0, oov_pos].to(self.table._direct.device))
                 for p, r in zip(oov_pos.tolist(), rows.tolist()):
                     backoff[p] = self.class_string(int(fp.token_ids[r]))
-            views.append(RecordView(
-                record=rec, tokens=self.token_texts(rec, len(enc)), codes=enc.codes,
-                s=s[0].cpu().numpy(), in_m=in_m_np, direct=direct_np, backoff=backoff,
-                mean=float(parts["mean"][0]), max=float(parts["max"][0]), coverage=float(parts["coverage"][0]),
-                score=float(score[0]), n_scored=int(parts["n_scored"][0]),
-            ))
+            views.append(
+                RecordView(
+                    record=rec,
+                    tokens=self.token_texts(rec, len(enc)),
+                    codes=enc.codes,
+                    s=s[0].cpu().numpy(),
+                    in_m=in_m_np,
+                    direct=direct_np,
+                    backoff=backoff,
+                    mean=float(parts["mean"][0]),
+                    max=float(parts["max"][0]),
+                    coverage=float(parts["coverage"][0]),
+                    score=float(score[0]),
+                    n_scored=int(parts["n_scored"][0]),
+                )
+            )
             if progress is not None:
                 progress.update(1, tokens=len(enc))
         return views

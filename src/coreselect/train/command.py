@@ -112,13 +112,28 @@ class TrainCommandArgs:
         schedule: Any = self.schedule
         precision: Any = self.precision
         targets = tuple(m.strip() for m in (self.lora_target_modules or "").split(",") if m.strip()) or None
-        return TrainArgs(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                         target_modules=targets, lr=self.lr, warmup_ratio=self.warmup_ratio, schedule=schedule,
-                         epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                         max_length=self.max_length, seed=self.seed, save_every=save,
-                         keep_checkpoints=self.keep_checkpoints, max_steps=self.max_steps, precision=precision,
-                         gradient_checkpointing=self.gradient_checkpointing, packing=self.packing,
-                         report_to=self.report_to, plot=self.plot)
+        return TrainArgs(
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+            lr=self.lr,
+            warmup_ratio=self.warmup_ratio,
+            schedule=schedule,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            max_length=self.max_length,
+            seed=self.seed,
+            save_every=save,
+            keep_checkpoints=self.keep_checkpoints,
+            max_steps=self.max_steps,
+            precision=precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+            packing=self.packing,
+            report_to=self.report_to,
+            plot=self.plot,
+        )
 
 
 def _int(text: str, name: str) -> int:
@@ -185,19 +200,31 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
     model, tok = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t_load
     spec = resolve_model(args.model)
-    model_info: dict[str, Any] = {"name": args.model, "resolved": model_name(model), "path": spec.path,
-                  "dtype": str(next(model.parameters()).dtype)}
-    common: dict[str, Any] = {"command": "train", "settings": asdict(args), "train_args": asdict(targs),
-                              "versions": versions(), "model": model_info}
+    model_info: dict[str, Any] = {
+        "name": args.model,
+        "resolved": model_name(model),
+        "path": spec.path,
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    common: dict[str, Any] = {
+        "command": "train",
+        "settings": asdict(args),
+        "train_args": asdict(targs),
+        "versions": versions(),
+        "model": model_info,
+    }
     fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     if args.heads:  # P2D sparse head adaptation instead of LoRA, on the same Trainer (coreselect.methods.p2d.train)
         from coreselect.methods.p2d.train import train_heads_run
 
-        hinfo = train_heads_run(args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress,
-                                resume=args.resume)
+        hinfo = train_heads_run(
+            args.heads, model, tok, records, targs, out, formatter=fmt, progress=args.progress, resume=args.resume
+        )
         hinfo["counts"]["rejected"] = rejects.count
         info: dict[str, Any] = {
-            **common, **hinfo, "adapter": hinfo["delta"],
+            **common,
+            **hinfo,
+            "adapter": hinfo["delta"],
             "timings": {"model_load_s": load_s, "train_s": hinfo["train_s"], "total_s": time.perf_counter() - t0},
         }
     else:
@@ -208,8 +235,12 @@ def train(args: TrainCommandArgs) -> dict[str, Any]:
         adapter = res.adapter_dir.resolve()
         info = {
             **common,
-            "counts": {"records": len(records), "trained": len(records) - res.skipped, "skipped": res.skipped,
-                       "rejected": rejects.count},
+            "counts": {
+                "records": len(records),
+                "trained": len(records) - res.skipped,
+                "skipped": res.skipped,
+                "rejected": rejects.count,
+            },
             "steps": res.steps,
             "final_loss": res.losses[-1] if res.losses else None,
             "first_loss": res.losses[0] if res.losses else None,

@@ -36,8 +36,18 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
-__all__ = ["IGNORE", "SCHEDULES", "device_of", "encode_for_training", "forward", "make_labels", "masked_lm_loss",
-           "n_targets", "pad_id", "plan_steps"]
+__all__ = [
+    "IGNORE",
+    "SCHEDULES",
+    "device_of",
+    "encode_for_training",
+    "forward",
+    "make_labels",
+    "masked_lm_loss",
+    "n_targets",
+    "pad_id",
+    "plan_steps",
+]
 
 
 def make_labels(batch: Batch) -> Tensor:
@@ -64,8 +74,9 @@ def device_of(model: Any) -> torch.device:
 
 def forward(model: Any, batch: Batch) -> Tensor:
     """Logits of a collated batch (no KV cache)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
+    return model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    ).logits
 
 
 def encode_for_training(fmt: Formatter, records: Sequence[Record]) -> tuple[list[Encoded], int]:
@@ -74,8 +85,9 @@ def encode_for_training(fmt: Formatter, records: Sequence[Record]) -> tuple[list
     encoded = [e for e in encoded_all if n_targets(e) > 0]
     skipped = len(encoded_all) - len(encoded)
     if skipped:
-        log.warning("%d of %d records have no target token (after truncation) and are skipped",
-                    skipped, len(encoded_all))
+        log.warning(
+            "%d of %d records have no target token (after truncation) and are skipped", skipped, len(encoded_all)
+        )
     if not encoded:
         raise CoreselectError("no record has a target token to train on")
     return encoded, skipped

@@ -254,8 +254,15 @@ def warmup_subset(n_pool: int, fraction: float = 0.05, seed: int = 0) -> list[in
 
 
 @torch.no_grad()
-def eval_loss(model: Any, tokenizer: Any, records: Sequence[Record], *, max_length: int = 2048,
-              batch_size: int = 8, formatter: Formatter | None = None) -> float:
+def eval_loss(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    formatter: Formatter | None = None,
+) -> float:
     """Token-mean response-only loss of ``model`` on ``records`` (eval mode, no dropout)."""
     fmt = formatter or Formatter(tokenizer, max_length)
     enc = [e for e in (fmt.encode(r) for r in records) if n_targets(e) > 0]
@@ -266,8 +273,7 @@ def eval_loss(model: Any, tokenizer: Any, records: Sequence[Record], *, max_leng
     total, count = 0.0, 0
     try:
         for s in range(0, len(enc), batch_size):
-            batch = collate(enc, range(s, min(s + batch_size, len(enc))), pad_id(tokenizer), "right",
-                            device_of(model))
+            batch = collate(enc, range(s, min(s + batch_size, len(enc))), pad_id(tokenizer), "right", device_of(model))
             loss, n = masked_lm_loss(forward(model, batch), make_labels(batch))
             total, count = total + float(loss), count + n
     finally:
@@ -277,8 +283,10 @@ def eval_loss(model: Any, tokenizer: Any, records: Sequence[Record], *, max_leng
 
 def lm_features(encoded: Sequence[Encoded]) -> list[dict[str, list[int]]]:
     """Trainer dataset rows: ``input_ids`` and ``labels`` (``-100`` off the loss mask)."""
-    return [{"input_ids": e.input_ids.tolist(),
-             "labels": np.where(e.loss_mask, e.input_ids, IGNORE).tolist()} for e in encoded]
+    return [
+        {"input_ids": e.input_ids.tolist(), "labels": np.where(e.loss_mask, e.input_ids, IGNORE).tolist()}
+        for e in encoded
+    ]
 
 
 class collate_for_lm:  # a callable, used like a function
@@ -462,8 +470,11 @@ def _trainer_class() -> Any:
 
         def _save_rng_state(self, output_dir: str) -> None:
             os.makedirs(output_dir, exist_ok=True)
-            name = "rng_state.safetensors" if self.args.world_size <= 1 else \
-                f"rng_state_{self.args.process_index}.safetensors"
+            name = (
+                "rng_state.safetensors"
+                if self.args.world_size <= 1
+                else f"rng_state_{self.args.process_index}.safetensors"
+            )
             _save_rng(Path(output_dir) / name)
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -482,8 +493,11 @@ def _trainer_class() -> Any:
         def _load_rng_state(self, checkpoint: str | None) -> None:
             if checkpoint is None:
                 return
-            name = "rng_state.safetensors" if self.args.world_size <= 1 else \
-                f"rng_state_{self.args.process_index}.safetensors"
+            name = (
+                "rng_state.safetensors"
+                if self.args.world_size <= 1
+                else f"rng_state_{self.args.process_index}.safetensors"
+            )
             if (Path(checkpoint) / name).is_file():
                 _load_rng(Path(checkpoint) / name)
             else:
@@ -506,8 +520,7 @@ def _callbacks(lrs: list[float], progress: bool) -> list[Any]:
     class LearningRates(TrainerCallback):
         """The learning rate of every optimizer step (read before the step, as it is applied)."""
 
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
-                                  **kw: Any) -> None:
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
             opt = optimizer if optimizer is not None else kw.get("model")
             if opt is not None and hasattr(opt, "param_groups"):
                 lrs.append(float(opt.param_groups[0]["lr"]))
@@ -548,9 +561,11 @@ def _report_to(value: str) -> str | list[str]:
         return names[0]
     missing = [n for n in names if n not in get_available_reporting_integrations()]
     if missing:
-        raise ConfigError(f"report_to {', '.join(missing)}: not installed (pip install {' '.join(missing)}); "
-                          "use 'none' or one of the installed integrations: "
-                          f"{', '.join(get_available_reporting_integrations()) or 'none installed'}")
+        raise ConfigError(
+            f"report_to {', '.join(missing)}: not installed (pip install {' '.join(missing)}); "
+            "use 'none' or one of the installed integrations: "
+            f"{', '.join(get_available_reporting_integrations()) or 'none installed'}"
+        )
     return names
 
 
@@ -571,7 +586,7 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "training loss
     if len(losses) >= 10:
         w = max(2, len(losses) // 20)
         smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=2, label=f"mean of {w}")
+        ax.plot(steps[w - 1 :], smooth, lw=2, label=f"mean of {w}")
         ax.legend()
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="optimizer step", ylabel="response-token cross-entropy", title=title)
@@ -602,9 +617,18 @@ class Trainable(Protocol):
         parameters are the trained ones."""
 
 
-def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: TrainArgs, out_dir: str | os.PathLike,
-               *, progress: bool = True, resume: bool = False, formatter: Formatter | None = None,
-               trainable: Trainable | None = None) -> TrainResult:
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    args: TrainArgs,
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    formatter: Formatter | None = None,
+    trainable: Trainable | None = None,
+) -> TrainResult:
     """Fine-tune LoRA adapters on ``records`` with the Table 7 recipe (see the module doc).
 
     ``model`` (a plain ``*ForCausalLM``) gets LoRA layers injected in place and is left in
@@ -662,8 +686,13 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
             write_json(run_file, {"run_id": run_id, "fingerprint": fp})
 
     transformers.set_seed(args.seed)
-    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, target_modules=targets)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+    )
     model = trainable.wrap(model) if trainable is not None else get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -673,19 +702,38 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     bf16, fp16 = _precision(args, model)
     every = steps_per_epoch if args.save_every == "epoch" else args.save_every
     targs = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or 0.0,
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or 0.0,
         lr_scheduler_type="constant_with_warmup" if args.schedule == "constant" else args.schedule,
-        warmup_steps=math.ceil(args.warmup_ratio * total), num_train_epochs=args.epochs, max_steps=total,
-        optim="adamw_torch", seed=args.seed, data_seed=args.seed,
-        save_strategy="epoch" if args.save_every == "epoch" else "steps", save_steps=every,
-        save_total_limit=args.keep_checkpoints, logging_strategy="steps", logging_steps=1,
-        report_to=report_to, disable_tqdm=not progress, bf16=bf16, fp16=fp16,
+        warmup_steps=math.ceil(args.warmup_ratio * total),
+        num_train_epochs=args.epochs,
+        max_steps=total,
+        optim="adamw_torch",
+        seed=args.seed,
+        data_seed=args.seed,
+        save_strategy="epoch" if args.save_every == "epoch" else "steps",
+        save_steps=every,
+        save_total_limit=args.keep_checkpoints,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=report_to,
+        disable_tqdm=not progress,
+        bf16=bf16,
+        fp16=fp16,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        use_cpu=device_of(model).type == "cpu", include_num_input_tokens_seen="non_padding",
-        log_level="warning", log_level_replica="error", save_only_model=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        use_cpu=device_of(model).type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        log_level="warning",
+        log_level_replica="error",
+        save_only_model=False,
     )
     if args.packing:
         from transformers import DataCollatorWithFlattening
@@ -700,10 +748,19 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         ckpts[:] = [c for c in ckpts if c["step"] < step] + [meta]
         (folder / "training_args.json").write_text(targs.to_json_string())
         files = {p.relative_to(folder).as_posix(): _sha256(p) for p in _files(folder)}
-        manifest = {"format": "coreselect.checkpoint/1", **meta, "run_id": run_id, "fingerprint": fp,
-                    "steps_per_epoch": steps_per_epoch, "total_steps": total, "lrs": lrs[:step],
-                    "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-                    "checkpoints": ckpts, "args": asdict(args), "files": files}
+        manifest = {
+            "format": "coreselect.checkpoint/1",
+            **meta,
+            "run_id": run_id,
+            "fingerprint": fp,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+            "lrs": lrs[:step],
+            "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+            "checkpoints": ckpts,
+            "args": asdict(args),
+            "files": files,
+        }
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
         os.replace(tmp, folder / MANIFEST)
@@ -711,8 +768,13 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     trainer_cls = _trainer_class()
     from transformers import ProgressCallback
 
-    trainer = trainer_cls(model=model, args=targs, train_dataset=lm_features(encoded), data_collator=collator,
-                          callbacks=_callbacks(lrs, progress))
+    trainer = trainer_cls(
+        model=model,
+        args=targs,
+        train_dataset=lm_features(encoded),
+        data_collator=collator,
+        callbacks=_callbacks(lrs, progress),
+    )
     # Trainer's own bar prints every log as a line (one per step here); ours (a subclass) does not
     for cb in list(trainer.callback_handler.callbacks):
         if type(cb) in (ProgressCallback, transformers.PrinterCallback):
@@ -722,7 +784,8 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
         log.info("resuming from %s (step %d of %d)", resume_from[1], resume_from[0], total)
     trainer.train(resume_from_checkpoint=str(resume_from[1]) if resume_from else None)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - (
-        int(resume_from[2].get("tokens_seen", 0)) if resume_from else 0)
+        int(resume_from[2].get("tokens_seen", 0)) if resume_from else 0
+    )
 
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h and "step" in h]
     adapter = out / "adapter"
@@ -730,18 +793,32 @@ def train_lora(model: Any, tokenizer: Any, records: Sequence[Record], args: Trai
     wall = time.perf_counter() - t0
     plot = None
     kept = {s for s, _ in _checkpoints(out)}
-    checkpoints = [Checkpoint(out / f"checkpoint-{c['step']}", c["epoch"], c["step"], c["lr"])
-                   for c in ckpts if c["step"] in kept]
+    checkpoints = [
+        Checkpoint(out / f"checkpoint-{c['step']}", c["epoch"], c["step"], c["lr"]) for c in ckpts if c["step"] in kept
+    ]
     if main:
         if args.plot and losses:
             plot = plot_losses(losses, out / "loss.png", title=f"training loss ({len(losses)} steps)")
-        write_json(out / "train_state.json", {
-            "steps": trainer.state.global_step, "steps_per_epoch": steps_per_epoch, "records": len(encoded),
-            "skipped": skipped, "processes": world, "resumed_from": resume_from[0] if resume_from else None,
-            "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else None, "losses": losses,
-            "lrs": lrs, "checkpoints": [{**asdict(c), "path": c.path.name} for c in checkpoints],
-            "args": asdict(args), "target_modules": targets, "run_id": run_id,
-        })
+        write_json(
+            out / "train_state.json",
+            {
+                "steps": trainer.state.global_step,
+                "steps_per_epoch": steps_per_epoch,
+                "records": len(encoded),
+                "skipped": skipped,
+                "processes": world,
+                "resumed_from": resume_from[0] if resume_from else None,
+                "wall_s": wall,
+                "tokens": tokens,
+                "tokens_per_s": tokens / wall if wall > 0 else None,
+                "losses": losses,
+                "lrs": lrs,
+                "checkpoints": [{**asdict(c), "path": c.path.name} for c in checkpoints],
+                "args": asdict(args),
+                "target_modules": targets,
+                "run_id": run_id,
+            },
+        )
     model.train()
     return TrainResult(adapter, checkpoints, losses, trainer.state.global_step, wall, tokens, skipped, plot)
 
@@ -753,6 +830,19 @@ def _default_targets(model: Any) -> list[str]:
     return list(attention_projections(model))
 
 
-__all__ = ["Checkpoint", "TrainArgs", "TrainResult", "collate_for_lm", "eval_loss", "lm_features", "load_optimizer",
-           "make_labels", "masked_lm_loss", "plot_losses", "save_optimizer", "train_lora", "verify_checkpoint",
-           "warmup_subset"]
+__all__ = [
+    "Checkpoint",
+    "TrainArgs",
+    "TrainResult",
+    "collate_for_lm",
+    "eval_loss",
+    "lm_features",
+    "load_optimizer",
+    "make_labels",
+    "masked_lm_loss",
+    "plot_losses",
+    "save_optimizer",
+    "train_lora",
+    "verify_checkpoint",
+    "warmup_subset",
+]

@@ -19,9 +19,7 @@ def chat(i: int, user: str, assistant: str, system: str | None = None) -> Record
 
 
 def text(i: int, body: str) -> Record:
-    return Record(
-        index=i, id=str(i), source="t", messages=(Message("assistant", body),), raw={}, kind="text"
-    )
+    return Record(index=i, id=str(i), source="t", messages=(Message("assistant", body),), raw={}, kind="text")
 
 
 NAMES = ["Tom", "Ann", "Sam", "Lia", "Max", "Eve", "Ben", "Zoe", "Kim", "Raj"]
@@ -35,8 +33,7 @@ def arithmetic(i: int, rng: np.random.Generator) -> Record:
     return chat(
         i,
         f"{name} has {a} {item} and buys {b} more {item}. How many {item} does {name} have now?",
-        f"{name} starts with {a} {item}. Then {name} adds {b}, so {a} + {b} = {a + b}. "
-        f"The answer is {a + b}.",
+        f"{name} starts with {a} {item}. Then {name} adds {b}, so {a} + {b} = {a + b}. The answer is {a + b}.",
     )
 
 
@@ -210,7 +207,9 @@ def test_empty_pool_and_empty_texts(name: str) -> None:
     targets = [chat(100, "hello world", "hi")]
     assert LEXICAL[name]().fit(targets).score([]).shape == (0,)
     # scope "prompt" of text records is "": no words in the pool at all
-    s = LEXICAL[name](**({} if name == "random" else {"scope": "prompt"})).fit(targets).score(
-        [text(0, "hello"), text(1, "world")]
+    s = (
+        LEXICAL[name](**({} if name == "random" else {"scope": "prompt"}))
+        .fit(targets)
+        .score([text(0, "hello"), text(1, "world")])
     )
     assert s.shape == (2,) and s.dtype == np.float64 and np.all(np.isfinite(s))

@@ -34,8 +34,9 @@ from coreselect.methods.baselines.model_based import (
 
 
 def rec(i: int, user: str, assistant: str) -> Record:
-    return Record(index=i, id=str(i), source="t", messages=(Message("user", user), Message("assistant", assistant)),
-                  raw={})
+    return Record(
+        index=i, id=str(i), source="t", messages=(Message("user", user), Message("assistant", assistant)), raw={}
+    )
 
 
 QA = [
@@ -72,8 +73,19 @@ def warm(tiny_model_dir, tmp_path_factory):
     from coreselect.train.lora import TrainArgs, train_lora
 
     model, tok = load(tiny_model_dir)
-    args = TrainArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=5e-3, epochs=3, batch_size=2, grad_accum=1,
-                     max_length=128, warmup_ratio=0.0, seed=0, save_every="epoch")
+    args = TrainArgs(
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-3,
+        epochs=3,
+        batch_size=2,
+        grad_accum=1,
+        max_length=128,
+        warmup_ratio=0.0,
+        seed=0,
+        save_every="epoch",
+    )
     res = train_lora(model, tok, pool()[:6], args, tmp_path_factory.mktemp("warm"), progress=False)
     assert len(res.checkpoints) == 3
     return tiny_model_dir, res
@@ -117,12 +129,14 @@ def test_kmeans_and_balanced_sampling_take_equal_shares():
 def test_cld_correlation_known_answers():
     target = np.array([[4.0, 3.0, 2.5, 2.4], [5.0, 4.0, 3.5, 3.4]])  # mean diffs (-1, -0.5, -0.1)
     d = np.array([-1.0, -0.5, -0.1])
-    pool_losses = np.stack([
-        np.concatenate([[3.0], 3.0 + np.cumsum(2 * d)]),  # proportional
-        np.concatenate([[3.0], 3.0 - np.cumsum(d)]),  # anti-proportional
-        np.array([2.0, 1.0, 0.0, -1.0]),  # constant differences: zero variance
-        np.array([2.0, np.nan, 1.0, 1.0]),  # no target token
-    ])
+    pool_losses = np.stack(
+        [
+            np.concatenate([[3.0], 3.0 + np.cumsum(2 * d)]),  # proportional
+            np.concatenate([[3.0], 3.0 - np.cumsum(d)]),  # anti-proportional
+            np.array([2.0, 1.0, 0.0, -1.0]),  # constant differences: zero variance
+            np.array([2.0, np.nan, 1.0, 1.0]),  # no target token
+        ]
+    )
     s = cld_scores(pool_losses, target)
     assert s.dtype == np.float64
     assert np.allclose(s, [1.0, -1.0, 0.0, 0.0])
@@ -162,8 +176,15 @@ def test_less_duplicate_features_and_target_copy_first(warm):
     moments = adam_moments(res.checkpoints[-1].path, sw.params)
     assert moments is not None  # the trainer saves AdamW moments
     enc = [fmt(tok).encode(r) for r in pool()]
-    f = gradient_features(model, sw.params, enc, tok.pad_token_id, Projector(sum(p.numel() for p in sw.params), 256),
-                          moments, FeatureStats())
+    f = gradient_features(
+        model,
+        sw.params,
+        enc,
+        tok.pad_token_id,
+        Projector(sum(p.numel() for p in sw.params), 256),
+        moments,
+        FeatureStats(),
+    )
     assert f.shape == (8, 256)
     assert float(f[1] @ f[7]) == pytest.approx(1.0, abs=1e-5)  # duplicated record: cosine 1
 
@@ -185,8 +206,9 @@ def test_less_adam_is_deterministic(warm):
 
 
 def test_tagcos_selects_exactly_the_budget(warm):
-    runs = [method(TAGCOSMethod, warm, budget=3, n_clusters=2, proj_dim=128).fit(TARGET).score(pool())
-            for _ in range(2)]
+    runs = [
+        method(TAGCOSMethod, warm, budget=3, n_clusters=2, proj_dim=128).fit(TARGET).score(pool()) for _ in range(2)
+    ]
     s = runs[0]
     assert np.array_equal(s, runs[1]) and s.dtype == np.float64 and s.shape == (8,)
     assert int((s > 2).sum()) == 3 and s[s <= 2].max() <= 1.0

@@ -88,9 +88,7 @@ class BM25Method(SelectionMethod):
         return self
 
     def _tokenize(self, texts: list[str], return_ids: bool) -> Any:
-        return bm25s.tokenize(
-            texts, stopwords=self.stopwords, return_ids=return_ids, show_progress=False
-        )
+        return bm25s.tokenize(texts, stopwords=self.stopwords, return_ids=return_ids, show_progress=False)
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         if not self._queries:

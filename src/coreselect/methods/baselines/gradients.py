@@ -68,8 +68,9 @@ def load_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
         m = _CKPT.match(path.name)
         step = int(m.group(1)) if m else i
         state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        out.append(Checkpoint(path, float(state.get("epoch", step)), int(state.get("step", step)),
-                              float(state.get("lr", 1.0))))
+        out.append(
+            Checkpoint(path, float(state.get("epoch", step)), int(state.get("step", step)), float(state.get("lr", 1.0)))
+        )
     return sorted(out, key=lambda c: c.step)
 
 
@@ -87,7 +88,8 @@ def warmup_checkpoints(warmup: dict[str, Any], method: str, need: int = 1) -> li
     if len(paths) < need:
         raise ConfigError(
             f"method {method} needs at least {need} warmup checkpoint(s), found {len(paths)}; run with "
-            "--warmup auto (or --warmup <run>/warmup/adapter so the checkpoint-* folders beside it are used)")
+            "--warmup auto (or --warmup <run>/warmup/adapter so the checkpoint-* folders beside it are used)"
+        )
     return load_checkpoints(paths)
 
 
@@ -130,12 +132,17 @@ class AdapterSwitcher:
                 self.params.append(p)
         if not self.params:
             raise CoreselectError(f"{path}: the adapter has no LoRA weights")
-        self.modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in self.model.named_parameters()
-                               if p.requires_grad})
+        self.modules = sorted(
+            {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in self.model.named_parameters() if p.requires_grad}
+        )
         missing = missing_attention_projections(self.base, self.modules)
         if missing:
-            log.warning("%s adapts %s but not the attention projections %s: its gradients miss them",
-                        path, ", ".join(self.modules), ", ".join(missing))
+            log.warning(
+                "%s adapts %s but not the attention projections %s: its gradients miss them",
+                path,
+                ", ".join(self.modules),
+                ", ".join(missing),
+            )
         self.model.eval()
         return self.model
 
@@ -239,9 +246,16 @@ class FeatureStats:
     backward_passes: int = 0
 
 
-def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[Encoded], pad_id: int,
-                      projector: Projector | None, adam: Moments | None,
-                      stats: FeatureStats, proj_batch: int = 32) -> Tensor:
+def gradient_features(
+    model: Any,
+    params: Sequence[Tensor],
+    encoded: Sequence[Encoded],
+    pad_id: int,
+    projector: Projector | None,
+    adam: Moments | None,
+    stats: FeatureStats,
+    proj_batch: int = 32,
+) -> Tensor:
     """Unit-normalized (projected) gradient features ``[N, k]`` on CPU, float32.
 
     Per record (batch size 1): the gradient of the token-mean response loss w.r.t. ``params``,
@@ -287,5 +301,3 @@ def gradient_features(model: Any, params: Sequence[Tensor], encoded: Sequence[En
     flush()
     k = projector.k if projector is not None else dim
     return torch.cat(feats) if feats else torch.zeros(0, k)
-
-

@@ -135,8 +135,10 @@ def cld_scores(pool_losses: np.ndarray, target_losses: np.ndarray) -> np.ndarray
     """
     pool_losses, target_losses = np.asarray(pool_losses, np.float64), np.asarray(target_losses, np.float64)
     if pool_losses.shape[1] < 3 or target_losses.shape[1] != pool_losses.shape[1]:
-        raise ConfigError(f"CLD needs the same >= 3 checkpoints for pool and target, got "
-                          f"{pool_losses.shape[1]} and {target_losses.shape[1]}")
+        raise ConfigError(
+            f"CLD needs the same >= 3 checkpoints for pool and target, got "
+            f"{pool_losses.shape[1]} and {target_losses.shape[1]}"
+        )
     t = np.nanmean(np.diff(target_losses, axis=1), axis=0)
     d = np.diff(pool_losses, axis=1)
     dc = d - d.mean(axis=1, keepdims=True)
@@ -273,8 +275,14 @@ class RDSMethod(SelectionMethod):
     #: the fitted target representations (:meth:`save_state`)
     STATE_FILE: ClassVar[str] = "rds_targets.safetensors"
 
-    def __init__(self, runner: Any, formatter: Any, aggregate: Literal["mean", "max"] = "mean",
-                 batch_tokens: int = 8192, chunk_records: int = 2048) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        formatter: Any,
+        aggregate: Literal["mean", "max"] = "mean",
+        batch_tokens: int = 8192,
+        chunk_records: int = 2048,
+    ) -> None:
         super().__init__()
         if aggregate not in ("mean", "max"):
             raise ConfigError(f"rds aggregate must be mean or max, got {aggregate!r}")
@@ -328,16 +336,18 @@ class RDSMethod(SelectionMethod):
             raise ConfigError("rds needs at least one target example")
         t0 = time.perf_counter()
         reps, _ = self._reps(target)
-        self.targets = torch.nn.functional.normalize(reps.mean(0, keepdim=True), dim=1) \
-            if self.aggregate == "mean" else reps
+        self.targets = (
+            torch.nn.functional.normalize(reps.mean(0, keepdim=True), dim=1) if self.aggregate == "mean" else reps
+        )
         self._account(t0)
         return self
 
     def _account(self, t0: float) -> None:
         self.cost.peak_memory_mb = max(self.cost.peak_memory_mb, peak_memory_mb(self.runner.device))
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
-                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
         for chunk in record_chunks(pool, chunk_records or self.chunk_records):
             yield self.score_batch(chunk)
 
@@ -364,8 +374,9 @@ class _CheckpointMethod(SelectionMethod):
     needs_model: ClassVar[bool] = True
     uses_warmup: ClassVar[bool] = True
 
-    def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
-                 seed: int = 0) -> None:
+    def __init__(
+        self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str], seed: int = 0
+    ) -> None:
         super().__init__()
         if not checkpoints:
             raise ConfigError(f"{self.name} needs at least one checkpoint")
@@ -398,9 +409,17 @@ class _CheckpointMethod(SelectionMethod):
 
 
 class _GradientMethod(_CheckpointMethod):
-    def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
-                 proj_dim: int | None = 8192, seed: int = 0, optimizer: Literal["adam", "sgd"] = "adam",
-                 proj_batch: int = 32) -> None:
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        formatter: Any,
+        checkpoints: Sequence[Checkpoint | str],
+        proj_dim: int | None = 8192,
+        seed: int = 0,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        proj_batch: int = 32,
+    ) -> None:
         super().__init__(base_model, tokenizer, formatter, checkpoints, seed)
         if optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {optimizer!r}")
@@ -426,11 +445,18 @@ class _GradientMethod(_CheckpointMethod):
         return feats
 
     def settings(self) -> dict[str, Any]:
-        return {"checkpoints": [str(c.path) for c in self.checkpoints], "lrs": [c.lr for c in self.checkpoints],
-                "proj_dim": self.proj_dim, "feature_dim": self.feature_dim, "projection": "rademacher",
-                "lora_modules": list(self.switcher.modules),
-                "seed": self.seed, "optimizer": self.optimizer, "pool_gradient": dict(self.pool_gradient),
-                "target_gradient": "sgd"}
+        return {
+            "checkpoints": [str(c.path) for c in self.checkpoints],
+            "lrs": [c.lr for c in self.checkpoints],
+            "proj_dim": self.proj_dim,
+            "feature_dim": self.feature_dim,
+            "projection": "rademacher",
+            "lora_modules": list(self.switcher.modules),
+            "seed": self.seed,
+            "optimizer": self.optimizer,
+            "pool_gradient": dict(self.pool_gradient),
+            "target_gradient": "sgd",
+        }
 
 
 # ------------------------------------------------------------------------------ LESS
@@ -458,8 +484,16 @@ class LESSMethod(_GradientMethod):
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> LESSMethod:
         base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
-        return cls(base, m.tokenizer, m.formatter, ckpts, proj_dim=config.proj_dim, seed=config.seed,
-                   optimizer=config.optimizer, proj_batch=config.proj_batch)
+        return cls(
+            base,
+            m.tokenizer,
+            m.formatter,
+            ckpts,
+            proj_dim=config.proj_dim,
+            seed=config.seed,
+            optimizer=config.optimizer,
+            proj_batch=config.proj_batch,
+        )
 
     def fit(self, target: Sequence[Record]) -> LESSMethod:
         if not target:
@@ -501,17 +535,34 @@ class TAGCOSMethod(_GradientMethod):
 
     name: ClassVar[str] = "tagcos"
 
-    def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
-                 budget: str | int, n_clusters: int | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        formatter: Any,
+        checkpoints: Sequence[Checkpoint | str],
+        budget: str | int,
+        n_clusters: int | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(base_model, tokenizer, formatter, list(checkpoints)[-1:], **kw)
         self.budget, self.n_clusters = budget, n_clusters
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> TAGCOSMethod:
         base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
-        return cls(base, m.tokenizer, m.formatter, ckpts, budget=ctx.budget, n_clusters=config.n_clusters,
-                   proj_dim=config.proj_dim, seed=config.seed, optimizer=config.optimizer,
-                   proj_batch=config.proj_batch)
+        return cls(
+            base,
+            m.tokenizer,
+            m.formatter,
+            ckpts,
+            budget=ctx.budget,
+            n_clusters=config.n_clusters,
+            proj_dim=config.proj_dim,
+            seed=config.seed,
+            optimizer=config.optimizer,
+            proj_batch=config.proj_batch,
+        )
 
     def fit(self, target: Sequence[Record]) -> TAGCOSMethod:
         """Task-agnostic: the target is ignored."""
@@ -522,8 +573,9 @@ class TAGCOSMethod(_GradientMethod):
         records = list(pool)
         k = _budget(self.budget, len(records))
         feats = self._features(self.checkpoints[-1], records, adam=True).double().numpy()
-        scores = select_by_clusters_omp(feats, k, self.n_clusters or default_clusters(len(records)), self.seed,
-                                        self.stats)
+        scores = select_by_clusters_omp(
+            feats, k, self.n_clusters or default_clusters(len(records)), self.seed, self.stats
+        )
         self._account(t0)
         return scores
 
@@ -531,8 +583,9 @@ class TAGCOSMethod(_GradientMethod):
         return {**super().settings(), "budget": str(self.budget), "n_clusters": self.n_clusters or "min(100, n//10)"}
 
 
-def select_by_clusters_omp(feats: np.ndarray, k: int, n_clusters: int, seed: int,
-                           stats: dict[str, Any] | None = None) -> np.ndarray:
+def select_by_clusters_omp(
+    feats: np.ndarray, k: int, n_clusters: int, seed: int, stats: dict[str, Any] | None = None
+) -> np.ndarray:
     """TAGCOS selection on unit features ``[n, d]``: k-means, proportional shares, OMP per
     cluster; returns scores whose top-``k`` is the selection (see :class:`TAGCOSMethod`)."""
     n = len(feats)
@@ -556,8 +609,9 @@ def select_by_clusters_omp(feats: np.ndarray, k: int, n_clusters: int, seed: int
             scores[members[fill]] = 2 + np.clip(cos[fill], 0, 1) * 0.999 + 1e-3
             n_fill += missing
     if stats is not None:
-        stats.update({"clusters": len(ids), "cluster_sizes": sizes.tolist(), "shares": shares.tolist(),
-                      "omp_fill_ups": n_fill})
+        stats.update(
+            {"clusters": len(ids), "cluster_sizes": sizes.tolist(), "shares": shares.tolist(), "omp_fill_ups": n_fill}
+        )
     return scores
 
 
@@ -577,16 +631,33 @@ class S2LMethod(_CheckpointMethod):
 
     name: ClassVar[str] = "s2l"
 
-    def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
-                 budget: str | int, n_clusters: int | None = None, seed: int = 0, batch_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        formatter: Any,
+        checkpoints: Sequence[Checkpoint | str],
+        budget: str | int,
+        n_clusters: int | None = None,
+        seed: int = 0,
+        batch_tokens: int = 4096,
+    ) -> None:
         super().__init__(base_model, tokenizer, formatter, checkpoints, seed)
         self.budget, self.n_clusters, self.batch_tokens = budget, n_clusters, int(batch_tokens)
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> S2LMethod:
         base, m, ckpts = _base_and_checkpoints(cls.name, config, ctx, 1)
-        return cls(base, m.tokenizer, m.formatter, ckpts, budget=ctx.budget, n_clusters=config.n_clusters,
-                   seed=config.seed, batch_tokens=config.batch_tokens)
+        return cls(
+            base,
+            m.tokenizer,
+            m.formatter,
+            ckpts,
+            budget=ctx.budget,
+            n_clusters=config.n_clusters,
+            seed=config.seed,
+            batch_tokens=config.batch_tokens,
+        )
 
     def fit(self, target: Sequence[Record]) -> S2LMethod:
         """Task-agnostic: the target is ignored."""
@@ -606,8 +677,12 @@ class S2LMethod(_CheckpointMethod):
         return scores
 
     def settings(self) -> dict[str, Any]:
-        return {"checkpoints": [str(c.path) for c in self.checkpoints], "budget": str(self.budget),
-                "n_clusters": self.n_clusters or "min(100, n//10)", "seed": self.seed}
+        return {
+            "checkpoints": [str(c.path) for c in self.checkpoints],
+            "budget": str(self.budget),
+            "n_clusters": self.n_clusters or "min(100, n//10)",
+            "seed": self.seed,
+        }
 
 
 # ------------------------------------------------------------------------------ CLD
@@ -620,8 +695,15 @@ class CLDMethod(_CheckpointMethod):
 
     name: ClassVar[str] = "cld"
 
-    def __init__(self, base_model: Any, tokenizer: Any, formatter: Any, checkpoints: Sequence[Checkpoint | str],
-                 seed: int = 0, batch_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        formatter: Any,
+        checkpoints: Sequence[Checkpoint | str],
+        seed: int = 0,
+        batch_tokens: int = 4096,
+    ) -> None:
         if len(checkpoints) < 3:
             raise ConfigError(f"cld needs >= 3 checkpoints (>= 2 loss differences), got {len(checkpoints)}")
         super().__init__(base_model, tokenizer, formatter, checkpoints, seed)

@@ -31,7 +31,25 @@ from coreselect.methods.p2d.select import FEATURES, P2DConfig, P2DMethod, head_f
 from coreselect.models.introspect import HeadGeometry, decoder_layers
 
 __all__ = [
-    "FEATURES", "PROXIES", "Head", "HeadGeometry", "HeadSet", "HeadsArgs", "P2DConfig", "P2DMethod",
-    "attention_importance", "decoder_layers", "gradient_importance", "head_features", "head_gates", "heads_command",
-    "localize_heads", "n_top", "o_proj_of", "per_example_loss", "plot_heatmap", "random_heads", "top_heads",
+    "FEATURES",
+    "PROXIES",
+    "Head",
+    "HeadGeometry",
+    "HeadSet",
+    "HeadsArgs",
+    "P2DConfig",
+    "P2DMethod",
+    "attention_importance",
+    "decoder_layers",
+    "gradient_importance",
+    "head_features",
+    "head_gates",
+    "heads_command",
+    "localize_heads",
+    "n_top",
+    "o_proj_of",
+    "per_example_loss",
+    "plot_heatmap",
+    "random_heads",
+    "top_heads",
 ]

@@ -58,9 +58,22 @@ from coreselect.models.runner import (
 from coreselect.train.loop import forward
 
 __all__ = [
-    "PROXIES", "Head", "HeadSet", "HeadsArgs", "attention_importance", "gradient_importance", "head_gates",
-    "heads_command", "localize_heads", "n_top", "o_proj_of", "per_example_loss", "plot_heatmap", "random_heads",
-    "split_heads", "top_heads",
+    "PROXIES",
+    "Head",
+    "HeadSet",
+    "HeadsArgs",
+    "attention_importance",
+    "gradient_importance",
+    "head_gates",
+    "heads_command",
+    "localize_heads",
+    "n_top",
+    "o_proj_of",
+    "per_example_loss",
+    "plot_heatmap",
+    "random_heads",
+    "split_heads",
+    "top_heads",
 ]
 
 PROXIES = ("gradient", "attention")
@@ -133,8 +146,10 @@ class HeadSet:
     def check(self, geom: HeadGeometry) -> None:
         """Fail clearly when the heads do not fit the model."""
         if self.n_layers and (self.n_layers, self.n_heads) != (geom.n_layers, geom.n_heads):
-            raise CoreselectError(f"heads were located on a model with {self.n_layers} layers x {self.n_heads} heads; "
-                                  f"this one has {geom.n_layers} x {geom.n_heads}")
+            raise CoreselectError(
+                f"heads were located on a model with {self.n_layers} layers x {self.n_heads} heads; "
+                f"this one has {geom.n_layers} x {geom.n_heads}"
+            )
         if not self.heads:
             raise CoreselectError("the head set is empty")
         for layer, head in self.heads:
@@ -208,6 +223,7 @@ def head_gates(model: Any, gates: Tensor) -> Iterator[None]:
             x = args[0]
             g = gates[layer].to(x.dtype)[:, None, :, None]
             return ((split_heads(x, geom) * g).reshape(x.shape), *args[1:])
+
         return pre
 
     handles = [o_proj_of(model, i).register_forward_pre_hook(make(i)) for i in range(geom.n_layers)]
@@ -216,7 +232,6 @@ def head_gates(model: Any, gates: Tensor) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
 
 
 # ------------------------------------------------------------------------------ localization
@@ -237,8 +252,14 @@ def gradient_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_t
         with frozen_parameters(model), torch.enable_grad():
             for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
                 batch = runner.collate(encoded, positions)
-                gates = torch.ones(geom.n_layers, len(positions), geom.n_heads, dtype=torch.float64,
-                                   device=runner.device, requires_grad=True)
+                gates = torch.ones(
+                    geom.n_layers,
+                    len(positions),
+                    geom.n_heads,
+                    dtype=torch.float64,
+                    device=runner.device,
+                    requires_grad=True,
+                )
                 with head_gates(model, gates):
                     logits = forward(model, batch)
                 loss = per_example_loss(logits, batch)
@@ -271,8 +292,16 @@ def attention_importance(runner: ModelRunner, encoded: Sequence[Encoded], batch_
     return total
 
 
-def localize_heads(runner: ModelRunner, formatter: Formatter, target: Sequence[Record], *, proxy: str = "gradient",
-                   fraction: float = 0.1, batch_tokens: int = 8192, model_name: str = "") -> HeadSet:
+def localize_heads(
+    runner: ModelRunner,
+    formatter: Formatter,
+    target: Sequence[Record],
+    *,
+    proxy: str = "gradient",
+    fraction: float = 0.1,
+    batch_tokens: int = 8192,
+    model_name: str = "",
+) -> HeadSet:
     """Stage 1: score every head on the target and keep the top ``fraction`` as ``H_T``."""
     if proxy not in PROXIES:
         raise ConfigError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
@@ -286,9 +315,16 @@ def localize_heads(runner: ModelRunner, formatter: Formatter, target: Sequence[R
     else:
         scores = attention_importance(runner, encoded, batch_tokens)
     geom = HeadGeometry.of(runner.model)
-    return HeadSet(model=model_name, proxy=proxy, fraction=fraction, heads=top_heads(scores, fraction),
-                   scores=scores.tolist(), n_layers=geom.n_layers, n_heads=geom.n_heads,
-                   extra={"n_target": len(target)})
+    return HeadSet(
+        model=model_name,
+        proxy=proxy,
+        fraction=fraction,
+        heads=top_heads(scores, fraction),
+        scores=scores.tolist(),
+        n_layers=geom.n_layers,
+        n_heads=geom.n_heads,
+        extra={"n_target": len(target)},
+    )
 
 
 # ------------------------------------------------------------------------------ `coreselect heads`
@@ -346,8 +382,15 @@ def heads_command(args: HeadsArgs) -> HeadSet:
     runner = ModelRunner(model, tok)
     fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
     t1 = time.perf_counter()
-    hs = localize_heads(runner, fmt, target, proxy=args.proxy, fraction=args.head_fraction,
-                        batch_tokens=args.batch_tokens, model_name=args.model)
+    hs = localize_heads(
+        runner,
+        fmt,
+        target,
+        proxy=args.proxy,
+        fraction=args.head_fraction,
+        batch_tokens=args.batch_tokens,
+        model_name=args.model,
+    )
     hs.extra.update({"localize_s": time.perf_counter() - t1, "model_load_s": t1 - t0})
     out = Path(args.out)
     hs.save(out / "heads.json")

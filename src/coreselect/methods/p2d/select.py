@@ -119,6 +119,7 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
             store[layer] = split_heads(x, geom).index_select(2, idx.to(x.device)).flatten(2)
             if stop and layer == last:
                 raise _Stop
+
         return pre
 
     handles = []
@@ -134,8 +135,9 @@ def _capture(model: Any, by_layer: dict[int, list[int]], store: dict[int, Tensor
 
 
 def _forward_base(runner: ModelRunner, batch: Batch) -> None:
-    runner.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False)
+    runner.base(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
 
 
 @torch.inference_mode()
@@ -169,6 +171,7 @@ def head_attentions(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[
             attns[layer] = attention_probs(out)[:, by_layer[layer]]
             if layer == last:
                 raise _Stop
+
         return post
 
     handles = [attention_module(runner.layers[layer]).register_forward_hook(make(layer)) for layer in by_layer]
@@ -256,8 +259,16 @@ class P2DMethod(SelectionMethod):
     #: the target side of the fit (pooled centre or fingerprints), beside heads.json
     STATE_FILE: ClassVar[str] = "p2d_target.safetensors"
 
-    def __init__(self, runner: ModelRunner, formatter: Formatter, config: P2DConfig | None = None, *,
-                 model_name: str = "", out_dir: str | Path | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        formatter: Formatter,
+        config: P2DConfig | None = None,
+        *,
+        model_name: str = "",
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.formatter = formatter
@@ -276,10 +287,17 @@ class P2DMethod(SelectionMethod):
     def experiment_rows(cls) -> list[ExperimentRow]:
         """P2D (select + train the heads), P2D-dagger (select only) and P2D-double-dagger
         (train the heads on random data; locating them counts as its selection cost)."""
-        return [ExperimentRow("p2d", "p2d", "P2D", train_heads_from="p2d"),
-                ExperimentRow("p2d_select", "p2d", "P2D† (select only)"),
-                ExperimentRow("p2d_train", "random", "P2D‡ (heads only, random data)", train_heads_from="p2d",
-                              extra_cost=(("p2d", "localize_s"),))]
+        return [
+            ExperimentRow("p2d", "p2d", "P2D", train_heads_from="p2d"),
+            ExperimentRow("p2d_select", "p2d", "P2D† (select only)"),
+            ExperimentRow(
+                "p2d_train",
+                "random",
+                "P2D‡ (heads only, random data)",
+                train_heads_from="p2d",
+                extra_cost=(("p2d", "localize_s"),),
+            ),
+        ]
 
     @classmethod
     def report_summary(cls, run: dict[str, Any]) -> list[tuple[str, object]]:
@@ -289,11 +307,13 @@ class P2DMethod(SelectionMethod):
         aer = (run.get("aer") or {}).get("aer") if isinstance(run.get("aer"), dict) else run.get("aer")
         where = f"{heads.get('proxy', st.get('heads'))}, fraction {st.get('head_fraction')}"
         size = f"{heads.get('n', '?')} of {heads.get('of', '?')} ({where}), layers {heads.get('layers', '?')}"
-        return [("model", st.get("model", "?")),
-                ("heads H_T", size),
-                ("feature / scope", f"{st.get('feature')} / {st.get('scope')}"),
-                ("min_context / coverage", f"{st.get('min_context')} / {st.get('coverage')}"),
-                ("AER (estimated)", None if aer is None else f"{aer:.4g}")]
+        return [
+            ("model", st.get("model", "?")),
+            ("heads H_T", size),
+            ("feature / scope", f"{st.get('feature')} / {st.get('scope')}"),
+            ("min_context / coverage", f"{st.get('min_context')} / {st.get('coverage')}"),
+            ("AER (estimated)", None if aer is None else f"{aer:.4g}"),
+        ]
 
     @classmethod
     def report_figures(cls, run_dir: Path, run: dict[str, Any]) -> list[ReportFigure]:
@@ -308,9 +328,15 @@ class P2DMethod(SelectionMethod):
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_heatmap(hs, Path(tmp) / "heads.png").read_bytes()
         by_layer = "; ".join(f"layer {layer}: {', '.join(map(str, h))}" for layer, h in hs.by_layer().items())
-        return [ReportFigure("p2d-heads", "Task-sensitive heads H_T (stage i)", png,
-                             f"{hs.proxy} head sensitivity, H_T outlined",
-                             note=f"{len(hs.heads)} heads by {hs.proxy} sensitivity ({by_layer}).")]
+        return [
+            ReportFigure(
+                "p2d-heads",
+                "Task-sensitive heads H_T (stage i)",
+                png,
+                f"{hs.proxy} head sensitivity, H_T outlined",
+                note=f"{len(hs.heads)} heads by {hs.proxy} sensitivity ({by_layer}).",
+            )
+        ]
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> P2DMethod:
@@ -367,14 +393,28 @@ class P2DMethod(SelectionMethod):
         cfg, g = self.config, self.geom
         if cfg.heads == "auto":
             t0 = time.perf_counter()
-            hs = localize_heads(self.runner, self.formatter, target, proxy=cfg.proxy, fraction=cfg.head_fraction,
-                                batch_tokens=cfg.batch_tokens, model_name=self.model_name)
+            hs = localize_heads(
+                self.runner,
+                self.formatter,
+                target,
+                proxy=cfg.proxy,
+                fraction=cfg.head_fraction,
+                batch_tokens=cfg.batch_tokens,
+                model_name=self.model_name,
+            )
             self.stats["localize_s"] = time.perf_counter() - t0
             self.cost.backward_passes += len(target) if cfg.proxy == "gradient" else 0
         elif cfg.heads == "random":
             k = n_top(cfg.head_fraction, g.n_layers * g.n_heads)
-            hs = HeadSet(self.model_name, "random", cfg.head_fraction, random_heads(g.n_layers, g.n_heads, k, cfg.seed),
-                         n_layers=g.n_layers, n_heads=g.n_heads, extra={"seed": cfg.seed})
+            hs = HeadSet(
+                self.model_name,
+                "random",
+                cfg.head_fraction,
+                random_heads(g.n_layers, g.n_heads, k, cfg.seed),
+                n_layers=g.n_layers,
+                n_heads=g.n_heads,
+                extra={"seed": cfg.seed},
+            )
         else:
             hs = HeadSet.load(cfg.heads)
         hs.check(g)
@@ -402,8 +442,14 @@ class P2DMethod(SelectionMethod):
             feats = head_features(self.runner, batch, by_layer)  # the kernel that scores the pool
             if cfg.feature == "fingerprint":
                 attns = head_attentions(self.runner, batch, by_layer)
-                alpha = token_saliency(attns, batch.attention_mask, cfg.w_row, cfg.w_col, windows=windows,
-                                       minmax_mask=mask if cfg.saliency_minmax == "scope" else None)
+                alpha = token_saliency(
+                    attns,
+                    batch.attention_mask,
+                    cfg.w_row,
+                    cfg.w_col,
+                    windows=windows,
+                    minmax_mask=mask if cfg.saliency_minmax == "scope" else None,
+                )
                 del attns
                 builder.add(feats, alpha, batch.input_ids, mask)
             else:
@@ -421,8 +467,13 @@ class P2DMethod(SelectionMethod):
             self._center = _unit(torch.stack(pooled).mean(0))
         self.cost.forward_passes += len(target)
         self.stats["fit_s"] = time.perf_counter() - t0
-        self.stats["heads"] = {"n": len(hs.heads), "of": self.geom.n_layers * self.geom.n_heads, "proxy": hs.proxy,
-                               "layers": sorted(by_layer), "feature_dim": len(hs.heads) * self.geom.head_dim}
+        self.stats["heads"] = {
+            "n": len(hs.heads),
+            "of": self.geom.n_layers * self.geom.n_heads,
+            "proxy": hs.proxy,
+            "layers": sorted(by_layer),
+            "feature_dim": len(hs.heads) * self.geom.head_dim,
+        }
         return self
 
     # ------------------------------------------------------------ stage 2
@@ -438,11 +489,19 @@ class P2DMethod(SelectionMethod):
             mask = cfg.scored_positions(batch)
             if cfg.feature == "fingerprint":
                 assert self.fingerprints is not None
-                s, in_m, _ = token_scores(self.fingerprints, feats, batch.input_ids, mask,
-                                          oov_penalty=cfg.oov_penalty, table=self._table)
-                sc, parts = pool_scores(s, in_m, batch.attention_mask, w_mean=cfg.w_mean, w_max=cfg.w_max,
-                                        coverage_weight=cfg.coverage_weight, coverage=cfg.coverage,
-                                        content=batch.scope_mask(cfg.scope))
+                s, in_m, _ = token_scores(
+                    self.fingerprints, feats, batch.input_ids, mask, oov_penalty=cfg.oov_penalty, table=self._table
+                )
+                sc, parts = pool_scores(
+                    s,
+                    in_m,
+                    batch.attention_mask,
+                    w_mean=cfg.w_mean,
+                    w_max=cfg.w_max,
+                    coverage_weight=cfg.coverage_weight,
+                    coverage=cfg.coverage,
+                    content=batch.scope_mask(cfg.scope),
+                )
                 n = parts["n_scored"]
             else:
                 assert self._center is not None
@@ -453,8 +512,9 @@ class P2DMethod(SelectionMethod):
             n_scored[positions] = n.cpu().numpy()
         return scores, n_scored
 
-    def score_chunks(self, pool: Iterable[Record], total: int | None = None,
-                     chunk_records: int | None = None) -> Iterator[ScoreChunk]:
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
         if self.head_set is None:
             raise CoreselectError("P2DMethod.score called before fit")
         from coreselect.progress import progress_bar
@@ -500,9 +560,16 @@ class P2DMethod(SelectionMethod):
         n_tok = np.asarray(table.column("n_tokens").to_numpy(), dtype=np.int64)
         sel = np.asarray(table.column("selected").to_numpy(), dtype=bool)
         try:
-            aer = estimate_aer(self.runner.model, self.runner.pad_id, self._target_encoded, self.head_set.heads,
-                               selection_s=float(info["cost"]["wall_s"]), tokens_selected=int(n_tok[sel].sum()),
-                               tokens_pool=int(n_tok.sum()), epochs=self.config.aer_epochs)
+            aer = estimate_aer(
+                self.runner.model,
+                self.runner.pad_id,
+                self._target_encoded,
+                self.head_set.heads,
+                selection_s=float(info["cost"]["wall_s"]),
+                tokens_selected=int(n_tok[sel].sum()),
+                tokens_pool=int(n_tok.sum()),
+                epochs=self.config.aer_epochs,
+            )
         except (RuntimeError, CoreselectError) as e:  # e.g. out of memory for the full-gradient timing
             aer = {"aer": None, "error": str(e).splitlines()[0]}
         return {"aer": aer}
@@ -516,5 +583,3 @@ def _mean_pool(feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def _unit(v: Tensor) -> Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-
-

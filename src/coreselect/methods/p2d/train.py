@@ -163,8 +163,15 @@ class HeadDelta(torch.nn.Module):
             w = self.weights[_k(key)]
             b = self.biases.get(_k(key), None)
 
-            def hook(_m: Any, args: tuple, out: Tensor, w: Tensor = w, b: Tensor | None = b, idx: Tensor = idx,
-                     is_o: bool = self.geom.is_output(name)) -> Tensor:
+            def hook(
+                _m: Any,
+                args: tuple,
+                out: Tensor,
+                w: Tensor = w,
+                b: Tensor | None = b,
+                idx: Tensor = idx,
+                is_o: bool = self.geom.is_output(name),
+            ) -> Tensor:
                 x = args[0]
                 if is_o:
                     return out + torch.nn.functional.linear(x.index_select(-1, idx), w.to(x.dtype))
@@ -231,8 +238,10 @@ def apply_head_delta(model: Any, path: str | Path) -> Any:
         raise CoreselectError(f"{path}: not a coreselect heads_delta file")
     geom = HeadGeometry.of(model)
     if (int(meta.get("n_layers", -1)), int(meta.get("n_heads", -1))) != (geom.n_layers, geom.n_heads):
-        raise CoreselectError(f"{path}: made for {meta.get('n_layers')} layers x {meta.get('n_heads')} heads, "
-                              f"the model has {geom.n_layers} x {geom.n_heads}")
+        raise CoreselectError(
+            f"{path}: made for {meta.get('n_layers')} layers x {meta.get('n_heads')} heads, "
+            f"the model has {geom.n_layers} x {geom.n_heads}"
+        )
     _merge(model, tensors)
     return model
 
@@ -324,9 +333,18 @@ class HeadTrainResult:
     plot: Path | None = None
 
 
-def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: HeadSet | Sequence[tuple[int, int]],
-                args: TrainArgs, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
-                formatter: Formatter | None = None) -> HeadTrainResult:
+def train_heads(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    heads: HeadSet | Sequence[tuple[int, int]],
+    args: TrainArgs,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    formatter: Formatter | None = None,
+) -> HeadTrainResult:
     """Fine-tune only the ``H_T`` slices of ``model`` on ``records`` (module doc), on ``Trainer``.
 
     Uses ``args``' recipe, checkpoint and precision fields (the LoRA fields are ignored).
@@ -340,15 +358,27 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     """
     t0 = time.perf_counter()
     geom = HeadGeometry.of(model)
-    hs = heads if isinstance(heads, HeadSet) else HeadSet("", "given", 0.0, sorted(heads), n_layers=geom.n_layers,
-                                                           n_heads=geom.n_heads)
+    hs = (
+        heads
+        if isinstance(heads, HeadSet)
+        else HeadSet("", "given", 0.0, sorted(heads), n_layers=geom.n_layers, n_heads=geom.n_heads)
+    )
     hs.check(geom)
     out = Path(out_dir)
     spec = HeadsOnly(sorted(hs.heads))
     try:
         with frozen_parameters(model):  # the base gets no .grad: only the deltas are leaves that train
-            res = train_lora(model, tokenizer, records, args, out, progress=progress, resume=resume,
-                             formatter=formatter, trainable=spec)
+            res = train_lora(
+                model,
+                tokenizer,
+                records,
+                args,
+                out,
+                progress=progress,
+                resume=resume,
+                formatter=formatter,
+                trainable=spec,
+            )
     finally:
         if spec.module is not None:
             spec.module.detach()
@@ -362,33 +392,81 @@ def train_heads(model: Any, tokenizer: Any, records: Sequence[Record], heads: He
     if int(os.environ.get("RANK", "0")) == 0:  # the main process writes (as train_lora does)
         from safetensors.torch import save_file
 
-        meta = {"format": FORMAT, "kv_policy": KV_POLICY, "n_layers": str(geom.n_layers),
-                "n_heads": str(geom.n_heads), "n_kv_heads": str(geom.n_kv_heads), "head_dim": str(geom.head_dim),
-                "qkv_layout": geom.spec.layout}
+        meta = {
+            "format": FORMAT,
+            "kv_policy": KV_POLICY,
+            "n_layers": str(geom.n_layers),
+            "n_heads": str(geom.n_heads),
+            "n_kv_heads": str(geom.n_kv_heads),
+            "head_dim": str(geom.head_dim),
+            "qkv_layout": geom.spec.layout,
+        }
         with atomic_path(delta_path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         hs.save(heads_path)
         state_file = out / "train_state.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        state.update({"mode": "heads", "heads": [list(h) for h in hs.heads], "kv_policy": KV_POLICY,
-                      "n_trainable": n_trainable, "n_model_params": sum(p.numel() for p in model.parameters()),
-                      "wall_s": time.perf_counter() - t0})
+        state.update(
+            {
+                "mode": "heads",
+                "heads": [list(h) for h in hs.heads],
+                "kv_policy": KV_POLICY,
+                "n_trainable": n_trainable,
+                "n_model_params": sum(p.numel() for p in model.parameters()),
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
         write_json(state_file, state)
-    return HeadTrainResult(delta_path, heads_path, res.losses, res.steps, time.perf_counter() - t0, res.tokens,
-                           res.skipped, n_trainable, list(res.checkpoints), res.plot)
+    return HeadTrainResult(
+        delta_path,
+        heads_path,
+        res.losses,
+        res.steps,
+        time.perf_counter() - t0,
+        res.tokens,
+        res.skipped,
+        n_trainable,
+        list(res.checkpoints),
+        res.plot,
+    )
 
 
-def train_heads_from_file(model: Any, tokenizer: Any, records: Sequence[Record], heads_json: str | Path,
-                          args: TrainArgs, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
-                          formatter: Formatter | None = None) -> HeadTrainResult:
+def train_heads_from_file(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    heads_json: str | Path,
+    args: TrainArgs,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    formatter: Formatter | None = None,
+) -> HeadTrainResult:
     """The hook for ``coreselect train --heads heads.json``: load ``H_T`` and call :func:`train_heads`."""
-    return train_heads(model, tokenizer, records, HeadSet.load(heads_json), args, out_dir, progress=progress,
-                       resume=resume, formatter=formatter)
+    return train_heads(
+        model,
+        tokenizer,
+        records,
+        HeadSet.load(heads_json),
+        args,
+        out_dir,
+        progress=progress,
+        resume=resume,
+        formatter=formatter,
+    )
 
 
 # ------------------------------------------------------------------------------ AER estimate
-def seconds_per_token(model: Any, pad_id: int, encoded: Sequence[Encoded], heads: Sequence[tuple[int, int]] | None,
-                      *, batch_size: int = 2, batches: int = 2) -> float:
+def seconds_per_token(
+    model: Any,
+    pad_id: int,
+    encoded: Sequence[Encoded],
+    heads: Sequence[tuple[int, int]] | None,
+    *,
+    batch_size: int = 2,
+    batches: int = 2,
+) -> float:
     """Forward+backward seconds per real token: all parameters (``heads=None``) or the ``H_T`` deltas only.
 
     One untimed warm-up micro-batch, then ``batches`` timed ones (cycling over ``encoded``).
@@ -434,9 +512,18 @@ def seconds_per_token(model: Any, pad_id: int, encoded: Sequence[Encoded], heads
     return elapsed / max(n_tok, 1)
 
 
-def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequence[tuple[int, int]], *,
-                 selection_s: float, tokens_selected: int, tokens_pool: int, epochs: float = 4.0,
-                 batches: int = 2) -> dict[str, Any]:
+def estimate_aer(
+    model: Any,
+    pad_id: int,
+    sample: Sequence[Encoded],
+    heads: Sequence[tuple[int, int]],
+    *,
+    selection_s: float,
+    tokens_selected: int,
+    tokens_pool: int,
+    epochs: float = 4.0,
+    batches: int = 2,
+) -> dict[str, Any]:
     """Estimated AER of "P2D-dagger selection + P2D-double-dagger training" vs full SFT (module doc)."""
     full = seconds_per_token(model, pad_id, sample, None, batches=batches)
     sparse = seconds_per_token(model, pad_id, sample, heads, batches=batches)
@@ -450,7 +537,7 @@ def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequ
         "full_sft_s": full_sft_s,
         "estimated": True,
         "how": "training terms = measured fwd+bwd seconds per token on the target examples x tokens x epochs; "
-               "optimizer step not timed (AER conservative)",
+        "optimizer step not timed (AER conservative)",
         "s_per_token_heads": sparse,
         "s_per_token_full": full,
         "tokens_selected": tokens_selected,
@@ -460,15 +547,25 @@ def estimate_aer(model: Any, pad_id: int, sample: Sequence[Encoded], heads: Sequ
     }
 
 
-def train_heads_run(heads_json: str | Path, model: Any, tokenizer: Any, records: Sequence[Record], args: TrainArgs,
-                    out_dir: str | Path, *, formatter: Formatter | None = None,
-                    progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def train_heads_run(
+    heads_json: str | Path,
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    args: TrainArgs,
+    out_dir: str | Path,
+    *,
+    formatter: Formatter | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any]:
     """``coreselect train --heads``: :func:`train_heads_from_file` plus the run.json fields of a LoRA run.
 
     The caller (``coreselect.train.command.train``) adds settings, versions, model and timings.
     """
-    res = train_heads_from_file(model, tokenizer, records, heads_json, args, out_dir, progress=progress,
-                                resume=resume, formatter=formatter)
+    res = train_heads_from_file(
+        model, tokenizer, records, heads_json, args, out_dir, progress=progress, resume=resume, formatter=formatter
+    )
     return {
         "mode": "heads",
         "heads": str(res.heads_path),
