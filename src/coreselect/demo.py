@@ -23,6 +23,7 @@ class DemoArgs:
 
     Attributes:
         task: target task, ``gsm8k`` or ``csqa``.
+        model: a packaged model (``smollm2``, ``gemma3-270m``) or any model ``select`` accepts.
         out: output folder of the selection run.
         budget: coreset size, a percentage of the pool or a count.
         warmup: ``auto`` (short LoRA warmup on 5% of the pool), ``none`` or an adapter folder.
@@ -36,6 +37,7 @@ class DemoArgs:
     """
 
     task: str = "gsm8k"
+    model: str = "smollm2"
     out: str = "runs/demo"
     budget: str = "5%"
     warmup: str = "auto"
@@ -49,7 +51,7 @@ class DemoArgs:
 
 
 def demo(args: DemoArgs) -> dict:
-    """Build the packaged pool, run TRIM with SmolLM2, print the top picks with their source."""
+    """Build the packaged pool, run TRIM (SmolLM2 by default), print the top picks with their source."""
     from coreselect import assets
     from coreselect.config import SelectArgs
     from coreselect.pipeline import select
@@ -65,7 +67,7 @@ def demo(args: DemoArgs) -> dict:
         target=[str(data["target_" + args.task])],
         out=args.out,
         method="trim",
-        model="smollm2",
+        model=args.model,
         budget=args.budget,
         warmup=args.warmup,
         warmup_epochs=args.warmup_epochs,
