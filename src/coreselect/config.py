@@ -13,6 +13,7 @@ runs of several methods (``compare``, ``experiment``) whose knobs share a name.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -86,6 +87,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "formatting": ("max_length", "template", "template_date"),
     "warmup": tuple(f.name for f in fields(WarmupSettings)),
+    "several targets (--target NAME=FILE ...)": ("combine", "quota"),
     "engine": ("engine", "shard_records", "num_shards", "shard_index", "ray_address", "ray_actors"),
 }
 
@@ -101,7 +103,12 @@ class SelectArgs(WarmupSettings):
     Attributes:
         pool: pool files (JSONL / JSON / Parquet / ``load_from_disk`` folder / hub name); from
             Python also ``datasets.Dataset`` / ``IterableDataset`` objects.
-        target: the few target examples (same formats).
+        target: the few target examples (same formats); ``NAME=FILE`` entries (YAML: a mapping
+            ``{name: file}``) are several named targets, selected for in one run.
+        combine: several targets: ``quota`` (default), ``max``, ``mean`` or ``round-robin``
+            (max / mean over rank-normalized per-target scores; see ``coreselect.combine``).
+        quota: several targets, ``--combine quota``: budget shares ``csqa=50%,siqa=25%``
+            (unnamed targets share the rest; default: equal split).
         out: output folder.
         method: selection method (``trim``, ``random``, ``bm25``, ``dsir``, ...).
         model: causal LM: folder, ``.gguf`` file, hub id, or ``smollm2`` (the packaged default).
@@ -150,6 +157,8 @@ class SelectArgs(WarmupSettings):
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    combine: str = "quota"
+    quota: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,6 +166,12 @@ class SelectArgs(WarmupSettings):
             self.pool = [self.pool]
         if isinstance(self.target, str):
             self.target = [self.target]
+        if isinstance(self.target, dict):  # YAML ``target: {csqa: a.jsonl, siqa: [b.jsonl, c.jsonl]}``
+            self.target = [
+                f"{name}={p}"
+                for name, paths in self.target.items()
+                for p in ([paths] if isinstance(paths, str) else paths)
+            ]
         from coreselect.data.hf_datasets import as_inputs
 
         self.pool, self.target = as_inputs(self.pool), as_inputs(self.target)  # Dataset objects: labelled str
@@ -206,6 +221,25 @@ class SelectArgs(WarmupSettings):
         data = {k: v for k, v in settings.items() if k in own or k in opts}
         return cls(**data)
 
+    def target_sets(self) -> dict[str, list[str]]:
+        """The target files by target name (issue 14 §1).
+
+        ``NAME=FILE`` entries name their target (several entries with one name are one set);
+        plain entries are the one unnamed target ``"target"`` (today's single-target run).
+        Named and unnamed entries do not mix.
+        """
+        named: dict[str, list[str]] = {}
+        plain: list[str] = []
+        for entry in self.target:
+            name, path = split_target(entry)
+            if name is None:
+                plain.append(path)
+            else:
+                named.setdefault(name, []).append(path)
+        if named and plain:
+            raise ConfigError(f"--target: mix of named (NAME=FILE) and unnamed entries ({plain[0]})")
+        return named or ({"target": plain} if plain else {})
+
     # ------------------------------------------------------------------ checks
     def validate(self, *, need_target: bool = True, need_pool: bool = True) -> None:
         """Cheap checks that run before any heavy work."""
@@ -251,7 +285,18 @@ class SelectArgs(WarmupSettings):
             raise ConfigError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
         if self.warmup not in ("auto", "none") and not (Path(self.warmup) / "adapter_config.json").exists():
             raise ConfigError(f"{self.warmup}: --warmup must be auto, none or a saved adapter folder")
-        for p in [*self.pool, *self.target]:
+        sets = self.target_sets()
+        if len(sets) > 1:
+            from coreselect.combine import COMBINE_MODES, parse_quota
+
+            if self.combine not in COMBINE_MODES:
+                raise ConfigError(f"--combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
+            parse_quota(self.quota or None, list(sets))
+            if self.engine == "ray" or self.num_shards > 1:
+                raise ConfigError(
+                    "several named targets run on the local engine only (no --engine ray / --num-shards yet)"
+                )
+        for p in [*self.pool, *(p for paths in sets.values() for p in paths)]:
             if not isinstance(p, str):
                 raise ConfigError(
                     f"pool/target entries must be paths or datasets.Dataset objects, got {type(p).__name__}"
@@ -259,6 +304,20 @@ class SelectArgs(WarmupSettings):
             local = p.startswith((".", "/", "~")) or Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz")
             if local and not Path(p).expanduser().exists():
                 raise CoreselectError(f"{p}: no such file")
+
+
+_TARGET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def split_target(entry: Any) -> tuple[str | None, Any]:
+    """``"csqa=a.jsonl"`` -> ``("csqa", "a.jsonl")``; a plain path (or an existing file whose
+    name holds ``=``, or a dataset object) -> ``(None, entry)``."""
+    if not isinstance(entry, str) or "=" not in entry or Path(entry).expanduser().exists():
+        return None, entry
+    name, path = entry.split("=", 1)
+    if not _TARGET_NAME.match(name) or not path:
+        return None, entry
+    return name, path
 
 
 def args_from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:

@@ -19,6 +19,7 @@ from coreselect.errors import ConfigError
 from coreselect.io import write_json
 from coreselect.methods import registry
 from coreselect.methods.base import SelectionMethod, peak_memory_mb
+from coreselect.methods.multi import PerTarget
 from coreselect.runlock import RunLock
 from coreselect.runtime import (
     ModelContext,
@@ -26,6 +27,7 @@ from coreselect.runtime import (
     load_context,
     make_method,
     read_target,
+    read_targets,
     scan_pool,
     versions,
 )
@@ -35,6 +37,7 @@ from coreselect.selection import (
     check_shard_out_dir,
     chunk_records,
     clear_outputs,
+    finalize_multi,
     finalize_scores,
     parse_budget,
     remove_stale_temp,
@@ -88,7 +91,8 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    target = read_target(args)
+    targets = read_targets(args)
+    target = [r for recs in targets.values() for r in recs]
     n_pool, rejects = scan_pool(args)
     k = parse_budget(args.budget, n_pool)
     if rejects.count:
@@ -97,9 +101,12 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
 
     ctx = load_context(args, out, n_pool) if registry.get(args.method).needs_model else None
     method = make_method(args, ctx)
+    if len(targets) > 1 and not method.multi_target:  # generic fallback: one instance per target
+        method = PerTarget(lambda: make_method(args, ctx), list(targets))
+    method.target_names = list(targets)
     t0 = time.perf_counter()
     if not (args.resume and method.load_state(out)):
-        method.fit_targets({"target": target})
+        method.fit_targets(targets or {"target": target})
     method.save_state(out)
     timings["fit_s"] = time.perf_counter() - t0
 
@@ -111,7 +118,12 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
     check_coverage(scored.table, n_pool, str(out))
 
     t0 = time.perf_counter()
-    table = finalize_scores(scored.table, k, out)
+    multi: dict[str, Any] | None = None
+    if len(targets) > 1:
+        table, multi = finalize_multi(scored.table, k, out, list(targets), args.combine, args.quota)
+        multi["sizes"] = {n: len(recs) for n, recs in targets.items()}
+    else:
+        table = finalize_scores(scored.table, k, out)
     chosen = selected_indices(table)
     write_coreset(iter_pool(args), chosen, out)
     timings["write_s"] = time.perf_counter() - t0
@@ -134,6 +146,8 @@ def _select_locked(args: SelectArgs, out: Path, t_start: float) -> dict[str, Any
         },
     )
     info["engine"] = scored.info
+    if multi is not None:
+        info["targets"] = multi
     info.update(method.run_info(table, info))  # method-specific run.json keys (P2D: "aer")
     write_json(out / "run.json", info)
     if method.n_truncated:

@@ -24,6 +24,11 @@ def read_target(args: SelectArgs) -> list[Record]:
     return list(read_records(args.target, on_bad_record="error")) if args.target else []
 
 
+def read_targets(args: SelectArgs) -> dict[str, list[Record]]:
+    """The target records by name (one unnamed target: ``{"target": [...]}``; none: ``{}``)."""
+    return {name: list(read_records(paths, on_bad_record="error")) for name, paths in args.target_sets().items()}
+
+
 def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
     """First pass over the pool: validate every record and count them (no model yet)."""
     rejects = RejectLog()

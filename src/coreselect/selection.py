@@ -85,7 +85,7 @@ def shard_path(out_dir: Path, i: int) -> Path:
 
 
 def chunk_table(chunk: ScoreChunk) -> pa.Table:
-    return pa.table(
+    table = pa.table(
         {
             "index": pa.array(chunk.index, pa.int64()),
             "id": pa.array(chunk.ids, pa.string()),
@@ -96,6 +96,9 @@ def chunk_table(chunk: ScoreChunk) -> pa.Table:
         },
         schema=SCORE_SCHEMA,
     )
+    for name, scores in chunk.targets.items():  # several targets: score_<name> per target
+        table = table.append_column(f"score_{name}", pa.array(scores, pa.float64()))
+    return table
 
 
 def write_shard(out_dir: Path, i: int, chunk: ScoreChunk) -> Path:
@@ -186,10 +189,16 @@ def check_coverage(table: pa.Table, n_pool: int, where: str = "scores") -> None:
 
 
 def read_scores(paths: Sequence[Path]) -> pa.Table:
-    tables = [pq.read_table(p, schema=SCORE_SCHEMA) for p in paths]
+    tables = [pq.read_table(p, schema=_shard_schema(p)) for p in paths]
     if not tables:
         return SCORE_SCHEMA.empty_table()
     return pa.concat_tables(tables).sort_by("index")
+
+
+def _shard_schema(path: Path) -> pa.Schema:
+    """:data:`SCORE_SCHEMA` plus the shard's per-target ``score_<name>`` columns, if any."""
+    extra = [f for f in pq.read_schema(path) if f.name.startswith("score_")]
+    return pa.schema([*SCORE_SCHEMA, *(pa.field(f.name, pa.float64()) for f in extra)]) if extra else SCORE_SCHEMA
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -210,6 +219,37 @@ def finalize_scores(table: pa.Table, k: int, out_dir: Path) -> pa.Table:
     with atomic_path(out_dir / "scores.parquet") as tmp:
         pq.write_table(table, tmp)
     return table
+
+
+def finalize_multi(
+    table: pa.Table, k: int, out_dir: Path, names: Sequence[str], how: str, quota: str = ""
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Several targets: combine the ``score_<name>`` columns (:mod:`coreselect.combine`), then
+    write ``scores.parquet`` with the combined ``score`` / ``rank`` / ``selected`` and a
+    ``rank_<name>`` per target. Returns the table and run.json's ``targets`` entry (shares,
+    coverage of each target's own top-k, pairwise overlap of those top-k sets)."""
+    from coreselect.combine import combine, combined_score, coverage_report, parse_quota, quota_counts
+
+    per = {n: table.column(f"score_{n}").to_numpy() for n in names}
+    shares = parse_quota(quota or None, list(names))
+    order = combine(per, k, how, shares)
+    table = table.set_column(table.schema.get_field_index("score"), "score", pa.array(combined_score(order)))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    table = table.append_column("rank", pa.array(rank, pa.int64()))
+    table = table.append_column("selected", pa.array(rank <= k, pa.bool_()))
+    index = table.column("index").to_numpy()
+    for n, s in per.items():
+        r = np.empty(len(s), dtype=np.int64)
+        r[rank_order(s, index)] = np.arange(1, len(s) + 1)
+        table = table.append_column(f"rank_{n}", pa.array(r, pa.int64()))
+    base = [*SCORE_SCHEMA.names, "rank", "selected"]
+    table = table.select(base + [c for n in names for c in (f"score_{n}", f"rank_{n}")])
+    with atomic_path(out_dir / "scores.parquet") as tmp:
+        pq.write_table(table, tmp)
+    top_k = quota_counts(k, shares) if how == "quota" else dict.fromkeys(names, k)
+    info = {"names": list(names), "combine": how, "quota": shares, **coverage_report(per, order[:k], top_k)}
+    return table, info
 
 
 def selected_indices(table: pa.Table) -> list[int]:

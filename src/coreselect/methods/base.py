@@ -158,6 +158,8 @@ class SelectionMethod(ABC):
         self.cost = Cost()
         self.n_truncated = 0  # records longer than max_length, cut (fit and score)
         self.stats: dict[str, Any] = {}
+        #: the run's target names (several targets: what ``load_state`` restores)
+        self.target_names: list[str] = []
 
     @classmethod
     def experiment_rows(cls) -> list[ExperimentRow]:
@@ -257,6 +259,9 @@ class ScoreChunk:
     score: np.ndarray  # float64
     n_tokens: np.ndarray  # int64
     n_scored: np.ndarray  # int64
+    #: several targets (issue 14 §1): float64 scores per target name (``score`` then holds the
+    #: first target's, a placeholder until the combined score is computed at finalize)
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.index)

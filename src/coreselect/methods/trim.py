@@ -24,6 +24,7 @@ from coreselect.methods.base import (
     MethodContext,
     ScoreChunk,
     SelectionMethod,
+    TargetSets,
     chunk_from_scores,
     record_chunks,
     scores_from_chunks,
@@ -199,7 +200,11 @@ class TrimMethod(SelectionMethod):
     needs_model: ClassVar[bool] = True
     uses_warmup: ClassVar[bool] = True
     streaming: ClassVar[bool] = True
-    #: Stage I's output in the run folder (:meth:`save_state`)
+    #: several targets natively: one fingerprint dictionary per target (Stage I per target),
+    #: one forward pass per pool batch scored against every dictionary (Stage II)
+    multi_target: ClassVar[bool] = True
+    #: Stage I's output in the run folder (:meth:`save_state`); several targets:
+    #: ``fingerprints-<name>.safetensors`` per target
     STATE_FILE: ClassVar[str] = "fingerprints.safetensors"
 
     def __init__(
@@ -213,6 +218,8 @@ class TrimMethod(SelectionMethod):
         self.fingerprints: Fingerprints | None = None
         self._table: NearestClassTable | None = None
         self.fingerprints_file: str | None = None  # --fingerprints: fit loads it instead of Stage I
+        #: several targets: name -> (fingerprints, nearest-class table); empty for one target
+        self.target_fps: dict[str, tuple[Fingerprints, NearestClassTable]] = {}
 
     @classmethod
     def requires_target(cls, config: Any) -> bool:
@@ -243,17 +250,59 @@ class TrimMethod(SelectionMethod):
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
 
+    @staticmethod
+    def target_state_file(name: str) -> str:
+        return f"fingerprints-{name}.safetensors"
+
     def save_state(self, out: Path) -> list[Path]:
+        if self.target_fps:
+            paths = [out / self.target_state_file(n) for n in self.target_fps]
+            for (fp, _), path in zip(self.target_fps.values(), paths, strict=True):
+                fp.save(path)
+            return paths
         if self.fingerprints is None:
             return []
         self.fingerprints.save(out / self.STATE_FILE)
         return [out / self.STATE_FILE]
 
     def load_state(self, out: Path) -> bool:
+        if len(self.target_names) > 1:
+            paths = {n: out / self.target_state_file(n) for n in self.target_names}
+            if not all(p.is_file() for p in paths.values()):
+                return False
+            for name, path in paths.items():
+                self.set_fingerprints(Fingerprints.load(path))
+                assert self.fingerprints is not None and self._table is not None
+                self.target_fps[name] = (self.fingerprints, self._table)
+            self._use_first()
+            return True
         if not (out / self.STATE_FILE).is_file():
             return False
         self.set_fingerprints(Fingerprints.load(out / self.STATE_FILE))
         return True
+
+    def fit_targets(self, targets: TargetSets) -> TrimMethod:
+        """One target: :meth:`fit`. Several: Stage I once per target, one dictionary each."""
+        if len(targets) <= 1 or self.fingerprints_file:
+            return self.fit(next(iter(targets.values()), []))
+        per_stats = {}
+        self.target_fps = {}
+        for name, records in targets.items():
+            self.fit(records)
+            assert self.fingerprints is not None and self._table is not None
+            self.target_fps[name] = (self.fingerprints, self._table)
+            per_stats[name] = self.stats.pop("stage1")
+        self.stats["stage1"] = {
+            "wall_s": sum(s["wall_s"] for s in per_stats.values()),
+            "tokens": sum(s["tokens"] for s in per_stats.values()),
+            "n_classes": sum(s["n_classes"] for s in per_stats.values()),
+            "per_target": per_stats,
+        }
+        self._use_first()
+        return self
+
+    def _use_first(self) -> None:
+        self.fingerprints, self._table = next(iter(self.target_fps.values()))
 
     # ---------------------------------------------------------------- Stage I
     def fit(self, target: Sequence[Record]) -> TrimMethod:
@@ -327,7 +376,14 @@ class TrimMethod(SelectionMethod):
 
     # ---------------------------------------------------------------- Stage II
     def _score_encoded(self, encoded: list[Encoded], bar: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ``|M(c)|`` for encoded records, in the given order.
+        """Scores (against the first target's dictionary) and ``|M(c)|``, in the given order."""
+        per, n_scored = self._score_encoded_targets(encoded, bar)
+        return next(iter(per.values())), n_scored
+
+    def _score_encoded_targets(
+        self, encoded: list[Encoded], bar: Any = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Scores per target dictionary (key ``""`` for one target) and ``|M(c)|``, in the given order.
 
         No device round trip per batch: ids are checked against the embedding table and the
         nearest-class table is filled for the chunk's ids on the host side before the loop;
@@ -339,7 +395,8 @@ class TrimMethod(SelectionMethod):
         cfg = self.config
         runner = self.runner
         n = len(encoded)
-        scores = np.empty(n, dtype=np.float64)
+        dicts = list(self.target_fps.items()) or [("", (self.fingerprints, self._table))]
+        scores = {name: np.empty(n, dtype=np.float64) for name, _ in dicts}
         n_scored = np.zeros(n, dtype=np.int64)
         if not n:
             return scores, n_scored
@@ -351,11 +408,13 @@ class TrimMethod(SelectionMethod):
                 f"token id {bad} is outside the model's embedding table (V={vocab}): "
                 "the tokenizer does not match the model"
             )
-        self._table.prefill(torch.from_numpy(ids))
+        for _, (_, table) in dicts:
+            table.prefill(torch.from_numpy(ids))
         batches = token_budget_batches([len(e) for e in encoded], cfg.batch_tokens)
         collate = runner.collate_packed if cfg.packing else runner.collate
         forward = runner.hidden_packed if cfg.packing else runner.hidden
         outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        extra: list[list[torch.Tensor]] = []  # scores against the 2nd.. dictionaries, per batch
         nxt = collate(encoded, batches[0])
         for k in range(len(batches)):
             cur = nxt
@@ -365,27 +424,34 @@ class TrimMethod(SelectionMethod):
             batch = cur.batch if isinstance(cur, Packed) else cur
             finite = torch.isfinite(hidden).all(-1).all(-1)
             scored = cfg.scored_positions(batch)
-            s, in_m, _ = token_scores(
-                self.fingerprints,
-                hidden,
-                batch.input_ids,
-                scored,
-                oov_penalty=cfg.oov_penalty,
-                table=self._table,
-                checked=True,
-            )
-            sc, parts = pool_scores(
-                s,
-                in_m,
-                batch.attention_mask,
-                w_mean=cfg.w_mean,
-                w_max=cfg.w_max,
-                coverage_weight=cfg.coverage_weight,
-                coverage=cfg.coverage,
-                content=batch.scope_mask(cfg.scope),
-            )
+            per_dict: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+            for _, (fp, table) in dicts:  # one forward pass, every target's dictionary
+                s, in_m, _ = token_scores(
+                    fp,
+                    hidden,
+                    batch.input_ids,
+                    scored,
+                    oov_penalty=cfg.oov_penalty,
+                    table=table,
+                    checked=True,
+                )
+                per_dict.append(
+                    pool_scores(
+                        s,
+                        in_m,
+                        batch.attention_mask,
+                        w_mean=cfg.w_mean,
+                        w_max=cfg.w_max,
+                        coverage_weight=cfg.coverage_weight,
+                        coverage=cfg.coverage,
+                        content=batch.scope_mask(cfg.scope),
+                    )
+                )
+                del s, in_m
+            sc, parts = per_dict[0]
             outs.append((sc.double(), parts["n_scored"], finite))
-            del hidden, s, in_m, scored
+            extra.append([d[0].double() for d in per_dict[1:]])
+            del hidden, scored
             if bar is not None:
                 bar.update(len(batch.positions), tokens=batch.n_real_tokens)
         order = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches])
@@ -395,7 +461,10 @@ class TrimMethod(SelectionMethod):
             raise CoreselectError(
                 f"non-finite hidden states for pool record index {encoded[bad].index} (try --dtype float32)"
             )
-        scores[order] = sc_all
+        names = [name for name, _ in dicts]
+        scores[names[0]][order] = sc_all
+        for j, name in enumerate(names[1:]):
+            scores[name][order] = _to_host(torch.cat([e[j] for e in extra]))
         n_scored[order] = n_all
         return scores, n_scored
 
@@ -437,12 +506,17 @@ class TrimMethod(SelectionMethod):
         if encoded is None:
             encoded = [self.formatter.encode(r) for r in records]
         self.n_truncated += sum(e.truncated for e in encoded)
-        scores, n_scored = self._score_encoded(encoded, bar)
-        nan = np.isnan(scores) | (scores == np.inf)
-        if nan.any():
-            raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
+        per, n_scored = self._score_encoded_targets(encoded, bar)
+        for scores in per.values():
+            nan = np.isnan(scores) | (scores == np.inf)
+            if nan.any():
+                raise CoreselectError(f"non-finite score for pool record id {records[int(nan.argmax())].id}")
         self.cost.forward_passes += len(records)
-        return chunk_from_scores(records, scores, n_tokens=np.array([len(e) for e in encoded]), n_scored=n_scored)
+        first = next(iter(per.values()))
+        chunk = chunk_from_scores(records, first, n_tokens=np.array([len(e) for e in encoded]), n_scored=n_scored)
+        if self.target_fps:
+            chunk.targets = per
+        return chunk
 
     def score_batch(self, records: Sequence[Record]) -> ScoreChunk:
         """Stage II for one slice of the pool (what the Ray engine's actors call)."""
