@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,6 +75,14 @@ def test_trim_two_named_targets_one_pass(tiny_model_dir, two_targets, tmp_path):
     assert not (out / "fingerprints.safetensors").exists()
     assert info["cost"]["forward_passes"] == 4 + table.num_rows  # 2 + 2 target records, pool once
     assert set(info["stats"]["stage1"]["per_target"]) == {"math", "other"}
+    # --resume restores both dictionaries instead of fitting again, and scores the same
+    (out / "scores.parquet").unlink()
+    shutil.rmtree(out / "shards")
+    resumed, info2 = _run(
+        out, pool, [f"math={math}", f"other={other}"], "--budget", "4", "--resume", model=tiny_model_dir
+    )
+    assert resumed.equals(table)
+    assert info2["cost"]["forward_passes"] == table.num_rows  # no Stage I this time
 
 
 def test_bm25_two_named_targets_via_fallback(two_targets, tmp_path):

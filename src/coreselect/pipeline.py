@@ -221,6 +221,8 @@ def fingerprint(args: SelectArgs) -> dict[str, Any]:
     """Stage I only: warmup (if asked), then write ``fingerprints.safetensors`` and ``run.json``."""
     args.method = "trim"
     args.validate(need_pool=args.warmup == "auto")
+    if len(args.target_sets()) > 1:
+        raise ConfigError("coreselect fingerprint takes one target; several named targets: use select")
     out = Path(args.out)
     check_out_dir(out, overwrite=args.overwrite, resume=args.resume)
     with RunLock(out, takeover=args.resume or args.overwrite):
