@@ -504,7 +504,7 @@ class TrimMethod(SelectionMethod):
 
     def _chunk(self, records: list[Record], bar: Any, encoded: list[Encoded] | None = None) -> ScoreChunk:
         if encoded is None:
-            encoded = [self.formatter.encode(r) for r in records]
+            encoded = self.formatter.encode_many(records)
         self.n_truncated += sum(e.truncated for e in encoded)
         per, n_scored = self._score_encoded_targets(encoded, bar)
         for scores in per.values():

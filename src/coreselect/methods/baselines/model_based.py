@@ -317,7 +317,7 @@ class RDSMethod(SelectionMethod):
         return True
 
     def _reps(self, records: Sequence[Record]) -> tuple[torch.Tensor, np.ndarray]:
-        enc = [self.formatter.encode(r) for r in records]
+        enc = self.formatter.encode_many(list(records))
         self.n_truncated += sum(e.truncated for e in enc)
         out = torch.zeros(len(enc), 0)
         for pos in token_budget_batches([len(e) for e in enc], self.batch_tokens):
@@ -386,7 +386,7 @@ class _CheckpointMethod(SelectionMethod):
         self.pad_id = pad_id(tokenizer)
 
     def _encode(self, records: Sequence[Record]) -> list[Any]:
-        enc = [self.formatter.encode(r) for r in records]
+        enc = self.formatter.encode_many(list(records))
         self.n_truncated += sum(e.truncated for e in enc)
         return enc
 

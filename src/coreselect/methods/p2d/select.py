@@ -522,7 +522,7 @@ class P2DMethod(SelectionMethod):
         t0 = time.perf_counter()
         with progress_bar(total=total, desc="P2D: scoring", enabled=self.progress) as bar:
             for chunk in record_chunks(pool, chunk_records or self.config.chunk_records):
-                encoded = [self.formatter.encode(r) for r in chunk]
+                encoded = self.formatter.encode_many(chunk)
                 self.n_truncated += sum(e.truncated for e in encoded)
                 scores, n_scored = self._score_encoded(encoded)
                 if np.isnan(scores).any():
@@ -539,7 +539,7 @@ class P2DMethod(SelectionMethod):
         if self.head_set is None:
             raise CoreselectError("P2DMethod.score called before fit")
         chunk = list(records)
-        encoded = [self.formatter.encode(r) for r in chunk]
+        encoded = self.formatter.encode_many(chunk)
         self.n_truncated += sum(e.truncated for e in encoded)
         scores, n_scored = self._score_encoded(encoded)
         if np.isnan(scores).any():
