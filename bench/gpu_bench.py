@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from feed import (
-    WORDS,
     NoOpRunner,
     pack_efficiency,
     pad_efficiency,
     synthetic_mix,
     write_jsonl,
 )
+from scoring import chat_bpe_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
@@ -104,32 +103,7 @@ SMOKE = {
 
 def tokenizer(out: Path) -> Any:
     """A byte-level BPE (vocab 1000) with a ChatML template, trained on the synthetic words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    rng = random.Random(0)
-    tk.train_from_iterator([" ".join(rng.choices(WORDS, k=40)) for _ in range(500)], trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    tok.save_pretrained(out)
-    return tok
+    return chat_bpe_tokenizer(out, vocab_size=1000, n_texts=500, words_per_text=40)
 
 
 def build(shape: str, tok: Any, device: str, dtype: Any, smoke: bool, attn: str = "sdpa") -> Any:
@@ -311,6 +285,7 @@ def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, sm
     mdir = tmp / "smollm2-shape"
     model.save_pretrained(mdir)
     tok.save_pretrained(mdir)
+    layers = min(6, model.config.num_hidden_layers)  # TRIM's default L=6 exceeds the smoke shapes' depth
     del model
     pool = write_jsonl(tmp / "mt-pool.jsonl", synthetic_mix(n, seed=5))
     targets = [write_jsonl(tmp / f"mt-t{i}.jsonl", synthetic_mix(8, seed=10 + i)) for i in range(3)]
@@ -334,6 +309,8 @@ def multi_target(tok_dir: Path, tok: Any, tmp: Path, device: str, dtype: Any, sm
                 str(mdir),
                 "--warmup",
                 "none",
+                "--layers",
+                str(layers),
                 "--budget",
                 "10%",
                 "--device",

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 WORDS = [
     "the",
@@ -68,23 +69,21 @@ WORDS = [
 ]
 
 
-def build_tiny(out: Path, hidden: int = 64, layers: int = 4) -> Path:
-    """A random-init Llama with a small trained byte-level BPE tokenizer (like the tests')."""
-    import torch
+def chat_bpe_tokenizer(out: Path, vocab_size: int, n_texts: int, words_per_text: int) -> Any:
+    """A byte-level BPE with a ChatML template, trained on seeded texts of :data:`WORDS`, saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    out.mkdir(parents=True, exist_ok=True)
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     rng = random.Random(0)
-    tk.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(200)], trainer)
+    tk.train_from_iterator([" ".join(rng.choices(WORDS, k=words_per_text)) for _ in range(n_texts)], trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<|im_start|>",
@@ -97,6 +96,16 @@ def build_tiny(out: Path, hidden: int = 64, layers: int = 4) -> Path:
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     tok.save_pretrained(out)
+    return tok
+
+
+def build_tiny(out: Path, hidden: int = 64, layers: int = 4) -> Path:
+    """A random-init Llama with a small trained byte-level BPE tokenizer (like the tests')."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = chat_bpe_tokenizer(out, vocab_size=400, n_texts=200, words_per_text=30)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
