@@ -1,8 +1,16 @@
-"""BM25 baseline: lexical relevance of each pool record to the target examples."""
+"""BM25 baseline: lexical relevance of each pool record to the target examples.
+
+Several named targets (issue 14 §1, ``multi_target``): each target's examples are its own
+set of queries; the pool is tokenized and indexed ONCE (IDF and average length are pool
+statistics, so they do not depend on the target), every query of every target is scored
+against that one index, and each target's queries are aggregated (``max`` / ``mean``) into
+that target's own score column. Column k is exactly what a single-target run on target k
+gives (same index, same per-query scores, same aggregation).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -12,7 +20,7 @@ import numpy as np
 from coreselect.data.records import Record
 from coreselect.data.text import Scope, record_text
 from coreselect.errors import ConfigError
-from coreselect.methods.base import SelectionMethod
+from coreselect.methods.base import ScoreChunk, SelectionMethod, TargetSets, chunk_from_scores
 from coreselect.methods.registry import register
 
 
@@ -59,9 +67,13 @@ class BM25Method(SelectionMethod):
         to turn it on. Scoring variant is bm25s' default ("lucene") with ``k1``, ``b``.
       * ``scope`` selects which turns form the text (see ``record_text``), for both pool and
         target. Query terms absent from the pool contribute nothing; an empty query scores 0.
+      * Several named targets: one pool index, one query set and one score column per
+        target (see the module docstring).
     """
 
     name: ClassVar[str] = "bm25"
+    #: several targets natively: one index over the pool, per-target queries and scores
+    multi_target: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -80,33 +92,67 @@ class BM25Method(SelectionMethod):
         self.b = float(b)
         self.stopwords = stopwords
         self._queries: list[str] = []
+        #: several targets: name -> that target's queries (empty for one target)
+        self._target_queries: dict[str, list[str]] = {}
+
+    def _texts(self, target: Sequence[Record], name: str = "") -> list[str]:
+        queries = [record_text(r, self.scope) for r in target]
+        if not queries:
+            raise ValueError(f"BM25 needs at least one target example{f' (target {name})' if name else ''}")
+        return queries
 
     def fit(self, target: Sequence[Record]) -> BM25Method:
-        self._queries = [record_text(r, self.scope) for r in target]
-        if not self._queries:
-            raise ValueError("BM25 needs at least one target example")
+        self._queries = self._texts(target)
+        self._target_queries = {}
+        return self
+
+    def fit_targets(self, targets: TargetSets) -> BM25Method:
+        """One target: :meth:`fit`. Several: one query set per target (the index is the pool's)."""
+        if len(targets) <= 1:
+            return self.fit(next(iter(targets.values()), []))
+        self._target_queries = {name: self._texts(recs, name) for name, recs in targets.items()}
+        self._queries = next(iter(self._target_queries.values()))
         return self
 
     def _tokenize(self, texts: list[str], return_ids: bool) -> Any:
         return bm25s.tokenize(texts, stopwords=self.stopwords, return_ids=return_ids, show_progress=False)
 
-    def score(self, pool: Iterable[Record]) -> np.ndarray:
+    def _score_targets(self, pool: Iterable[Record]) -> dict[str, np.ndarray]:
+        """Scores per query set (key ``""`` for one target), from one index over the pool."""
         if not self._queries:
             raise RuntimeError("call fit() before score()")
+        query_sets = self._target_queries or {"": self._queries}
         texts = [record_text(r, self.scope) for r in pool]
-        out = np.zeros(len(texts), dtype=np.float64)
         corpus = self._tokenize(texts, return_ids=False)
-        if any(tok for doc in corpus for tok in doc):  # else no pool words: all scores 0
-            retriever = bm25s.BM25(k1=self.k1, b=self.b)
-            retriever.index(corpus, show_progress=False)
-            vocab = retriever.vocab_dict
+        if not any(tok for doc in corpus for tok in doc):  # no pool words: all scores 0
+            return {name: np.zeros(len(texts), dtype=np.float64) for name in query_sets}
+        retriever = bm25s.BM25(k1=self.k1, b=self.b)
+        retriever.index(corpus, show_progress=False)
+        vocab = retriever.vocab_dict
+        out = {}
+        for name, queries in query_sets.items():
             rows = []
-            for tokens in self._tokenize(self._queries, return_ids=False):
+            for tokens in self._tokenize(queries, return_ids=False):
                 known = [t for t in tokens if t and t in vocab]
                 rows.append(retriever.get_scores(known) if known else np.zeros(len(texts)))
-            matrix = np.asarray(rows, dtype=np.float64)  # (n_targets, n_pool)
-            out = matrix.max(axis=0) if self.aggregate == "max" else matrix.mean(axis=0)
+            matrix = np.asarray(rows, dtype=np.float64)  # (n_queries, n_pool)
+            out[name] = matrix.max(axis=0) if self.aggregate == "max" else matrix.mean(axis=0)
         return out
+
+    def score(self, pool: Iterable[Record]) -> np.ndarray:
+        """Scores (the first target's when there are several), in pool order."""
+        return next(iter(self._score_targets(pool).values()))
+
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
+        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
+        records = list(pool)
+        per = self._score_targets(records)
+        chunk = chunk_from_scores(records, next(iter(per.values())))
+        if self._target_queries:
+            chunk.targets = per
+        yield chunk
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -9,6 +9,15 @@ Task-agnostic, budgeted methods (TAGCOS, S2L) select a set rather than rank; the
 ``score`` returns values whose top-``budget`` *is* that set: chosen records score in
 ``(2, 4)``, the others in ``[-1, 1]`` (TAGCOS: cosine to their cluster centre; S2L: a seeded
 uniform key in ``[0, 1)``).
+
+Several named targets (issue 14 §1): RDS and LESS are ``multi_target``. The target side is
+fitted per target (RDS: one centroid, or one set of target representations for ``max``, per
+target; LESS: one set of target gradient features per target and checkpoint), computed for
+each target exactly as a single-target run computes it; the pool side (RDS: last-token
+hidden states; LESS: Adam-aware projected gradients per checkpoint) is computed ONCE per
+record and scored against every target, so one run costs one pool pass and column k equals
+a single-target run on target k. TAGCOS, S2L and CLD keep one target (TAGCOS and S2L do not
+read it; CLD goes through the per-target fallback).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from coreselect.methods.base import (
     MethodContext,
     ScoreChunk,
     SelectionMethod,
+    TargetSets,
     chunk_from_scores,
     peak_memory_mb,
     record_chunks,
@@ -266,13 +276,18 @@ class RDSMethod(SelectionMethod):
     representations (same ranking as LESS's mean over targets of cosines); with ``"max"``
     the maximum cosine over target examples. Uses the final warmup model only (not LESS's
     checkpoint-averaged variant). Streaming: each record's score depends only on itself.
+    Several named targets: one centroid (``max``: one set of representations) per target,
+    each pool record's representation computed once and scored against every target.
     """
 
     name: ClassVar[str] = "rds"
     needs_model: ClassVar[bool] = True
     uses_warmup: ClassVar[bool] = True
     streaming: ClassVar[bool] = True
-    #: the fitted target representations (:meth:`save_state`)
+    #: several targets natively: per-target centroids, one forward pass per pool record
+    multi_target: ClassVar[bool] = True
+    #: the fitted target representations (:meth:`save_state`); several targets:
+    #: ``rds_targets-<name>.safetensors`` per target
     STATE_FILE: ClassVar[str] = "rds_targets.safetensors"
 
     def __init__(
@@ -288,12 +303,18 @@ class RDSMethod(SelectionMethod):
             raise ConfigError(f"rds aggregate must be mean or max, got {aggregate!r}")
         self.runner, self.formatter = runner, formatter
         self.aggregate, self.batch_tokens, self.chunk_records = aggregate, int(batch_tokens), int(chunk_records)
-        self.targets: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None  # the (first) target's representations
+        #: several targets: name -> that target's representations (empty for one target)
+        self.target_reps: dict[str, torch.Tensor] = {}
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> RDSMethod:
         model = ctx.require_model(cls.name)
         return cls(model.runner, model.formatter, config.aggregate, config.batch_tokens, config.chunk_records)
+
+    @staticmethod
+    def target_state_file(name: str) -> str:
+        return f"rds_targets-{name}.safetensors"
 
     def save_state(self, out: Path) -> list[Path]:
         from safetensors.torch import save_file
@@ -302,18 +323,30 @@ class RDSMethod(SelectionMethod):
 
         if self.targets is None:
             return []
-        path = out / self.STATE_FILE
-        with atomic_path(path) as tmp:
-            save_file({"targets": self.targets.contiguous()}, str(tmp), metadata={"aggregate": self.aggregate})
-        return [path]
+        if self.target_reps:
+            files = {out / self.target_state_file(n): t for n, t in self.target_reps.items()}
+        else:
+            files = {out / self.STATE_FILE: self.targets}
+        for path, t in files.items():
+            with atomic_path(path) as tmp:
+                save_file({"targets": t.contiguous()}, str(tmp), metadata={"aggregate": self.aggregate})
+        return list(files)
 
     def load_state(self, out: Path) -> bool:
         from safetensors.torch import load_file
 
+        if len(self.target_names) > 1:
+            paths = {n: out / self.target_state_file(n) for n in self.target_names}
+            if not all(p.is_file() for p in paths.values()):
+                return False
+            self.target_reps = {n: load_file(str(p))["targets"] for n, p in paths.items()}
+            self.targets = next(iter(self.target_reps.values()))
+            return True
         path = out / self.STATE_FILE
         if not path.is_file():
             return False
         self.targets = load_file(str(path))["targets"]
+        self.target_reps = {}
         return True
 
     def _reps(self, records: Sequence[Record]) -> tuple[torch.Tensor, np.ndarray]:
@@ -331,14 +364,30 @@ class RDSMethod(SelectionMethod):
             self.cost.forward_passes += len(pos)
         return torch.nn.functional.normalize(out, dim=1), np.array([len(e) for e in enc], dtype=np.int64)
 
-    def fit(self, target: Sequence[Record]) -> RDSMethod:
+    def _target_reps(self, target: Sequence[Record], name: str = "") -> torch.Tensor:
+        """One target's representations: its unit centroid (``mean``) or every example's (``max``)."""
         if not target:
-            raise ConfigError("rds needs at least one target example")
-        t0 = time.perf_counter()
+            raise ConfigError(f"rds needs at least one target example{f' (target {name})' if name else ''}")
         reps, _ = self._reps(target)
-        self.targets = (
-            torch.nn.functional.normalize(reps.mean(0, keepdim=True), dim=1) if self.aggregate == "mean" else reps
-        )
+        return torch.nn.functional.normalize(reps.mean(0, keepdim=True), dim=1) if self.aggregate == "mean" else reps
+
+    def fit(self, target: Sequence[Record]) -> RDSMethod:
+        t0 = time.perf_counter()
+        self.targets = self._target_reps(target)
+        self.target_reps = {}
+        self._account(t0)
+        return self
+
+    def fit_targets(self, targets: TargetSets) -> RDSMethod:
+        """One target: :meth:`fit`. Several: one centroid (or set of representations) per target."""
+        if len(targets) <= 1:
+            return self.fit(next(iter(targets.values()), []))
+        t0 = time.perf_counter()
+        for name, recs in targets.items():
+            if not recs:
+                raise ConfigError(f"rds needs at least one target example (target {name})")
+        self.target_reps = {name: self._target_reps(recs, name) for name, recs in targets.items()}
+        self.targets = next(iter(self.target_reps.values()))
         self._account(t0)
         return self
 
@@ -355,10 +404,14 @@ class RDSMethod(SelectionMethod):
         if self.targets is None:
             raise CoreselectError("RDSMethod.score called before fit")
         t0 = time.perf_counter()
-        reps, n_tok = self._reps(records)
-        scores = (reps @ self.targets.T).max(dim=1).values.double().numpy()
+        reps, n_tok = self._reps(records)  # once per record, whatever the number of targets
+        sets = self.target_reps or {"": self.targets}
+        per = {name: (reps @ t.T).max(dim=1).values.double().numpy() for name, t in sets.items()}
         self._account(t0)
-        return chunk_from_scores(records, scores, n_tokens=n_tok)
+        chunk = chunk_from_scores(records, next(iter(per.values())), n_tokens=n_tok)
+        if self.target_reps:
+            chunk.targets = per
+        return chunk
 
     def score(self, pool: Iterable[Record]) -> np.ndarray:
         return scores_from_chunks(self.score_chunks(pool))
@@ -428,7 +481,12 @@ class _GradientMethod(_CheckpointMethod):
         self.feature_dim = 0
 
     def _features(self, ck: Checkpoint, records: Sequence[Record], adam: bool) -> torch.Tensor:
-        enc = self._encode(records)
+        return self._features_sets(ck, [records], adam)[0]
+
+    def _features_sets(self, ck: Checkpoint, sets: Sequence[Sequence[Record]], adam: bool) -> list[torch.Tensor]:
+        """Features of each record set at ``ck`` (one adapter activation; each set computed as
+        :meth:`_features` computes it alone, so a set's features do not depend on the others)."""
+        encs = [self._encode(records) for records in sets]
         model = self.switcher.activate(ck.path)
         params = self.switcher.params
         dim = sum(p.numel() for p in params)
@@ -438,11 +496,13 @@ class _GradientMethod(_CheckpointMethod):
         if adam and self.optimizer == "adam":
             moments = adam_moments(ck.path, params)
             self.pool_gradient[ck.path.name] = "adam" if moments is not None else "sgd (no optimizer state)"
-        stats = FeatureStats()
-        feats = gradient_features(model, params, enc, self.pad_id, proj, moments, stats, self.proj_batch)
-        self.cost.forward_passes += stats.forward_passes
-        self.cost.backward_passes += stats.backward_passes
-        return feats
+        out = []
+        for enc in encs:
+            stats = FeatureStats()
+            out.append(gradient_features(model, params, enc, self.pad_id, proj, moments, stats, self.proj_batch))
+            self.cost.forward_passes += stats.forward_passes
+            self.cost.backward_passes += stats.backward_passes
+        return out
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -473,13 +533,20 @@ class LESSMethod(_GradientMethod):
     Score per checkpoint = mean over target examples of the cosine (LESS: mean over a task's
     validation examples, max over tasks; one task here); scores are summed over checkpoints
     weighted by ``lr_c / sum(lr)`` (``Checkpoint.lr``: mean lr since the previous checkpoint).
+    Several named targets: one set of target features per target and checkpoint; each pool
+    record's gradient is computed once per checkpoint and scored against every target (one
+    score column per target, LESS's "max over tasks" left to the run's ``--combine``).
     """
 
     name: ClassVar[str] = "less"
+    #: several targets natively: per-target target gradients, pool gradients computed once
+    multi_target: ClassVar[bool] = True
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self.target_feats: list[torch.Tensor] = []
+        self.target_feats: list[torch.Tensor] = []  # per checkpoint, the (first) target's
+        #: several targets: name -> per-checkpoint target features (empty for one target)
+        self.target_set_feats: dict[str, list[torch.Tensor]] = {}
 
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> LESSMethod:
@@ -500,22 +567,54 @@ class LESSMethod(_GradientMethod):
             raise ConfigError("less needs at least one target example")
         t0 = time.perf_counter()
         self.target_feats = [self._features(ck, target, adam=False) for ck in self.checkpoints]
+        self.target_set_feats = {}
         self._account(t0)
         return self
 
-    def score(self, pool: Iterable[Record]) -> np.ndarray:
+    def fit_targets(self, targets: TargetSets) -> LESSMethod:
+        """One target: :meth:`fit`. Several: target gradients per target (one activation per checkpoint)."""
+        if len(targets) <= 1:
+            return self.fit(next(iter(targets.values()), []))
+        for name, recs in targets.items():
+            if not recs:
+                raise ConfigError(f"less needs at least one target example (target {name})")
+        t0 = time.perf_counter()
+        per_ck = [self._features_sets(ck, list(targets.values()), adam=False) for ck in self.checkpoints]
+        self.target_set_feats = {name: [feats[j] for feats in per_ck] for j, name in enumerate(targets)}
+        self.target_feats = next(iter(self.target_set_feats.values()))
+        self._account(t0)
+        return self
+
+    def _score_targets(self, records: Sequence[Record]) -> dict[str, np.ndarray]:
+        """Scores per target (key ``""`` for one target); pool gradients once per checkpoint."""
         if not self.target_feats:
             raise CoreselectError("LESSMethod.score called before fit")
         t0 = time.perf_counter()
-        records = list(pool)
+        sets = self.target_set_feats or {"": self.target_feats}
         lrs = np.array([c.lr for c in self.checkpoints], dtype=np.float64)
         w = lrs / lrs.sum() if lrs.sum() > 0 else np.full(len(lrs), 1 / len(lrs))
-        total = np.zeros(len(records), dtype=np.float64)
-        for wc, ck, tf in zip(w, self.checkpoints, self.target_feats):
+        totals = {name: np.zeros(len(records), dtype=np.float64) for name in sets}
+        for c, (wc, ck) in enumerate(zip(w, self.checkpoints, strict=True)):
             pf = self._features(ck, records, adam=True)
-            total += wc * (pf @ tf.T).mean(dim=1).double().numpy()
+            for name, feats in sets.items():
+                totals[name] += wc * (pf @ feats[c].T).mean(dim=1).double().numpy()
         self._account(t0)
-        return total
+        return totals
+
+    def score(self, pool: Iterable[Record]) -> np.ndarray:
+        """Scores (the first target's when there are several), in pool order."""
+        return next(iter(self._score_targets(list(pool)).values()))
+
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
+        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
+        records = list(pool)
+        per = self._score_targets(records)
+        chunk = chunk_from_scores(records, next(iter(per.values())))
+        if self.target_set_feats:
+            chunk.targets = per
+        yield chunk
 
 
 # ------------------------------------------------------------------------------ TAGCOS
