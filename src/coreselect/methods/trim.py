@@ -134,6 +134,17 @@ class TrimConfig(TokenScoring):
             records). With 1 no record's max has cosine > 0.9999; the top 10% is unchanged on
             both targets, the target source's AUC moves 0.9956 -> 0.9952 (GSM8K) and
             0.9933 -> 0.9870 (CSQA, whose own records share the targets' first words).
+        token_weighting: ``none`` (default, the paper's eq. 13) or ``idf``: eq. 13's mean
+            (the only token average in ``S(c)``; max and coverage unchanged) weighted by the
+            inverse document frequency of the fingerprint class each token is matched
+            against, ``idf(t) = ln((N+1)/(df(t)+1)) + 1`` over the ``N`` target examples:
+            ``mu(c) = sum w_j s_j / sum w_j`` (the paper's TF-IDF hint, App. A;
+            ``trim_math.idf``). Investigation option (issue 15).
+        min_tokens: ``0`` (default, off) or ``n_min``: eq. 13's mean becomes
+            ``mu(c) * |M(c)| / max(|M(c)|, n_min)``, so a record with fewer than ``n_min``
+            scored tokens has its mean shrunk towards 0 and longer ones keep the paper's score
+            (``trim_math.pool_scores``). Investigation option (issue 15): against short
+            records (one number as the answer) whose few tokens all match strongly.
     """
 
     layers: int = 6
@@ -141,6 +152,8 @@ class TrimConfig(TokenScoring):
     coverage: str = "length"
     saliency_minmax: str = "scope"
     min_context: int = 1
+    token_weighting: str = "none"
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +165,10 @@ class TrimConfig(TokenScoring):
             raise ConfigError(f"saliency_minmax must be scope or all, got {self.saliency_minmax!r}")
         if self.min_context < 0:
             raise ConfigError(f"min_context must be >= 0, got {self.min_context}")
+        if self.token_weighting not in ("none", "idf"):
+            raise ConfigError(f"token_weighting must be none or idf, got {self.token_weighting!r}")
+        if self.min_tokens < 0:
+            raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
     def scored_positions(self, batch: Any) -> torch.Tensor:
         """``[B, T]`` bool: the positions fingerprinted (eq. 8) and scored (eq. 14): in scope,
@@ -237,6 +254,10 @@ class TrimMethod(SelectionMethod):
             ("λ (oov_penalty)", st.get("oov_penalty")),
             ("w_Q / w_K", f"{st.get('w_row')} / {st.get('w_col')}"),
             ("w_μ / w_m / η", f"{st.get('w_mean')} / {st.get('w_max')} / {st.get('coverage_weight')}"),
+        ] + [  # issue 15's investigation options, listed only when set
+            (label, st.get(key))
+            for key, label, off in (("token_weighting", "token weighting", "none"), ("min_tokens", "min_tokens", 0))
+            if st.get(key, off) != off
         ]
 
     @classmethod
@@ -344,6 +365,7 @@ class TrimMethod(SelectionMethod):
                     f"in {hidden.dtype} (try --dtype float32 or bfloat16)"
                 )
             builder.add(hidden, alpha, batch.input_ids, keep)
+            builder.count_documents(batch.input_ids, keep)  # df for token_weighting: idf
             n_tokens += batch.n_real_tokens
         ids = sorted(builder._sums)
         fp = builder.finalize(
@@ -371,6 +393,8 @@ class TrimMethod(SelectionMethod):
                 f"fingerprints have dimension {fp.dim} but the model's hidden size is "
                 f"{self.runner.model.config.hidden_size}: they were built with another model"
             )
+        if self.config.token_weighting == "idf" and fp.doc_freq is None:
+            fp.idf()  # raises, naming the cause
         self.fingerprints = fp
         self._table = NearestClassTable(fp, emb)
 
@@ -435,6 +459,9 @@ class TrimMethod(SelectionMethod):
                     table=table,
                     checked=True,
                 )
+                weights = (
+                    table.idf_weights(batch.input_ids, in_m, filled=True) if cfg.token_weighting == "idf" else None
+                )
                 per_dict.append(
                     pool_scores(
                         s,
@@ -445,9 +472,11 @@ class TrimMethod(SelectionMethod):
                         coverage_weight=cfg.coverage_weight,
                         coverage=cfg.coverage,
                         content=batch.scope_mask(cfg.scope),
+                        token_weights=weights,
+                        min_tokens=cfg.min_tokens,
                     )
                 )
-                del s, in_m
+                del s, in_m, weights
             sc, parts = per_dict[0]
             outs.append((sc.double(), parts["n_scored"], finite))
             extra.append([d[0].double() for d in per_dict[1:]])

@@ -31,6 +31,11 @@ the measurements behind them are in docs/performance.md, "TRIM conventions"):
   (``min_context``) removes such tokens from fingerprints and scoring when asked.
 * All accumulation (entropies, class sums, cosine, pooling) runs in float32 or wider,
   whatever the model's dtype.
+
+Two options outside the paper, for the investigation of issue 15 (off by default, so the
+default scores are the paper's, bit for bit): IDF-weighted tokens in eq. 13's mean
+(:func:`idf`, ``token_weights`` of :func:`pool_scores`) and a minimum token count for that
+mean (``min_tokens`` of :func:`pool_scores`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "column_saliency",
     "context_mask",
     "coverage_term",
+    "idf",
     "pool_scores",
     "row_saliency",
     "score_examples",
@@ -245,6 +251,10 @@ class Fingerprints:
         counts: ``[F]`` number of occurrences ``|O_t|``.
         tokens: the tokenizer's string for each class (for humans; may be empty).
         settings: the run settings they were built with.
+        doc_freq: ``[F]`` int64, the number of target examples in which each class occurs
+            (at a fingerprinted position), or ``None`` when not counted (files written
+            before issue 15, P2D). Feeds :meth:`idf`.
+        n_docs: ``N``, the number of target examples ``doc_freq`` was counted over.
     """
 
     token_ids: Tensor
@@ -253,6 +263,8 @@ class Fingerprints:
     counts: Tensor
     tokens: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    doc_freq: Tensor | None = None
+    n_docs: int = 0
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())
@@ -260,6 +272,17 @@ class Fingerprints:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    def idf(self) -> Tensor:
+        """``[F]`` float32 inverse document frequency of each class, see :func:`idf`."""
+        if self.doc_freq is None:
+            from coreselect.errors import CoreselectError
+
+            raise CoreselectError(
+                "these fingerprints carry no document frequencies (built before token_weighting "
+                "existed, or by P2D): rebuild them to use token_weighting: idf"
+            )
+        return idf(self.doc_freq, self.n_docs)
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file (tensors + JSON metadata), atomically."""
@@ -278,6 +301,9 @@ class Fingerprints:
             "weights": self.weights.to(torch.float32).contiguous().cpu(),
             "counts": self.counts.to(torch.int64).contiguous().cpu(),
         }
+        if self.doc_freq is not None:
+            tensors["doc_freq"] = self.doc_freq.to(torch.int64).contiguous().cpu()
+            meta["n_docs"] = str(int(self.n_docs))
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -305,6 +331,8 @@ class Fingerprints:
             counts=t.get("counts", torch.ones(len(t["token_ids"]), dtype=torch.int64)),
             tokens=json.loads(meta.get("tokens", "[]")),
             settings=json.loads(meta.get("settings", "{}")),
+            doc_freq=t.get("doc_freq"),
+            n_docs=int(meta.get("n_docs", "0")),
         )
 
 
@@ -313,12 +341,30 @@ class FingerprintBuilder:
 
     ``add`` keeps per-class sums ``sum alpha h_hat`` (float64) and weights; ``finalize``
     normalizes them. Adding the same tokens in any batching gives the same fingerprints.
+    ``count_documents`` (optional, TRIM calls it for every target batch) counts in how many
+    target examples each class occurs, for ``token_weighting: idf``.
     """
 
     def __init__(self) -> None:
         self._sums: dict[int, Tensor] = {}
         self._weights: dict[int, float] = {}
         self._counts: dict[int, int] = {}
+        self._doc_freq: dict[int, int] = {}
+        self._n_docs: int | None = None  # None: count_documents never called
+
+    def count_documents(self, token_ids: Tensor, mask: Tensor) -> None:
+        """Document frequencies: each row of ``token_ids [B, T]`` is one target example; a class
+        counts once per row in which it occurs at a ``mask``-ed (fingerprinted) position. Rows
+        without such a position still count towards ``N``."""
+        m = mask.bool()
+        self._n_docs = (self._n_docs or 0) + int(m.shape[0])
+        if not m.any():
+            return
+        rows = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(m)[m]
+        pairs = torch.unique(torch.stack([rows, token_ids.to(m.device)[m].to(torch.int64)]), dim=1)
+        uniq, df = torch.unique(pairs[1], return_counts=True)
+        for t, c in zip(uniq.tolist(), df.tolist()):
+            self._doc_freq[t] = self._doc_freq.get(t, 0) + c
 
     def add(self, hidden: Tensor, saliency: Tensor, token_ids: Tensor, mask: Tensor) -> None:
         """Add one batch: ``hidden [B,T,D]``, ``saliency [B,T]``, ``token_ids [B,T]``, ``mask [B,T]`` bool."""
@@ -355,6 +401,7 @@ class FingerprintBuilder:
         else:
             dim = next(iter(self._sums.values())).numel() if self._sums else 0
             vectors = torch.zeros(0, dim, dtype=torch.float32)
+        counted = self._n_docs is not None
         return Fingerprints(
             token_ids=torch.tensor(keep, dtype=torch.int64),
             vectors=vectors,
@@ -362,6 +409,8 @@ class FingerprintBuilder:
             counts=torch.tensor([self._counts[t] for t in keep], dtype=torch.int64),
             tokens=[tokens.get(t, "") for t in keep] if tokens is not None else [],
             settings=dict(settings or {}),
+            doc_freq=torch.tensor([self._doc_freq.get(t, 0) for t in keep], dtype=torch.int64) if counted else None,
+            n_docs=self._n_docs or 0,
         )
 
 
@@ -379,6 +428,38 @@ def build_fingerprints(hidden: Tensor, saliency: Tensor, token_ids: Tensor, mask
     b = FingerprintBuilder()
     b.add(hidden, saliency, token_ids, mask)
     return b.finalize()
+
+
+def idf(doc_freq: Tensor, n_docs: int) -> Tensor:
+    """Smoothed inverse document frequency over the target examples (``token_weighting: idf``).
+
+    ``idf(t) = ln((N + 1) / (df(t) + 1)) + 1``, with ``N`` the number of target examples and
+    ``df(t)`` the number of them in which class ``t`` occurs at a fingerprinted position
+    (:meth:`FingerprintBuilder.count_documents`). The ``+ 1`` inside keeps it finite; the
+    outer ``+ 1`` keeps every weight ``>= 1 > 0`` (``df <= N``), so a class found in every
+    target example still counts, just least: the weights range over ``[1, 1 + ln((N+1)/2)]``.
+
+    Why the target set, not the pool: the paper's only hint is App. A ("Connection to
+    Linguistic Collapse", item iii): "By emphasizing TF-IDF-weighted, task-specific tokens,
+    TRIM may preferentially retain examples that reinforce useful token centroids for the
+    downstream task"; eq. 13 itself weights every token alike. Counting
+    ``df`` over the target examples needs no pass over the pool (Stage I reads the target
+    anyway, ``fit`` never sees the pool, and a pool-side count made while scoring would make
+    a record's score depend on the records read before it), and it is the set the
+    fingerprints describe: a class in every target example (digits, ``the``, ``?`` for
+    GSM8K) says little about which example a record resembles, one in a single example is
+    specific. ``tf`` needs no factor: each occurrence of a class in a record is its own
+    term of eq. 13's sum already.
+
+    Args:
+        doc_freq: ``[F]`` document frequency of each fingerprint class.
+        n_docs: ``N``.
+
+    Returns:
+        ``[F]`` float32.
+    """
+    df = doc_freq.to(torch.float64)
+    return (torch.log((float(n_docs) + 1.0) / (df + 1.0)) + 1.0).to(torch.float32)
 
 
 # --------------------------------------------------------------------------- Stage II
@@ -408,6 +489,20 @@ class NearestClassTable:
         self.vocab = vocab
         #: the fingerprint vectors on the embeddings' device, so scoring does not copy them per batch
         self.vectors = fingerprints.vectors.to(device=device, dtype=torch.float32)
+        self._idf: Tensor | None = None  # token_weighting: idf, computed on first use
+
+    def idf_weights(self, token_ids: Tensor, in_m: Tensor, *, filled: bool = False) -> Tensor:
+        """``[B, T]`` float32 ``idf`` of the fingerprint class each token is matched against
+        (its own class, or its nearest one under eq. 11's backoff); 0 outside ``in_m``.
+
+        ``filled``: as in :meth:`rows` (every id was :meth:`prefill`-ed)."""
+        if self._idf is None:
+            self._idf = self.fingerprints.idf().to(self._direct.device)
+        ids = token_ids.to(self._direct.device).clamp(min=0, max=self.vocab - 1)
+        rows, _ = self.rows(ids, filled=filled)
+        m = in_m.to(rows.device) & (rows >= 0)
+        w = self._idf[rows.clamp(min=0)] if len(self.fingerprints) else torch.zeros(rows.shape, device=rows.device)
+        return torch.where(m, w, torch.zeros_like(w))
 
     def prefill(self, token_ids: Tensor) -> None:
         """Look up the nearest class of every id given now (e.g. a chunk's unique ids), so that
@@ -549,17 +644,42 @@ def pool_scores(
     coverage_weight: float = 0.05,
     coverage: str = "tokens",
     content: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    min_tokens: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Robust pooling with coverage, eq. 13-15.
 
     ``coverage`` and ``content`` choose ``kappa(c)``, see :func:`coverage_term`.
 
+    Two changes to eq. 13's mean ``mu(c)``, the only token average in ``S(c)`` (the max
+    ``m(c)`` and the count ``|M(c)|`` of ``kappa(c)`` are not averages and stay as they are);
+    both off by default, which runs exactly the paper's arithmetic:
+
+    * ``token_weights`` ``w [B, T]`` (``token_weighting: idf``: :meth:`NearestClassTable.idf_weights`):
+      ``mu(c) = sum_{j in M} w_j s_j / sum_{j in M} w_j``, a weighted mean. Equal weights
+      give the paper's mean; scaling all weights changes nothing.
+    * ``min_tokens`` ``n_min`` (``0``: off): ``mu'(c) = mu(c) * |M(c)| / max(|M(c)|, n_min)``,
+      i.e. ``sum s_j / n_min`` (unweighted) for a record with fewer than ``n_min`` scored
+      tokens, shrinking its mean towards 0 as if the missing tokens matched with cosine 0;
+      records with ``|M(c)| >= n_min`` keep the paper's score. It answers "a few tokens that all
+      match strongly outrank a full solution": the mean of 3 digit tokens has little
+      evidence behind it, and the shrinkage puts a floor on the evidence a mean needs.
+
     Returns:
-        ``(score [B], parts)`` with ``parts`` = ``mean``, ``max``, ``coverage``, ``n_scored``.
-        A record with ``|M(c)| = 0`` scores ``-inf``.
+        ``(score [B], parts)`` with ``parts`` = ``mean`` (after the two options), ``max``,
+        ``coverage``, ``n_scored``. A record with ``|M(c)| = 0`` scores ``-inf``.
     """
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
     n = in_m.sum(-1)
-    mean = torch.where(n > 0, s.sum(-1) / n.clamp(min=1).float(), torch.zeros_like(s[:, 0]))
+    if token_weights is None:
+        mean = torch.where(n > 0, s.sum(-1) / n.clamp(min=1).float(), torch.zeros_like(s[:, 0]))
+    else:
+        w = torch.where(in_m, token_weights.float(), torch.zeros_like(s))
+        w_sum = w.sum(-1)
+        mean = torch.where(w_sum > 0, (w * s).sum(-1) / w_sum.clamp(min=1e-30), torch.zeros_like(s[:, 0]))
+    if min_tokens > 0:
+        mean = mean * (n.float() / n.clamp(min=min_tokens).float())
     neg = torch.full_like(s, float("-inf"))
     mx = torch.where(in_m, s, neg).amax(-1)
     kappa = coverage_term(n, attention_mask, coverage, content)
@@ -581,6 +701,8 @@ def score_examples(
     w_max: float = 0.5,
     coverage_weight: float = 0.05,
     table: NearestClassTable | None = None,
+    token_weighting: str = "none",
+    min_tokens: int = 0,
 ) -> Tensor:
     """Stage II example scores ``S(c)`` (eq. 10-15).
 
@@ -595,12 +717,29 @@ def score_examples(
         oov_penalty: ``lambda`` of eq. 12; ``None`` skips unseen classes instead.
         w_mean, w_max, coverage_weight: ``w_mu``, ``w_m``, ``eta`` of eq. 15.
         table: an optional cached :class:`NearestClassTable` to reuse across batches.
+        token_weighting: ``none`` (paper) or ``idf`` (eq. 13's mean weighted by :func:`idf`
+            of the matched class; the fingerprints need ``doc_freq``).
+        min_tokens: the minimum token count of eq. 13's mean, see :func:`pool_scores`.
 
     Returns:
         ``[B]`` float32 scores; ``-inf`` for a record with no scored token.
     """
+    if token_weighting not in ("none", "idf"):
+        raise ValueError(f"token_weighting must be none or idf, got {token_weighting!r}")
+    if table is None:
+        table = NearestClassTable(fingerprints, embeddings)
     s, in_m, _ = token_scores(
         fingerprints, hidden, token_ids, scored_mask, embeddings, oov_penalty=oov_penalty, table=table
     )
-    score, _ = pool_scores(s, in_m, attention_mask, w_mean=w_mean, w_max=w_max, coverage_weight=coverage_weight)
+    weights = table.idf_weights(token_ids, in_m) if token_weighting == "idf" else None
+    score, _ = pool_scores(
+        s,
+        in_m,
+        attention_mask,
+        w_mean=w_mean,
+        w_max=w_max,
+        coverage_weight=coverage_weight,
+        token_weights=weights,
+        min_tokens=min_tokens,
+    )
     return score
