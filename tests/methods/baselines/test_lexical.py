@@ -213,3 +213,135 @@ def test_empty_pool_and_empty_texts(name: str) -> None:
         .score([text(0, "hello"), text(1, "world")])
     )
     assert s.shape == (2,) and s.dtype == np.float64 and np.all(np.isfinite(s))
+
+
+# ---------------------------------------------------------------- several named targets (issue 14 §1)
+
+
+def old_bm25(target: list[Record], pool: list[Record], aggregate: str = "max") -> np.ndarray:
+    """BM25Method.score before multi-target support (the reference for one target)."""
+    import bm25s
+
+    texts = [record_text(r) for r in pool]
+    corpus = bm25s.tokenize(texts, stopwords=None, return_ids=False, show_progress=False)
+    retriever = bm25s.BM25(k1=1.5, b=0.75)
+    retriever.index(corpus, show_progress=False)
+    rows = []
+    for tokens in bm25s.tokenize(
+        [record_text(r) for r in target], stopwords=None, return_ids=False, show_progress=False
+    ):
+        known = [t for t in tokens if t and t in retriever.vocab_dict]
+        rows.append(retriever.get_scores(known) if known else np.zeros(len(texts)))
+    matrix = np.asarray(rows, dtype=np.float64)
+    return matrix.max(axis=0) if aggregate == "max" else matrix.mean(axis=0)
+
+
+def old_dsir(target: list[Record], pool: list[Record], min_example_length: int = 0) -> np.ndarray:
+    """DSIRMethod(mode="topk").score before multi-target support (the reference for one target)."""
+    import tempfile
+    from pathlib import Path
+
+    from data_selection import HashedNgramDSIR
+
+    from coreselect.methods.baselines.dsir import _unshard, _wordpunct, _write_jsonl
+
+    n = len(pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        _write_jsonl(d / "raw.jsonl", [record_text(r) for r in pool])
+        _write_jsonl(d / "target.jsonl", [record_text(r) for r in target])
+        dsir = HashedNgramDSIR(
+            raw_datasets=[str(d / "raw.jsonl")],
+            target_datasets=[str(d / "target.jsonl")],
+            cache_dir=str(d / "cache"),
+            num_proc=1,
+            ngrams=2,
+            num_buckets=10000,
+            min_example_length=min_example_length,
+        )
+        dsir.tokenizer = _wordpunct
+        with np.errstate(invalid="ignore"):
+            dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        if not np.all(np.isfinite(dsir.log_diff)):
+            return np.zeros(n)
+        dsir.compute_importance_weights()
+        logw = _unshard(dsir.log_importance_weights_dir, 1, n)
+        if min_example_length > 0:
+            logw[~dsir.perexample_metadata_filter(_unshard(dsir.perexample_metadata_dir, 1, n))] = -np.inf
+        return logw
+
+
+@pytest.fixture(scope="module")
+def target_sets(mixed) -> dict[str, list[Record]]:
+    targets, _, _ = mixed
+    rng = np.random.default_rng(7)
+    return {"math": targets, "cook": [cooking(2000 + i, rng) for i in range(5)]}
+
+
+def _columns(m, sets, pool) -> dict[str, np.ndarray]:
+    """One multi-target scoring pass: the one chunk's per-target columns."""
+    chunks = list(m.fit_targets(sets).score_chunks(iter(pool)))
+    assert len(chunks) == 1 and set(chunks[0].targets) == set(sets)
+    np.testing.assert_array_equal(chunks[0].score, chunks[0].targets[next(iter(sets))])
+    return chunks[0].targets
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype == np.float64 and a.tobytes() == b.tobytes()  # bit for bit
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_bm25_multi_target_columns_equal_single_runs(mixed, target_sets, aggregate) -> None:
+    _, pool, is_math = mixed
+    assert BM25Method.multi_target
+    cols = _columns(BM25Method(aggregate=aggregate), target_sets, pool)
+    for name, target in target_sets.items():
+        single = BM25Method(aggregate=aggregate).fit_targets({"target": target}).score(pool)
+        _same(single, old_bm25(target, pool, aggregate))  # one target: the pre-multi-target scores
+        _same(cols[name], single)  # column k: a single-target run on target k
+    assert is_math[np.argsort(-cols["math"])[:10]].all() and not is_math[np.argsort(-cols["cook"])[:10]].any()
+    # no pool words: every column 0
+    zeros = _columns(BM25Method(scope="prompt"), target_sets, [text(0, "hello"), text(1, "world")])
+    assert all(np.array_equal(c, np.zeros(2)) for c in zeros.values())
+
+
+@pytest.mark.parametrize("kw", [{"mode": "topk"}, {"mode": "resample", "seed": 3}, {"min_example_length": 42}])
+def test_dsir_multi_target_columns_equal_single_runs(mixed, target_sets, kw) -> None:
+    _, pool, is_math = mixed
+    assert DSIRMethod.multi_target
+    kw = {"mode": "topk", **kw}
+    m = DSIRMethod(**kw)
+    cols = _columns(m, target_sets, pool)
+    assert set(m.target_log_weights) == set(target_sets)
+    for name, target in target_sets.items():
+        single = DSIRMethod(**kw).fit_targets({"target": target})
+        s = single.score(pool)
+        if kw["mode"] == "topk":  # one target: the pre-multi-target scores
+            _same(s, old_dsir(target, pool, kw.get("min_example_length", 0)))
+        assert single.log_weights is not None
+        _same(m.target_log_weights[name], single.log_weights)  # one importance-weight vector per target
+        _same(cols[name], s)  # column k: a single-target run on target k
+    if kw.get("min_example_length"):  # the 41-token (arithmetic) records are cut in every column
+        assert all(np.all(c[is_math] == -np.inf) and np.all(np.isfinite(c[~is_math])) for c in cols.values())
+    else:
+        assert m.target_log_weights["math"][is_math].min() > m.target_log_weights["math"][~is_math].max()
+        assert m.target_log_weights["cook"][~is_math].min() > m.target_log_weights["cook"][is_math].max()
+
+
+def test_dsir_multi_target_with_a_wordless_target(mixed, target_sets) -> None:
+    """A target with no tokens gets equal (zero) weights, as alone; the others are unaffected."""
+    _, pool, _ = mixed
+    sets = {**target_sets, "empty": [text(3000, "")]}
+    cols = _columns(DSIRMethod(mode="topk", min_example_length=42), sets, pool)
+    _same(cols["empty"], DSIRMethod(mode="topk", min_example_length=42).fit([text(3000, "")]).score(pool))
+    assert np.array_equal(cols["empty"], np.zeros(len(pool)))
+    _same(cols["math"], DSIRMethod(mode="topk", min_example_length=42).fit(target_sets["math"]).score(pool))
+
+
+@pytest.mark.parametrize("cls", [BM25Method, DSIRMethod])
+def test_multi_target_refit_and_empty_target(cls, target_sets, mixed) -> None:
+    _, pool, _ = mixed
+    m = cls().fit_targets(target_sets)
+    assert list(m.fit(target_sets["math"]).score_chunks(pool))[0].targets == {}  # fit: one target again
+    with pytest.raises(ValueError, match="target cook"):
+        cls().fit_targets({"math": target_sets["math"], "cook": []})

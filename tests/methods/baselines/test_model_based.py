@@ -239,3 +239,145 @@ def test_warmup_checkpoints_found_beside_reused_adapter(warm):
     assert found[0].lr > 0
     with pytest.raises(ConfigError, match="--warmup auto"):
         warmup_checkpoints({"mode": "none"}, "less")
+
+
+# ------------------------------------------------------------------------------ several named targets (issue 14 §1)
+TARGET_SETS = {"math": TARGET, "misc": [rec(101, *QA[2]), rec(102, "Translate thank you to French.", "Merci.")]}
+
+
+def old_rds(runner, formatter, target, records, aggregate="mean"):
+    """RDSMethod before multi-target support, condensed (the reference for one target)."""
+    from coreselect.models.runner import token_budget_batches
+
+    def reps(recs):
+        enc = formatter.encode_many(list(recs))
+        out = torch.zeros(len(enc), runner.model.config.hidden_size)
+        for pos in token_budget_batches([len(e) for e in enc], 256):
+            batch = runner.collate(enc, pos, "right")
+            h = runner.hidden(batch)
+            out[pos] = h[torch.arange(h.shape[0]), batch.attention_mask.sum(1) - 1].float().cpu()
+        return torch.nn.functional.normalize(out, dim=1)
+
+    t = reps(target)
+    t = torch.nn.functional.normalize(t.mean(0, keepdim=True), dim=1) if aggregate == "mean" else t
+    return (reps(records) @ t.T).max(dim=1).values.double().numpy()
+
+
+def old_less(warm, target, records, optimizer="adam", proj_dim=128):
+    """LESSMethod before multi-target support, condensed (the reference for one target)."""
+    model_dir, res = warm
+    base, tok = load(model_dir)
+    sw, f = AdapterSwitcher(base), fmt(tok)
+
+    def feats(ck, recs, adam):
+        enc = f.encode_many(list(recs))
+        model = sw.activate(ck.path)
+        moments = adam_moments(ck.path, sw.params) if adam and optimizer == "adam" else None
+        proj = Projector(sum(p.numel() for p in sw.params), proj_dim, 0)
+        return gradient_features(model, sw.params, enc, tok.pad_token_id, proj, moments, FeatureStats())
+
+    tfs = [feats(ck, target, False) for ck in res.checkpoints]
+    lrs = np.array([c.lr for c in res.checkpoints])
+    total = np.zeros(len(records))
+    for wc, ck, tf in zip(lrs / lrs.sum(), res.checkpoints, tfs):
+        total += wc * (feats(ck, records, True) @ tf.T).mean(dim=1).double().numpy()
+    return total
+
+
+def _same(a, b):
+    assert a.dtype == b.dtype == np.float64 and a.tobytes() == b.tobytes()  # bit for bit
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_rds_multi_target_one_pass_columns_equal_single_runs(tiny_model_dir, tmp_path, aggregate):
+    from coreselect.models.runner import ModelRunner
+
+    model, tok = load(tiny_model_dir)
+
+    def make():
+        return RDSMethod(ModelRunner(model, tok), fmt(tok), aggregate=aggregate, batch_tokens=256, chunk_records=5)
+
+    assert RDSMethod.multi_target
+    m = make().fit_targets(TARGET_SETS)
+    chunks = list(m.score_chunks(iter(pool())))
+    assert [len(c) for c in chunks] == [5, 3] and all(set(c.targets) == set(TARGET_SETS) for c in chunks)
+    cols = {n: np.concatenate([c.targets[n] for c in chunks]) for n in TARGET_SETS}
+    # each pool record goes through the model once, whatever the number of targets
+    assert m.cost.forward_passes == 3 + len(pool())
+    for name, target in TARGET_SETS.items():
+        single = make().fit_targets({"target": target})
+        s_chunks = list(single.score_chunks(iter(pool())))
+        s = np.concatenate([c.score for c in s_chunks])
+        old = [old_rds(single.runner, single.formatter, target, pool()[i : i + 5], aggregate) for i in (0, 5)]
+        _same(s, np.concatenate(old))  # the old path (chunk by chunk: batch shapes move the last bits)
+        _same(cols[name], s)  # column k: a single-target run on target k
+        for c, sc in zip(chunks, s_chunks):
+            assert np.array_equal(c.n_tokens, sc.n_tokens) and np.array_equal(c.n_scored, sc.n_scored)
+    assert int(np.argmax(cols["math"])) == 6 and int(np.argmax(cols["misc"])) == 2
+    # per-target state files; a fresh instance told the target names restores them all
+    written = m.save_state(tmp_path)
+    assert sorted(p.name for p in written) == ["rds_targets-math.safetensors", "rds_targets-misc.safetensors"]
+    fresh = make()
+    fresh.target_names = list(TARGET_SETS)
+    assert fresh.load_state(tmp_path)
+    again = list(fresh.score_chunks(iter(pool())))
+    assert all(np.array_equal(np.concatenate([c.targets[n] for c in again]), cols[n]) for n in TARGET_SETS)
+    assert fresh.cost.forward_passes == len(pool())
+    with pytest.raises(ConfigError, match="target misc"):
+        make().fit_targets({"math": TARGET, "misc": []})
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_less_multi_target_one_pass_columns_equal_single_runs(warm, optimizer):
+    assert LESSMethod.multi_target
+    m = method(LESSMethod, warm, proj_dim=128, optimizer=optimizer).fit_targets(TARGET_SETS)
+    (chunk,) = m.score_chunks(iter(pool()))
+    assert set(chunk.targets) == set(TARGET_SETS)
+    np.testing.assert_array_equal(chunk.score, chunk.targets["math"])
+    # per checkpoint: each target record's gradient once, each pool record's gradient once
+    assert m.cost.backward_passes == 3 * (3 + len(pool()))
+    for name, target in TARGET_SETS.items():
+        single = method(LESSMethod, warm, proj_dim=128, optimizer=optimizer).fit_targets({"target": target})
+        s = single.score(pool())
+        _same(s, old_less(warm, target, pool(), optimizer))  # the old path
+        _same(chunk.targets[name], s)  # column k: a single-target run on target k
+        assert single.settings() == m.settings()
+    assert int(np.argmax(chunk.targets["math"])) == 6
+    with pytest.raises(ConfigError, match="target misc"):
+        method(LESSMethod, warm, proj_dim=128).fit_targets({"math": TARGET, "misc": []})
+
+
+def test_rds_two_named_targets_in_a_select_run(tiny_model_dir, tmp_path):
+    """The pipeline writes score_<name> / rank_<name> from the native columns; --resume reloads both centroids."""
+    import json
+
+    import pyarrow.parquet as pq
+    from tests.conftest import chat, write_jsonl
+
+    from coreselect.__main__ import main
+
+    rows = [chat(i, u, a) for i, (u, a) in enumerate(QA)]
+    pool_file = write_jsonl(tmp_path / "pool.jsonl", rows)
+    files = {
+        n: write_jsonl(tmp_path / f"{n}.jsonl", [chat(r.id, *(m.content for m in r.messages)) for r in recs])
+        for n, recs in TARGET_SETS.items()
+    }
+
+    def run(out, targets, *extra):
+        argv = ["select", "--method", "rds", "--pool", str(pool_file), "--target", *targets, "--out", str(out)]
+        argv += ["--model", str(tiny_model_dir), "--warmup", "none", "--budget", "2", "--no-progress", *extra]
+        assert main(argv) == 0
+        return pq.read_table(out / "scores.parquet"), json.loads((out / "run.json").read_text())
+
+    table, info = run(tmp_path / "multi", [f"{n}={p}" for n, p in files.items()])
+    assert info["cost"]["forward_passes"] == 3 + len(QA)  # the pool once
+    for n, p in files.items():
+        single, _ = run(tmp_path / n, [str(p)])
+        _same(table.column(f"score_{n}").to_numpy(), single.column("score").to_numpy())
+        assert table.column(f"rank_{n}").to_pylist() == single.column("rank").to_pylist()
+    (tmp_path / "multi" / "scores.parquet").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "multi" / "shards")
+    resumed, info2 = run(tmp_path / "multi", [f"{n}={p}" for n, p in files.items()], "--resume")
+    assert resumed.equals(table) and info2["cost"]["forward_passes"] == len(QA)
