@@ -279,6 +279,9 @@ def test_explicit_defaults_score_like_the_paper_and_idf_batches_alike(loaded, sm
     idf_a = _trim(loaded, token_weighting="idf", batch_tokens=10_000).fit(tgt).score(records)
     idf_b = _trim(loaded, token_weighting="idf", batch_tokens=40, chunk_records=3).fit(tgt).score(records)
     np.testing.assert_allclose(idf_a, idf_b, rtol=0, atol=1e-5)
+    packed = _trim(loaded, token_weighting="idf", min_tokens=12, packing=True).fit(tgt).score(records)
+    padded = _trim(loaded, token_weighting="idf", min_tokens=12).fit(tgt).score(records)
+    np.testing.assert_allclose(packed, padded, rtol=0, atol=1e-5)
     assert not np.allclose(idf_a, base, rtol=0, atol=1e-6)  # the two targets' classes differ in df
 
 
