@@ -253,3 +253,33 @@ def test_native_multi_target_equals_single_fits_in_one_pass(runner, loaded, data
     again = fresh.score_batch(pool)
     for name in targets:
         np.testing.assert_array_equal(again.targets[name], chunk.targets[name])
+
+
+def test_cli_flags_multi_target_activation_and_ppl(tiny_model_dir, small_pool, tmp_path):
+    """``--score activation --heads random --head-seed`` through ``select`` with two named targets:
+    native multi-target state, the run's ``ppl`` block and the heads files' seed."""
+    from coreselect.__main__ import main
+
+    pool, target = small_pool
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["messages"][0]["content"] = f"Task {i}: answer with one number. " + row["messages"][0]["content"]
+        (tmp_path / f"t{i}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": f"x{i}"}) + "\n")
+    out = tmp_path / "run"
+    argv = ["select", "--method", "p2d", "--model", str(tiny_model_dir), "--pool", str(pool), "--budget", "3"]
+    argv += ["--target", f"a={tmp_path / 't0.jsonl'}", f"b={tmp_path / 't1.jsonl'}"]
+    argv += ["--score", "activation", "--heads", "random", "--head-seed", "3", "--ppl", "all"]
+    argv += ["--warmup", "none", "--device", "cpu", "--no-progress", "--no-aer", "--out", str(out)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["score"] == "activation" and run["settings"]["head_seed"] == 3
+    assert (
+        run["ppl"]["pool"]["n"] == 8 and run["ppl"]["selected"]["n"] == 3 and run["ppl"]["skews_low"] in (True, False)
+    )
+    # two derived prompts ("Task 0: ..." / "Task 1: ..."): one pool pass each
+    assert run["cost"]["forward_passes"] == 2 * 8 + 4
+    for name in ("a", "b"):
+        hs = json.loads((out / f"target-{name}" / "heads.json").read_text())
+        assert hs["proxy"] == "random" and hs["extra"]["head_seed"] == 3
+    stats = run["stats"]["per_target"]
+    assert set(stats) == {"a", "b"}

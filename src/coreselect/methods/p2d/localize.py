@@ -25,8 +25,10 @@ tested in ``tests/methods/test_p2d.py``).
      previous-token heads high for any input. Template tokens (BOS, role headers, the
      usual attention sinks) are neither prompt nor response, so they never count. Needs
 
-``heads="random"`` (:func:`random_heads`) draws the same number of heads uniformly (seeded):
-the paper's falsification test (task heads vs random heads). ``coreselect heads``
+``heads="random"`` (:func:`random_heads`, seeded by P2D's ``head_seed``) draws the same number of
+heads uniformly over all ``(layer, head)`` pairs (the localized set's per-layer counts are not
+kept): the falsification control (task heads vs random heads), see
+:mod:`coreselect.methods.p2d.select`. ``coreselect heads``
 (:func:`heads_command`) runs this stage alone and writes ``heads.json`` + ``heads.png``.
 """
 
