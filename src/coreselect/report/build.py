@@ -8,7 +8,7 @@ sub-folder and no ``scores.parquet`` of its own.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ class RunData:
     score: np.ndarray
     rank: np.ndarray
     selected: np.ndarray
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # score_<name> of a multi-target run
 
     @classmethod
     def load(cls, run_dir: Path, name: str | None = None) -> RunData:
@@ -65,6 +66,7 @@ class RunData:
             col("score").astype(np.float64),
             col("rank"),
             col("selected").astype(bool),
+            {c.removeprefix("score_"): col(c).astype(np.float64) for c in t.column_names if c.startswith("score_")},
         )
 
     @property
@@ -74,6 +76,29 @@ class RunData:
     @property
     def method(self) -> str:
         return str(self.run.get("method") or self.run.get("settings", {}).get("method", "?"))
+
+    def target_info(self) -> dict[str, Any] | None:
+        """A multi-target run's ``names`` / ``combine`` / ``quota`` / ``sizes`` / ``coverage`` /
+        ``overlap`` (run.json's ``targets``); coverage and overlap are computed from the
+        ``score_<name>`` columns (each target's own top-k, k = the budget) when run.json lacks them.
+        ``None`` for a single-target run."""
+        info = dict(self.run.get("targets") or {})
+        names = [n for n in info.get("names", []) if n in self.targets] or list(self.targets)
+        if len(names) < 2:
+            return None
+        info["names"] = names
+        if not info.get("coverage") or not isinstance(info.get("overlap"), dict):
+            from coreselect.combine import coverage_report
+
+            per = {n: self.targets[n] for n in names}
+            info.update(coverage_report(per, np.flatnonzero(self.selected), dict.fromkeys(names, self.k)))
+        return info
+
+    def target_top(self, name: str, k: int) -> np.ndarray:
+        """Row positions of target ``name``'s own top ``k`` (its score descending, ties by pool position)."""
+        from coreselect.combine import target_order
+
+        return target_order(self.targets[name])[:k]
 
     def by_rank(self, first: int, n: int) -> list[int]:
         """Row positions of ranks ``first .. first + n - 1`` (1-based)."""
@@ -149,12 +174,55 @@ def _summary(r: RunData) -> str:
         ("pool records", len(r.index)),
         ("selected", f"{r.k} (budget {st.get('budget', '?')})"),
     ]
+    multi = r.target_info()
+    if multi:
+        rows.append(("targets", f"{', '.join(multi['names'])} (combine: {multi.get('combine', '?')})"))
     if r.method in registry.names():  # the method's own rows (TRIM: its knobs)
         rows += registry.get(r.method).cls.report_summary(r.run)
     total = (r.run.get("timings") or {}).get("total_s")
     if total is not None:
         rows.append(("selection wall time", f"{total:.1f} s"))
     return H.table(["setting", "value"], [(k, "" if v is None else str(v)) for k, v in rows])
+
+
+def _targets_section(r: RunData, info: dict[str, Any], img: _Images) -> str:
+    """Several targets: each one's coverage (coreset records in its own top-k), the overlap of
+    those top-k sets, and the source mix of each top-k next to the combined coreset's."""
+    names: list[str] = info["names"]
+    cov: dict[str, dict[str, int]] = info["coverage"]
+    shares = info.get("quota") or {}
+    sizes = info.get("sizes") or {}
+    rows = []
+    for n in names:
+        k, hit = int(cov[n]["k"]), int(cov[n]["in_coreset"])
+        share = f"{100 * float(shares[n]):.1f}%" if n in shares else "-"
+        rows.append((n, sizes.get(n, "-"), share, k, hit, f"{hit}/{k} ({100 * hit / max(k, 1):.0f}%)"))
+    how = info.get("combine", "?")
+    body = (
+        f'<p class="note">{len(names)} targets combined by <b>{escape(str(how))}</b> into one coreset of '
+        f"{r.k}. A target's own top-k is its ranking alone (<code>score_&lt;name&gt;</code> in "
+        "scores.parquet), with k its quota share of the budget under <code>--combine quota</code> and "
+        "the whole budget otherwise; coverage counts the coreset records among them.</p>"
+    )
+    body += H.table(["target", "target records", "quota", "own top-k", "in coreset", "coverage"], rows)
+    overlap = info.get("overlap") or {}
+
+    def shared(a: str, b: str) -> object:
+        if a == b:
+            return int(cov[a]["k"])
+        v = overlap.get(f"{a}|{b}", overlap.get(f"{b}|{a}"))
+        return "-" if v is None else int(v)
+
+    body += (
+        '<p class="note">Overlap: records that two targets\' own top-k sets share (diagonal: k). '
+        "A record wanted by two targets counts once in the coreset.</p>"
+    )
+    body += H.table(["", *names], [(a, *[shared(a, b) for b in names]) for a in names])
+    groups = [("coreset (combined)", r.sources, [s for s, x in zip(r.sources, r.selected) if x])]
+    for n in names:
+        top = r.target_top(n, int(cov[n]["k"]))
+        groups.append((f"{n}: own top-{len(top)}", r.sources, [r.sources[int(i)] for i in top]))
+    return body + img("target-mix", plots.source_mix(groups), "source mix of each target's own top-k")
 
 
 def _distribution_sections(r: RunData, img: _Images) -> list[tuple[str, str, str]]:
@@ -248,13 +316,21 @@ def _single(d: Path, args: ReportArgs, img: _Images) -> str:
             ]
         sections += tok[:2] + _distribution_sections(r, img) + tok[2:]
     else:
+        why = (
+            "has one fingerprint dictionary per target (<code>fingerprints-&lt;name&gt;.safetensors</code>); "
+            "token-level views need a single-target run"
+            if any(d.glob("fingerprints-*.safetensors"))
+            else "keeps no token fingerprints"
+        )
         sections[0] = (
             "run-summary",
             "Run",
-            _summary(r) + f'<p class="note">{escape(r.method)} keeps no token '
-            "fingerprints, so only the distribution panels are shown.</p>",
+            _summary(r) + f'<p class="note">{escape(r.method)} {why}, so only the distribution panels are shown.</p>',
         )
         sections += _distribution_sections(r, img)
+    multi = r.target_info()
+    if multi:
+        sections.insert(1, ("targets", "Targets: coverage and overlap", _targets_section(r, multi, img)))
     if r.method in registry.names():  # the method's own figures, after the summary (P2D: its heads)
         for i, f in enumerate(registry.get(r.method).cls.report_figures(d, r.run), start=1):
             note = f'<p class="note">{escape(f.note)}</p>' if f.note else ""

@@ -114,6 +114,11 @@ class Explainer:
         self.run = load_run(self.dir)
         fp_path = self.dir / "fingerprints.safetensors"
         if not fp_path.is_file():
+            if any(self.dir.glob("fingerprints-*.safetensors")):
+                raise CoreselectError(
+                    f"{run_dir}: a multi-target run (one fingerprints-<name>.safetensors per target); "
+                    "token views need a single-target TRIM run"
+                )
             raise CoreselectError(f"{run_dir}: no fingerprints.safetensors (token views need a TRIM run)")
         self.args = run_args(self.run)
         self.config = self.args.method_config("trim", strict=False).trim_config()
