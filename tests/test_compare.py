@@ -191,3 +191,73 @@ def test_overwrite_retrains_the_warmup_and_clears_old_rejects(tiny_model_dir, sm
     # --resume does reuse the finished warmup
     assert main([*common, "--pool", str(pool), "--resume"]) == 0
     assert json.loads((out / "run.json").read_text())["model"]["warmup"]["reused_from_previous_run"] is True
+
+
+def _scores(x, y=None, selected=(0, 1), k=None):
+    import pyarrow as pa
+
+    n = len(x)
+    cols = {"index": list(range(n)), "score": [0.0] * n, "selected": [i in selected for i in range(n)]}
+    cols["score_x"] = x
+    if y is not None:
+        cols["score_y"] = y
+    return pa.table(cols)
+
+
+def test_target_comparison_hand_values():
+    from coreselect.compare import target_comparison, target_names
+
+    tables = {
+        "a": _scores([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], selected=(0, 3)),
+        "b": _scores([1.0, 3.0, 2.0, 4.0], selected=(1, 3)),  # no score_y
+    }
+    runs = {"a": {"targets": {"names": ["y", "x"], "coverage": {"x": {"k": 2, "in_coreset": 1}}}}, "b": {}}
+    assert target_names(tables, runs) == ["y", "x"]
+    t = target_comparison(tables, runs)
+    assert list(t) == ["y", "x"]
+    # x: a's own top-2 = {0, 1} (k from its run.json), b's = {3, 1} (k = its 2 selected)
+    assert t["x"]["k"] == {"a": 2, "b": 2}
+    assert t["x"]["coverage"] == {"a": 1, "b": 2}  # a: run.json's count; b: {1, 3} & {1, 3}
+    assert t["x"]["jaccard"]["a"]["b"] == round(1 / 3, 4) and t["x"]["jaccard"]["b"]["b"] == 1.0
+    # ranks a: [0, 1, 2, 3], b: [3, 1, 2, 0] -> Spearman -0.8
+    assert t["x"]["spearman"]["a"]["b"] == -0.8 and t["x"]["spearman"]["a"]["a"] == 1.0
+    # y: only a has it; a's top-2 = {3, 2}, coverage {0, 3} & {2, 3} = 1
+    assert t["y"]["coverage"] == {"a": 1, "b": None} and t["y"]["k"] == {"a": 2, "b": None}
+    assert t["y"]["jaccard"]["a"]["b"] is None and t["y"]["spearman"]["b"]["b"] is None
+    assert target_comparison({"a": _scores([1.0, 2.0])}, {}) == {}  # one target: nothing to add
+
+
+def test_compare_named_targets_per_target_columns(tiny_model_dir, small_pool, tmp_path):
+    from tests.conftest import chat, write_jsonl
+
+    pool, math = small_pool
+    other = write_jsonl(
+        tmp_path / "other.jsonl",
+        [
+            chat(200, "Write a short poem about rivers.", "The river runs, the river sings.", "poems"),
+            chat(201, "How do I make pancakes?", "Mix flour, eggs and milk, then fry.", "cooking"),
+        ],
+    )
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "trim,bm25", "--model", str(tiny_model_dir), "--pool", str(pool)]
+    argv += ["--target", f"math={math}", f"other={other}", "--budget", "4", "--out", str(out), "--layers", "2"]
+    assert main([*argv, "--warmup", "none", "--no-progress"]) == 0
+    runs = {m: json.loads((out / m / "run.json").read_text()) for m in ("trim", "bm25")}
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    for r in rows:
+        for name in ("math", "other"):
+            assert int(r[f"cov:{name}"]) == runs[r["method"]]["targets"]["coverage"][name]["in_coreset"]
+    t = json.loads((out / "run.json").read_text())["targets"]
+    assert list(t) == ["math", "other"]
+    for name in ("math", "other"):
+        assert t[name]["k"] == {"trim": 2, "bm25": 2}  # quota: 4 split equally
+        assert t[name]["jaccard"]["trim"]["trim"] == 1.0 and t[name]["spearman"]["bm25"]["bm25"] == 1.0
+        assert t[name]["jaccard"]["trim"]["bm25"] == t[name]["jaccard"]["bm25"]["trim"]
+        # the per-target top-k is each method's own ranking of its score_<name> column
+        tab = pq.read_table(out / "trim" / "scores.parquet")
+        top = {i for i, r in zip(tab.column("index").to_pylist(), tab.column(f"rank_{name}").to_pylist()) if r <= 2}
+        sel = {i for i, s in zip(tab.column("index").to_pylist(), tab.column("selected").to_pylist()) if s}
+        assert t[name]["coverage"]["trim"] == len(top & sel)
+    md = (out / "comparison.md").read_text()
+    assert "## Per target" in md and "### math: own top-k overlap (Jaccard)" in md
+    assert "| trim | 1.00 / 1.00 |" in md

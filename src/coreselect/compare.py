@@ -8,6 +8,14 @@ the coreset vs the pool (the paper's length-bias analysis, Fig. 3), and the pair
 Jaccard overlap of the coresets; ``source_mix.png`` and ``lengths.png`` plot them. When a
 method's run.json carries an ``aer`` (P2D's estimated Alignment Efficiency Ratio), an
 ``aer`` column is added, blank for the methods without one (no cost is estimated for them).
+
+Several named targets (``--target csqa=a.jsonl siqa=b.jsonl``): every method's run carries a
+``score_<name>`` column per target, and the comparison adds, per target, each method's
+coverage (coreset records in that target's own top-k, from its run.json; a ``cov:<name>``
+column of comparison.csv) and, between every two methods that both have ``score_<name>``,
+the Jaccard overlap of their own top-k sets for that target and the Spearman correlation of
+their ``score_<name>`` rankings (:func:`target_comparison`; also in ``run.json`` as
+``targets``).
 """
 
 from __future__ import annotations
@@ -96,11 +104,18 @@ def compare(args: CompareArgs) -> dict[str, Any]:
         own = {k: v for k, v in asdict(margs).items() if k in SelectArgs.__dataclass_fields__}
         runs[name] = select(SelectArgs(**own))
 
-    table = summarize(out, methods, runs, args)
-    write_json(
-        out / "run.json",
-        {"command": "compare", "methods": methods, "warmup": warm_info, "settings": asdict(args), "summary": table},
-    )
+    per_target: dict[str, dict[str, Any]] = {}
+    table = summarize(out, methods, runs, args, per_target)
+    info: dict[str, Any] = {
+        "command": "compare",
+        "methods": methods,
+        "warmup": warm_info,
+        "settings": asdict(args),
+        "summary": table,
+    }
+    if per_target:
+        info["targets"] = per_target
+    write_json(out / "run.json", info)
     return {"methods": methods, "summary": table, "warmup": warm_info}
 
 
@@ -123,8 +138,15 @@ def _pool_lengths(args: SelectArgs, tables: dict[str, pa.Table]) -> dict[int, in
     return {r.index: len(fmt.encode(r)) for r in iter_pool(args)}
 
 
-def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], args: SelectArgs) -> list[dict[str, Any]]:
-    """Write comparison.md / comparison.csv / PNGs; return the per-method rows."""
+def summarize(
+    out: Path,
+    methods: list[str],
+    runs: dict[str, dict[str, Any]],
+    args: SelectArgs,
+    per_target: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Write comparison.md / comparison.csv / PNGs; return the per-method rows. Several named
+    targets: :func:`target_comparison`'s result goes into ``per_target`` when given."""
     tables = {m: pq.read_table(out / m / "scores.parquet") for m in methods}
     first = tables[methods[0]]
     sources = first.column("source").to_pylist()
@@ -160,10 +182,90 @@ def summarize(out: Path, methods: list[str], runs: dict[str, dict[str, Any]], ar
             }
         )
     overlap = {a: {b: jaccard(chosen[a], chosen[b]) for b in methods} for a in methods}
+    targets = target_comparison(tables, runs)
+    if per_target is not None:
+        per_target.update(targets)
+    for r in rows:
+        for name, t in targets.items():
+            r[f"cov:{name}"] = t["coverage"][r["method"]]
     _write_csv(out / "comparison.csv", rows)
-    _write_md(out / "comparison.md", rows, overlap, pool_mix, args)
+    _write_md(out / "comparison.md", rows, overlap, pool_mix, args, targets)
     _plots(out, methods, rows, pool_mix, sel_lens, pool_len)
     return rows
+
+
+def target_names(tables: dict[str, pa.Table], runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Targets with a ``score_<name>`` column in at least one run, in the runs' ``--target`` order."""
+    names: list[str] = []
+    for m, t in tables.items():
+        listed = (runs.get(m, {}).get("targets") or {}).get("names") or []
+        cols = [c.removeprefix("score_") for c in t.column_names if c.startswith("score_")]
+        for n in [*listed, *cols]:
+            if n in cols and n not in names:
+                names.append(n)
+    return names
+
+
+def target_comparison(tables: dict[str, pa.Table], runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per target, how the methods' own rankings for it compare (empty for single-target runs).
+
+    For each target ``name`` that some run scored (``score_<name>``), ``{"k", "coverage",
+    "jaccard", "spearman"}``: ``k`` is the size of a method's own top-k for the target (its
+    run.json coverage ``k``: the target's quota share of the budget under ``--combine quota``,
+    else the budget); ``coverage[m]`` is how many of method ``m``'s coreset records sit in that
+    top-k (run.json's, else counted here); ``jaccard[a][b]`` is the overlap of the two methods'
+    top-k sets and ``spearman[a][b]`` the correlation of their rankings by ``score_<name>``.
+    A method without the column gets ``None`` everywhere; so does ``spearman`` on < 2 records.
+    """
+    from coreselect.combine import target_order
+
+    names = target_names(tables, runs)
+    if len(names) < 2:
+        return {}
+    methods = list(tables)
+    by_index = {m: t.sort_by("index") for m, t in tables.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        tops: dict[str, set[int]] = {}
+        ranks: dict[str, np.ndarray] = {}
+        coverage: dict[str, int | None] = {}
+        ks: dict[str, int] = {}
+        for m in methods:
+            t = by_index[m]
+            if f"score_{name}" not in t.column_names:
+                coverage[m] = None
+                continue
+            index = t.column("index").to_numpy()
+            scores = t.column(f"score_{name}").to_numpy()
+            order = target_order(scores)
+            cov = ((runs.get(m, {}).get("targets") or {}).get("coverage") or {}).get(name) or {}
+            selected = t.column("selected").to_numpy(zero_copy_only=False).astype(bool)
+            k = int(cov.get("k", int(selected.sum())))
+            top = {int(i) for i in index[order[:k]]}
+            tops[m], ks[m] = top, k
+            rank = np.empty(len(order), dtype=np.float64)
+            rank[order] = np.arange(len(order))
+            ranks[m] = rank
+            in_core = cov.get("in_coreset")
+            coverage[m] = int(in_core) if in_core is not None else len(top & {int(i) for i in index[selected]})
+
+        pairs = {a: {b: _pair(tops, ranks, a, b) for b in methods} for a in methods}
+        out[name] = {
+            "k": {m: ks.get(m) for m in methods},
+            "coverage": coverage,
+            "jaccard": {a: {b: pairs[a][b][0] for b in methods} for a in methods},
+            "spearman": {a: {b: pairs[a][b][1] for b in methods} for a in methods},
+        }
+    return out
+
+
+def _pair(tops: dict[str, set[int]], ranks: dict[str, np.ndarray], a: str, b: str) -> tuple[float | None, float | None]:
+    """Jaccard of two methods' top-k sets and Spearman of their rankings (``None`` when one lacks the target)."""
+    if a not in tops or b not in tops:
+        return None, None
+    ra, rb = ranks[a], ranks[b]
+    rho = float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 and len(ra) == len(rb) else None
+    return round(jaccard(tops[a], tops[b]), 4), None if rho is None else round(rho, 4)
 
 
 def _aer(run: dict[str, Any]) -> float | None:
@@ -193,6 +295,7 @@ def _write_md(
     overlap: dict[str, dict[str, float]],
     pool_mix: collections.Counter,
     args: SelectArgs,
+    per_target: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     n_pool = sum(pool_mix.values())
     srcs = sorted(pool_mix)
@@ -236,9 +339,50 @@ def _write_md(
     lines += ["", "## Overlap (Jaccard)", "", "| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for a in names:
         lines.append(f"| {a} | " + " | ".join(f"{overlap[a][b]:.2f}" for b in names) + " |")
+    lines += _target_md(per_target or {}, names)
     lines += ["", "Plots: source_mix.png, lengths.png"]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _target_md(per_target: dict[str, dict[str, Any]], methods: list[str]) -> list[str]:
+    """comparison.md's per-target section (several named targets)."""
+    if not per_target:
+        return []
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    targets = list(per_target)
+    lines = [
+        "",
+        "## Per target",
+        "",
+        "Coverage: coreset records in the target's own top-k (its ranking alone, `score_<name>`; k = its",
+        "quota share of the budget under `--combine quota`, else the budget). `-`: the run has no such column.",
+        "",
+        "| method | " + " | ".join(targets) + " |",
+        "| --- |" + " ---: |" * len(targets),
+    ]
+    for m in methods:
+        cells = []
+        for name in targets:
+            c, k = per_target[name]["coverage"].get(m), per_target[name]["k"].get(m)
+            cells.append("-" if c is None else f"{c}/{k}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name in targets:
+        t = per_target[name]
+        lines += [
+            "",
+            f"### {name}: own top-k overlap (Jaccard) / rank correlation (Spearman)",
+            "",
+            "| | " + " | ".join(methods) + " |",
+            "| --- |" + " ---: |" * len(methods),
+        ]
+        for a in methods:
+            cells = [f"{num(t['jaccard'][a][b])} / {num(t['spearman'][a][b])}" for b in methods]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(
