@@ -131,8 +131,11 @@ def test_shared_prefix_and_prompted_encoding(loaded):
         return Record(index=i, id=str(i), source="t", messages=msgs, raw={}, kind=kind)
 
     same = [rec(0, "Answer with a number. What is 2+2?"), rec(1, "Answer with a number. What is 3+5?")]
-    assert shared_prefix(same) == "Answer with a number. What is"
+    assert shared_prefix(same) == "Answer with a number."  # cut at the last whole sentence
+    assert shared_prefix([rec(0, "How many apples?"), rec(1, "How many pears?")]) == ""
     assert shared_prefix([rec(0, "What is 2?"), rec(1, "Natalia sold clips")]) == ""
+    lines = [rec(0, "Instruction: be brief\nQ: 2+2"), rec(1, "Instruction: be brief\nQ: 3+3")]
+    assert shared_prefix(lines) == "Instruction: be brief\nQ:"
     assert shared_prefix(same[:1]) == ""
     fmt = Formatter(loaded[1], 256)
     for r in (rec(5, "What is 7 plus 5?"), rec(6, "The sea is wide.", "text")):

@@ -56,10 +56,13 @@ the prompt's own tokens never count: they are coded as template tokens, see
 (rather than a pool mean) keeps the score per record (streaming, any engine) and makes every
 head count alike: ``s = 1`` is "as active as on the task's own examples". The prompt ``p`` is
 ``task_prompt``, or by default the target examples' shared instruction prefix
-(:func:`shared_prefix`: longest common prefix of their first user message, cut at a word
-boundary, at least 8 characters), or nothing; it goes in front of the first user message
-(``p + "\n\n" + content``; a text record: in front of its text; a message that already
-starts with ``p`` keeps it once). The prompt changes every activation, so several targets
+(:func:`shared_prefix`: longest common prefix of their first user message, cut at the end of
+its last whole sentence or line, at least 8 characters), or nothing; it goes in front of the
+first user message (``p + "\n\n" + content``; a text record: in front of its text; a message
+that already starts with ``p`` keeps it once). The prompt takes room under ``max_length``
+(``stats.truncated_with_prompt``); ``n_tokens`` and ``truncated`` stay the plain record's.
+(A task instruction that the targets carry in a *system* message is not looked for: give it
+as ``task_prompt``.) The prompt changes every activation, so several targets
 with different prompts cost one pool pass per distinct prompt (targets sharing a prompt, e.g.
 a given ``task_prompt``, share one pass).
 
@@ -267,17 +270,22 @@ def head_attentions(runner: ModelRunner, batch: Batch, by_layer: dict[int, list[
 
 # ------------------------------------------------------------------------------ task prompt (score=activation)
 def shared_prefix(records: Sequence[Record], min_chars: int = MIN_PROMPT_CHARS) -> str:
-    """The target examples' shared instruction prefix: the longest common prefix of their first
-    user message (a ``text`` record: its text), cut back to the last whitespace inside it and
-    stripped; ``""`` when fewer than two examples or shorter than ``min_chars`` characters."""
+    """The target examples' shared instruction prefix (``score=activation``'s default task prompt).
+
+    The longest common prefix of their first user message (a ``text`` record: its text), cut
+    back to the end of its last whole sentence or line (a ``.``, ``:``, ``?``, ``!`` or line
+    break followed by whitespace in every example) and stripped; ``""`` with fewer than two
+    examples or when that is shorter than ``min_chars`` characters. So ``"Answer with a
+    number. What is 2+2?"`` / ``"Answer with a number. What is 3+5?"`` give ``"Answer with a
+    number."``, and ``"How many apples ..."`` / ``"How many pears ..."`` give nothing.
+    """
     texts = [_prompt_text(r)[1] for r in records]
     if len(texts) < 2:
         return ""
     p = os.path.commonprefix(texts)
-    if not all(t == p or t[len(p)].isspace() for t in texts):  # the prefix ends inside a word
-        cut = max(p.rfind(c) for c in (" ", "\n", "\t"))
-        p = p[: max(cut, 0)]
-    p = p.strip()
+    ends = [i + 1 for i, c in enumerate(p) if c in ".:?!\n"]
+    ends = [e for e in ends if all(len(t) == e or t[e].isspace() for t in texts)]
+    p = p[: ends[-1]].strip() if ends else ""
     return p if len(p) >= min_chars else ""
 
 
@@ -794,6 +802,8 @@ class P2DMethod(SelectionMethod):
             self.fit(records)
             sides[name] = self.sides["target"]
             per_stats[name] = {"heads": self.stats["heads"], "fit_s": self.stats["fit_s"]}
+            if "task_prompt" in self.stats:
+                per_stats[name]["task_prompt"] = self.stats.pop("task_prompt")
         self.sides = sides
         self._use_first()
         self.stats["per_target"] = per_stats
@@ -909,22 +919,24 @@ class P2DMethod(SelectionMethod):
     def _score_records(self, records: list[Record]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
         """Per-target scores, the first target's ``n_scored``, token counts and the number of pool passes."""
         cfg = self.config
-        plain: list[Encoded] | None = None
         scores = {name: np.empty(len(records), dtype=np.float64) for name in self.sides}
         n_scored = np.zeros(len(records), dtype=np.int64)
         first = next(iter(self.sides))
-        want = None
-        n_tokens = np.zeros(len(records), dtype=np.int64)
+        # token counts and truncation are the plain record's, whatever is put in front of it
+        plain = self.formatter.encode_many(records)
+        n_tokens = np.array([len(e) for e in plain], dtype=np.int64)
+        self.n_truncated += sum(e.truncated for e in plain)
+        want = self._nll_rows(plain)
         groups = self._groups()
         for g, (prompt, names) in enumerate(groups):
             if prompt:
                 encoded = encode_with_prompt(self.formatter, records, prompt)
+                cut = sum(e.truncated for e in encoded)
+                if cut:
+                    self.stats["truncated_with_prompt"] = self.stats.get("truncated_with_prompt", 0) + cut
             else:
-                encoded = plain = self.formatter.encode_many(records)
+                encoded = plain
             if g == 0:
-                n_tokens = np.array([len(e) for e in encoded], dtype=np.int64)
-                self.n_truncated += sum(e.truncated for e in encoded)
-                want = self._nll_rows(encoded)
                 self._nll_prompted = bool(prompt)
             union = sorted({h for n in names for h in self.sides[n].head_set.heads})
             by_layer: dict[int, list[int]] = {}
@@ -934,7 +946,7 @@ class P2DMethod(SelectionMethod):
             nll_all = np.full(len(records), np.nan)
             for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
                 batch = self.runner.collate(encoded, positions)
-                rows = want[positions] if g == 0 and want is not None else None
+                rows = want[positions] if g == 0 else None
                 if rows is not None and rows.any():
                     feats, nll = head_features_nll(
                         self.runner, batch, by_layer, torch.from_numpy(rows).to(batch.input_ids.device)
@@ -950,11 +962,10 @@ class P2DMethod(SelectionMethod):
                     scores[name][positions] = sc.double().cpu().numpy()
                     if name == first:
                         n_scored[positions] = n.cpu().numpy()
-            if g == 0 and want is not None and want.any():
+            if g == 0 and want.any():
                 got = want & np.isfinite(nll_all)
                 self._nll_index.append(np.array([e.index for e in encoded], dtype=np.int64)[got])
                 self._nll.append(nll_all[got])
-        del plain
         return scores, n_scored, n_tokens, len(groups)
 
     def _score_side(self, side: TargetSide, feats: Tensor, batch: Batch, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -1035,11 +1046,10 @@ class P2DMethod(SelectionMethod):
         cfg = self.config
         index, nll = self.nll_by_index()
         t_index = np.asarray(table.column("index").to_numpy(), dtype=np.int64)
-        selected = set(t_index[np.asarray(table.column("selected").to_numpy(), dtype=bool)].tolist())
-        # several targets: the same NLL may be recorded twice only if a record was scored twice (resume)
-        index, first = np.unique(index, return_index=True)
+        selected = t_index[np.asarray(table.column("selected").to_numpy(), dtype=bool)]
+        index, first = np.unique(index, return_index=True)  # a record scored twice (score() called again) counts once
         nll = nll[first]
-        sel = np.fromiter((i in selected for i in index.tolist()), dtype=bool, count=len(index))
+        sel = np.isin(index, selected)
         pool_s, sel_s = ppl_summary(nll), ppl_summary(nll[sel])
         skews = None if not (pool_s["n"] and sel_s["n"]) else bool(sel_s["mean_nll"] < pool_s["mean_nll"])
         return {
