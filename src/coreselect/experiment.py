@@ -95,6 +95,11 @@ _SELECT_OWN = {
 #: ``TrainCommandArgs`` fields the experiment sets itself (not allowed under ``train:``).
 _TRAIN_OWN = {"model", "data", "out", "seed", "dtype", "device", "progress", "overwrite", "resume", "heads"}
 
+#: Pools an experiment can run on: the task's own train data in the pool, or removed from it.
+SETTINGS = ("in_domain", "transfer")
+#: Keys of ``pilot:`` (the fine-tuning recipe chosen on the pilot sets, :func:`run_pilot`).
+PILOT_KEYS = ("lrs", "epochs", "records", "seed")
+
 #: Pool records whose full-parameter forward+backward is timed for the AER denominator
 #: (``batches`` micro-batches of the training batch size, after one untimed one).
 AER_SAMPLE_BATCHES = 3
@@ -153,6 +158,27 @@ class ExperimentArgs(WarmupSettings):
         include_full_data: add the "Full-data" row (fine-tuned on the whole pool, per seed).
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         progress: show progress bars.
+        settings: ``in_domain`` (the pool as given) and/or ``transfer`` (``pool: evidence`` only:
+            every target task's own source removed from the pool, so a method must find related
+            data). Each setting gets its own folder, ``out/<setting>/``, unless it is the only
+            setting and ``in_domain`` (then ``out/`` itself, as before).
+        coresets: ``per_task`` (one coreset and fine-tuned model per task, Table 1) or ``joint``
+            (one multi-target selection over all tasks, ``--combine quota``: one coreset and one
+            fine-tuned model per method and seed, evaluated on every task).
+        reselect_per_seed: methods whose selection is redrawn with each seed (default: random,
+            so Random gets as many different subsets as there are seeds).
+        heldout_only: tasks scored by held-out loss only, without lm-eval (e.g. gsm8k at 135M).
+        full_data_limit: train the Full-data row on a seeded random subset of this many pool
+            records (``None``: the whole pool); the table says which.
+        full_data_seeds: seeds of the Full-data row (default: ``seeds``).
+        pilot: choose the fine-tuning ``lr`` and ``epochs`` on a pilot before anything else:
+            ``{lrs: [...], epochs: [...], records: 200, seed: 0}`` trains one LoRA per pair on
+            ``records`` random pool records and keeps the pair with the lowest mean held-out
+            loss on the pilot sets (``pool: evidence``'s ``pilot_<task>.jsonl``, disjoint from
+            targets, held-out sets and test items). Explicit ``train: {lr, epochs}`` win.
+        bootstrap_reference: the method compared with every other row by a paired bootstrap over
+            the same test items and held-out examples (``None``: no comparison table).
+        bootstrap_iters: bootstrap resamples.
     """
 
     model: str = "smollm2"
@@ -176,6 +202,15 @@ class ExperimentArgs(WarmupSettings):
     dtype: str = "auto"
     device: str = "auto"
     progress: bool = True
+    settings: list[str] = field(default_factory=lambda: ["in_domain"])
+    coresets: str = "per_task"
+    reselect_per_seed: list[str] = field(default_factory=lambda: ["random"])
+    heldout_only: list[str] = field(default_factory=list)
+    full_data_limit: int | None = None
+    full_data_seeds: list[int] | None = None
+    pilot: dict[str, Any] = field(default_factory=dict)
+    bootstrap_reference: str | None = "trim"
+    bootstrap_iters: int = 10000
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):
@@ -186,6 +221,11 @@ class ExperimentArgs(WarmupSettings):
             self.budgets = [self.budgets]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
+        for name in ("settings", "reselect_per_seed", "heldout_only"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if isinstance(self.full_data_seeds, int):
+            self.full_data_seeds = [self.full_data_seeds]
         self.budgets = [str(b) for b in self.budgets]
         try:
             self.seeds = [int(s) for s in self.seeds]
@@ -218,6 +258,25 @@ class ExperimentArgs(WarmupSettings):
             raise ConfigError("heldout must map tasks of targets to held-out files, e.g. {gsm8k: eval_gsm8k.jsonl}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        bad_settings = [s for s in self.settings if s not in SETTINGS]
+        if bad_settings or not self.settings or len(set(self.settings)) != len(self.settings):
+            raise ConfigError(f"settings must list distinct values of {', '.join(SETTINGS)}, got {self.settings}")
+        if "transfer" in self.settings and self.pool != ["evidence"]:
+            raise ConfigError("settings: transfer needs pool: evidence (the pool whose task sources can be removed)")
+        if self.coresets not in ("per_task", "joint"):
+            raise ConfigError(f"coresets must be per_task or joint, got {self.coresets!r}")
+        if self.coresets == "joint" and any(row_plan(m).train_heads_from for m in self.methods):
+            raise ConfigError("coresets: joint has no P2D heads-only rows (their heads are per task); use per_task")
+        if any(t not in self.targets for t in self.heldout_only) or any(
+            t not in self.heldout for t in self.heldout_only
+        ):
+            raise ConfigError("heldout_only must list tasks of targets that have a heldout: file")
+        if self.full_data_limit is not None and self.full_data_limit < 1:
+            raise ConfigError(f"full_data_limit must be >= 1, got {self.full_data_limit}")
+        if self.pilot:
+            unknown_pilot = sorted(set(self.pilot) - set(PILOT_KEYS))
+            if unknown_pilot:
+                raise ConfigError(f"pilot: unknown key(s) {', '.join(unknown_pilot)} (known: {', '.join(PILOT_KEYS)})")
 
 
 # ------------------------------------------------------------------------------ stages
@@ -241,11 +300,37 @@ def task_label(task: str) -> str:
     return ALIASES.get(task.lower(), task)
 
 
-def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
-    """Pool files and ``{task: target file}``, building the embedded data when asked.
+def evidence_dir(args: ExperimentArgs) -> Path:
+    """Where ``pool: evidence`` is built (cached, :func:`coreselect.evidence_pool.build_evidence_pool`)."""
+    from coreselect import assets
 
-    Also resolves ``args.heldout`` in place (``embedded`` -> the packaged ``eval_<task>.jsonl``).
+    return assets.CACHE_DIR / "data" / f"evidence-{args.pool_per_source}"
+
+
+def setting_pools(args: ExperimentArgs, pool: list[str]) -> dict[str, list[str]]:
+    """The pool files of each setting (``transfer``: ``pool-transfer.jsonl``, every task's source removed)."""
+    pools: dict[str, list[str]] = {}
+    for setting in args.settings:
+        if setting == "transfer":
+            pools[setting] = [str(evidence_dir(args) / "pool-transfer.jsonl")]
+        else:
+            pools[setting] = pool
+    return pools
+
+
+def setting_root(args: ExperimentArgs, setting: str) -> Path:
+    """Output folder of a setting (``out`` itself for a lone in_domain setting)."""
+    return Path(args.out) if args.settings == ["in_domain"] else Path(args.out) / setting
+
+
+def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
+    """Pool files and ``{task: target file}``, building the embedded / evidence data when asked.
+
+    Also resolves ``args.heldout`` in place (``embedded`` -> the packaged ``eval_<task>.jsonl``,
+    or with ``pool: evidence`` its ``heldout_<task>.jsonl``).
     """
+    if args.pool == ["evidence"]:
+        return _resolve_evidence(args)
     embedded = args.pool == ["embedded"] or "embedded" in [*args.targets.values(), *args.heldout.values()]
     data: dict[str, Path] = {}
     if embedded:
@@ -277,6 +362,26 @@ def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
         if not Path(p).expanduser().exists() and Path(p).suffix in (".jsonl", ".json", ".parquet", ".gz"):
             raise CoreselectError(f"{p}: no such pool file")
     return pool, targets
+
+
+def _resolve_evidence(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
+    """``pool: evidence``: the evidence experiment's pool, targets and held-out sets (built offline, cached)."""
+    from coreselect.evidence_pool import TASKS, build_evidence_pool
+
+    tasks = [task_label(t) for t in args.targets]
+    if any(t not in TASKS for t in tasks):
+        raise ConfigError(f"pool: evidence has targets for {', '.join(TASKS)} only, got {', '.join(tasks)}")
+    folder = evidence_dir(args)
+    build_evidence_pool(folder, n_per_source=args.pool_per_source, tasks=TASKS, progress=_say)
+    targets: dict[str, str] = {}
+    for task, target in args.targets.items():
+        targets[str(task)] = str(folder / f"target_{task_label(task)}.jsonl") if target == "embedded" else target
+        if not Path(targets[str(task)]).expanduser().exists():
+            raise CoreselectError(f"{targets[str(task)]}: no such target file")
+    for task, held in list(args.heldout.items()):
+        if held == "embedded":
+            args.heldout[task] = str(folder / f"heldout_{task_label(task)}.jsonl")
+    return [str(folder / "pool.jsonl")], targets
 
 
 def _newer(src: Path, done: Path) -> bool:
@@ -312,15 +417,31 @@ def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
 
 
 def run_select(
-    args: ExperimentArgs, pool: list[str], target: str, method: str, budget: str, warmup: str | None, out: Path
+    args: ExperimentArgs,
+    pool: list[str],
+    target: str | dict[str, str],
+    method: str,
+    budget: str,
+    warmup: str | None,
+    out: Path,
+    seed: int | None = None,
 ) -> Path:
-    """One selection (cached when ``coreset.jsonl`` and ``run.json`` exist)."""
+    """One selection (cached when ``coreset.jsonl`` and ``run.json`` exist).
+
+    ``target``: one target file, or ``{task: file}`` for one multi-target selection (joint
+    coresets, combined with the ``select:`` settings' ``combine``, default quota). ``seed``
+    overrides ``select: {seed}`` (methods in ``reselect_per_seed``).
+    """
     if (out / "coreset.jsonl").is_file() and (out / "run.json").is_file():
         _say(f"select {out.parent.parent.name}/{out.name}: cached")
         return out
+    targets = [target] if isinstance(target, str) else [f"{task_label(t)}={f}" for t, f in target.items()]
+    opts = dict(args.select)
+    if seed is not None:
+        opts["seed"] = seed
     sel = SelectArgs(
         pool=pool,
-        target=[target],
+        target=targets,
         out=str(out),
         method=method,
         model=args.model,
@@ -330,7 +451,7 @@ def run_select(
         device=args.device,
         progress=args.progress,
         resume=out.exists(),
-        **args.select,
+        **opts,
     )
     sel.options = sel.method_options(strict=False)  # the options of `select:` this method has
     info = select(sel)
@@ -341,7 +462,14 @@ def run_select(
     return out
 
 
-def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path | None = None) -> Path:
+def run_train(
+    args: ExperimentArgs,
+    data: str,
+    seed: int,
+    out: Path,
+    heads: Path | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> Path:
     """One fine-tuning run of a fresh base model (cached when ``adapter/`` and ``run.json`` exist).
 
     With ``heads`` (a ``heads.json``) only those heads are trained (``train --heads``) and
@@ -368,7 +496,7 @@ def run_train(args: ExperimentArgs, data: str, seed: int, out: Path, heads: Path
         progress=args.progress,
         resume=out.exists(),
         heads=str(heads) if heads else None,
-        **args.train,
+        **(args.train if recipe is None else recipe),
     )
     info = train(targs)
     _say(
@@ -404,10 +532,11 @@ def run_eval(
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
         return old
     targs = TrainCommandArgs(model=args.model, **args.train)
+    lm_eval = task not in args.heldout_only
     eargs = EvalCommandArgs(
         model=args.model,
         adapter=str(adapter) if adapter else None,
-        task=task,
+        task=task if lm_eval else "",
         shots=args.shots.get(task, args.shots.get(task_label(task))),
         limit=args.eval_limit,
         out=str(out),
@@ -425,10 +554,13 @@ def run_eval(
     if adapter is None:  # the base model is loaded once and reused by every task
         model, tok = base_model(args, loaded)
     res = evaluate_command(eargs, model=model, tokenizer=tok, exact=seen or ())
-    m = metric_name(res)
     dropped = sum((res.get("dropped_docs") or {}).values())
+    head = ""
+    if lm_eval:
+        m = metric_name(res)
+        head = f" {m} {100 * res[m]:.2f}% on {res['n']} items"
     _say(
-        f"eval {out.relative_to(Path(args.out))}: {m} {100 * res[m]:.2f}% on {res['n']} items"
+        f"eval {out.relative_to(Path(args.out))}:{head}"
         + (f" ({dropped} dropped: in the target or pool)" if dropped else "")
         + (f", held-out loss {res['heldout']['loss']:.4f}" if res.get("heldout") else "")
         + f" ({res['timings']['total_s']:.0f} s)"
@@ -525,11 +657,17 @@ def pool_questions(pool: list[str]) -> set[str]:
 
 
 def experiment(args: ExperimentArgs) -> dict[str, Any]:
-    """Run (or resume) the whole protocol; write ``results.md`` / ``results.csv``; return a summary."""
+    """Run (or resume) the whole protocol; write ``results.md`` / ``results.csv``; return a summary.
+
+    Stages run in priority order, so that an interrupted run leaves a balanced partial table:
+    the pilot, the Pretrained row, then per setting its selections and, seed by seed, every
+    method's training and evaluation, and the Full-data row last. Each stage is cached.
+    """
     t0 = time.perf_counter()
     args.validate()
     out = Path(args.out)
     pool, targets = resolve_data(args)
+    pools = setting_pools(args, pool)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     cfg = asdict(args)
@@ -546,27 +684,84 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
             _say(f"note: settings changed since the previous run ({', '.join(changed)}); cached stages are reused")
     write_json(cfg_path, cfg)
 
-    warmup = run_warmup(args, pool, out)
-    full: dict[int, Path] = {}
-    if args.include_full_data:
-        full_data = pool[0] if len(pool) == 1 else _concat(pool, out)
-        for seed in args.seeds:
-            full[seed] = run_train(args, full_data, seed, out / "full" / "train" / f"full-s{seed}")
+    pilot = run_pilot(args, pool, targets, out) if args.pilot else None
+    if pilot is not None:
+        args.train = {**args.train, **pilot["chosen"]}
     loaded: dict[str, Any] = {}
+    # one decontamination set for every setting (the in-domain pool holds the others): the
+    # test items are then the same in every table
     seen = pool_questions(pool) if args.decontaminate else None
-    for task, target in targets.items():
-        name = task_label(task)
-        if args.include_pretrained:
-            run_eval(args, task, target, None, out / name / "eval" / "pretrained", loaded, seen)
-        for seed, adapter in full.items():
-            run_eval(args, task, target, adapter, out / name / "eval" / f"full-s{seed}", loaded, seen)
-        for method in args.methods:
-            plan = row_plan(method)
-            sel_method = plan.select
-            for budget in args.budgets:
-                tag = budget_tag(budget)
-                run_name = f"{method}-{tag}"
-                sel_dir = out / name / "select"
+    if args.include_pretrained:
+        for task, target in targets.items():
+            run_eval(args, task, target, None, pretrained_dir(args, task), loaded, seen)
+    for setting in pools:
+        setting_root(args, setting).mkdir(parents=True, exist_ok=True)
+    warmups = {setting: run_warmup(args, spool, setting_root(args, setting)) for setting, spool in pools.items()}
+    for seed in args.seeds:  # seed-major: every setting's rows get their first seed before any its second
+        for setting, spool in pools.items():
+            run_rows(args, setting, spool, targets, warmups[setting], seed, loaded, seen)
+            _write_all(args, targets, pools, t0, pilot)  # a partial table after each seed and setting
+    if args.include_full_data:
+        for setting, spool in pools.items():
+            run_full_data(args, setting, spool, targets, loaded, seen)
+    full_sft = estimate_full_sft(args, pool, out, loaded)
+    info = _write_all(args, targets, pools, t0, pilot, full_sft)
+    _say(f"done in {info['wall_s']:.0f} s -> {out / 'results.md'}")
+    return info
+
+
+def pretrained_dir(args: ExperimentArgs, task: str) -> Path:
+    """The Pretrained evaluation of a task, shared by every setting."""
+    return Path(args.out) / task_label(task) / "eval" / "pretrained"
+
+
+def _selection_dirs(args: ExperimentArgs, root: Path, task: str | None, method: str, budget: str, seed: int) -> Path:
+    """Where a selection lives: per task or ``joint/``; ``-s{seed}`` for methods redrawn per seed."""
+    tag = budget_tag(budget)
+    name = f"{method}-{tag}" + (f"-s{seed}" if method in args.reselect_per_seed else "")
+    return root / (task_label(task) if task else "joint") / "select" / name
+
+
+def run_rows(
+    args: ExperimentArgs,
+    setting: str,
+    pool: list[str],
+    targets: dict[str, str],
+    warmup: str | None,
+    seed: int,
+    loaded: dict[str, Any],
+    seen: set[str] | None,
+) -> None:
+    """One setting and seed: every method's selections (cached across seeds), training and evaluations."""
+    root = setting_root(args, setting)
+    if len(args.settings) > 1:
+        _say(f"setting {setting}, seed {seed}: pool {', '.join(pool)}")
+    for method in args.methods:
+        plan = row_plan(method)
+        sel_method = plan.select
+        for budget in args.budgets:
+            run_name = f"{method}-{budget_tag(budget)}"
+            sel_seed = seed if sel_method in args.reselect_per_seed else None
+            if args.coresets == "joint":
+                sel = run_select(
+                    args,
+                    pool,
+                    targets,
+                    sel_method,
+                    budget,
+                    _warmup_for(sel_method, warmup),
+                    _selection_dirs(args, root, None, sel_method, budget, seed),
+                    sel_seed,
+                )
+                adapter = run_train(
+                    args, str(sel / "coreset.jsonl"), seed, root / "joint" / "train" / f"{run_name}-s{seed}"
+                )
+                for task, target in targets.items():
+                    edir = root / task_label(task) / "eval" / f"{run_name}-s{seed}"
+                    run_eval(args, task, target, adapter, edir, loaded, seen)
+                continue
+            for task, target in targets.items():
+                name = task_label(task)
                 sel = run_select(
                     args,
                     pool,
@@ -574,7 +769,8 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
                     sel_method,
                     budget,
                     _warmup_for(sel_method, warmup),
-                    sel_dir / f"{sel_method}-{tag}",
+                    _selection_dirs(args, root, task, sel_method, budget, seed),
+                    sel_seed,
                 )
                 heads = None
                 if plan.train_heads_from:  # e.g. P2D's H_T: saved by that method's selection of this task/budget
@@ -583,32 +779,179 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
                         sel
                         if src == sel_method
                         else run_select(
-                            args, pool, target, src, budget, _warmup_for(src, warmup), sel_dir / f"{src}-{tag}"
+                            args,
+                            pool,
+                            target,
+                            src,
+                            budget,
+                            _warmup_for(src, warmup),
+                            _selection_dirs(args, root, task, src, budget, seed),
                         )
                     )
                     heads = holder / plan.train_heads_file
-                for seed in args.seeds:
-                    adapter = run_train(
-                        args, str(sel / "coreset.jsonl"), seed, out / name / "train" / f"{run_name}-s{seed}", heads
-                    )
-                    run_eval(args, task, target, adapter, out / name / "eval" / f"{run_name}-s{seed}", loaded, seen)
-    full_sft = estimate_full_sft(args, pool, out, loaded)
-    rows = collect_results(args, list(targets))
-    wall = time.perf_counter() - t0
+                adapter = run_train(
+                    args, str(sel / "coreset.jsonl"), seed, root / name / "train" / f"{run_name}-s{seed}", heads
+                )
+                run_eval(args, task, target, adapter, root / name / "eval" / f"{run_name}-s{seed}", loaded, seen)
+
+
+def run_full_data(
+    args: ExperimentArgs,
+    setting: str,
+    pool: list[str],
+    targets: dict[str, str],
+    loaded: dict[str, Any],
+    seen: set[str] | None,
+) -> None:
+    """The Full-data row of a setting (the whole pool, or ``full_data_limit`` records of it)."""
+    root = setting_root(args, setting)
+    data = full_data_file(args, pool, root)
+    for seed in args.full_data_seeds or args.seeds:
+        adapter = run_train(args, data, seed, root / "full" / "train" / f"full-s{seed}")
+        for task, target in targets.items():
+            run_eval(args, task, target, adapter, root / task_label(task) / "eval" / f"full-s{seed}", loaded, seen)
+
+
+def full_data_file(args: ExperimentArgs, pool: list[str], root: Path) -> str:
+    """The Full-data row's training file: the whole pool, or a seeded subset of ``full_data_limit`` records."""
+    if args.full_data_limit is None:
+        return pool[0] if len(pool) == 1 else _concat(pool, root)
+    from coreselect.data.readers import read_records
+    from coreselect.io import write_jsonl
+
+    path = root / "full" / f"pool-{args.full_data_limit}.jsonl"
+    if not path.is_file():
+        recs = [r.raw for r in read_records(pool, on_bad_record="skip", check_duplicate_ids=False)]
+        keep = sorted(random.Random(0).sample(range(len(recs)), min(args.full_data_limit, len(recs))))
+        write_jsonl(path, (recs[i] for i in keep))
+    return str(path)
+
+
+def run_pilot(args: ExperimentArgs, pool: list[str], targets: dict[str, str], out: Path) -> dict[str, Any]:
+    """Choose the fine-tuning ``lr`` / ``epochs`` on a pilot, before any test-set evaluation.
+
+    One LoRA per (lr, epochs) pair of ``pilot:`` on ``records`` seeded random pool records;
+    each is scored by its mean response loss over the pilot sets (``pilot_<task>.jsonl`` of
+    ``pool: evidence``: items disjoint from the targets, the held-out sets and the test
+    items), and the pair with the lowest loss wins. Values the user fixed under ``train:``
+    are kept. Cached in ``out/pilot/pilot.json`` with every pair's training loss curve ends.
+    """
+    if args.pool != ["evidence"]:
+        raise ConfigError("pilot: needs pool: evidence (its pilot_<task>.jsonl validation sets)")
+    from coreselect.data.readers import read_records
+    from coreselect.io import write_jsonl
+
+    cfg = {"lrs": [1e-4, 3e-4, 1e-3], "epochs": [2], "records": 200, "seed": 0, **args.pilot}
+    fixed = {k: args.train[k] for k in ("lr", "epochs") if k in args.train}
+    folder = evidence_dir(args)
+    files = [str(folder / f"pilot_{task_label(t)}.jsonl") for t in targets]
+    base = out / "pilot"
+    data = base / f"data-{cfg['records']}-s{cfg['seed']}.jsonl"
+    if not data.is_file():
+        recs = [r.raw for r in read_records(pool, on_bad_record="skip", check_duplicate_ids=False)]
+        keep = sorted(random.Random(int(cfg["seed"])).sample(range(len(recs)), min(int(cfg["records"]), len(recs))))
+        write_jsonl(data, (recs[i] for i in keep))
+    runs: list[dict[str, Any]] = []
+    loaded: dict[str, Any] = {}
+    for lr in [fixed["lr"]] if "lr" in fixed else cfg["lrs"]:
+        for epochs in [fixed["epochs"]] if "epochs" in fixed else cfg["epochs"]:
+            name = f"lr{float(lr):g}-e{epochs}"
+            recipe = {**args.train, "lr": float(lr), "epochs": epochs}
+            adapter = run_train(args, str(data), int(cfg["seed"]), base / "train" / name, recipe=recipe)
+            res = _pilot_loss(args, adapter, files, base / "eval" / name, recipe, loaded)
+            trained = _read(base / "train" / name / "run.json") or {}
+            runs.append(
+                {
+                    "lr": float(lr),
+                    "epochs": epochs,
+                    "pilot_loss": res["loss"],
+                    "pilot_ci95": res.get("ci95"),
+                    "first_loss": trained.get("first_loss"),
+                    "final_loss": trained.get("final_loss"),
+                    "train_s": (trained.get("timings") or {}).get("train_s"),
+                }
+            )
+            _say(f"pilot {name}: pilot loss {res['loss']:.4f}")
+    before = _pilot_loss(args, None, files, base / "eval" / "pretrained", args.train, loaded)
+    best = min(runs, key=lambda r: r["pilot_loss"])
+    info = {
+        "chosen": {"lr": best["lr"], "epochs": best["epochs"]},
+        "runs": runs,
+        "pretrained_pilot_loss": before["loss"],
+        "records": data.name,
+        "pilot_files": files,
+        "rule": "lowest mean response loss over the pilot sets' examples (not the test or held-out sets)",
+    }
+    write_json(base / "pilot.json", info)
+    _say(f"pilot: chose lr {best['lr']:g}, {best['epochs']} epochs (pretrained pilot loss {before['loss']:.4f})")
+    return info
+
+
+def _pilot_loss(
+    args: ExperimentArgs,
+    adapter: Path | None,
+    files: list[str],
+    out: Path,
+    recipe: dict[str, Any],
+    loaded: dict[str, Any],
+) -> dict[str, Any]:
+    """The mean held-out loss of a pilot model on the pilot files (cached in ``out/eval.json``)."""
+    old = _read(out / "eval.json")
+    if (
+        old is not None
+        and old.get("heldout")
+        and not (adapter is not None and _newer(adapter.parent / "run.json", out / "eval.json"))
+    ):
+        return dict(old["heldout"])
+    targs = TrainCommandArgs(model=args.model, **recipe)
+    eargs = EvalCommandArgs(
+        model=args.model,
+        adapter=str(adapter) if adapter else None,
+        task="",
+        out=str(out),
+        heldout=files,
+        max_length=targs.max_length,
+        template=targs.template,
+        batch_size=args.eval_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+    )
+    model = tok = None
+    if adapter is None:
+        model, tok = base_model(args, loaded)
+    return dict(evaluate_command(eargs, model=model, tokenizer=tok)["heldout"])
+
+
+def _write_all(
+    args: ExperimentArgs,
+    targets: dict[str, str],
+    pools: dict[str, list[str]],
+    t0: float,
+    pilot: dict[str, Any] | None,
+    full_sft: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tabulate what is on disk (every setting) into results.md / results.csv / experiment.json."""
+    out = Path(args.out)
+    tasks = list(targets)
+    by_setting = {s: collect_results(args, tasks, setting_root(args, s)) for s in pools}
+    comparisons = {s: paired_comparisons(args, tasks, setting_root(args, s)) for s in pools}
     info = {
         "command": "experiment",
-        "settings": cfg,
-        "pool": pool,
+        "settings": asdict(args),
+        "pools": pools,
         "targets": targets,
         "versions": versions(),
         "hardware": hardware(),
-        "wall_s": wall,
-        "full_sft": {k: v for k, v in full_sft.items() if k != "key"},
-        "rows": rows,
+        "wall_s": time.perf_counter() - t0,
+        "full_sft": {k: v for k, v in (full_sft or {}).items() if k != "key"},
+        "pilot": pilot,
+        "rows": by_setting[next(iter(pools))] if len(pools) == 1 else None,
+        "rows_by_setting": by_setting,
+        "comparisons": comparisons,
     }
-    write_results(out, args, list(targets), rows, info)
+    write_results(out, args, tasks, by_setting, info, comparisons)
     write_json(out / "experiment.json", info)
-    _say(f"done in {wall:.0f} s -> {out / 'results.md'}")
     return info
 
 
@@ -652,8 +995,10 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _score(res: dict[str, Any] | None) -> float | None:
-    """The headline metric of an ``eval.json`` in percent."""
-    return None if res is None else 100.0 * float(res[res.get("metric") or metric_name(res)])
+    """The headline metric of an ``eval.json`` in percent (``None``: not evaluated, or held-out loss only)."""
+    if res is None or not res.get("task"):
+        return None
+    return 100.0 * float(res[res.get("metric") or metric_name(res)])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -661,58 +1006,77 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
 
-def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, Any]]:
-    """One row per Pretrained / Full-data / (method, budget) from the files on disk."""
+def collect_results(args: ExperimentArgs, tasks: list[str], root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per Pretrained / Full-data / (method, budget) of one setting from the files on disk.
+
+    ``root``: the setting's folder (default ``out``). Evaluations of lm-eval tasks give the
+    score columns; ``heldout_only`` tasks have a loss column only and stay out of the average.
+    """
     out = Path(args.out)
+    root = out if root is None else root
     names = [task_label(t) for t in tasks]
+    scored = [task_label(t) for t in tasks if t not in args.heldout_only]
     rows: list[dict[str, Any]] = []
 
     def row(
         label: str,
         method: str,
         budget: str,
-        eval_names: list[str],
+        eval_dirs: dict[str, list[Path]],
         train_dirs: list[Path],
-        select_dirs: list[Path],
+        select_dirs: list[list[Path]],
         extra_select_s: float = 0.0,
     ) -> dict[str, Any]:
         r: dict[str, Any] = {"row": label, "method": method, "budget": budget, "tasks": {}}
         for name in names:
-            evals = [_read(out / name / "eval" / e / "eval.json") for e in eval_names]
+            evals = [_read(d / "eval.json") for d in eval_dirs[name]]
             scores = [s for res in evals if (s := _score(res)) is not None]
             losses = [float(res["heldout"]["loss"]) for res in evals if res and res.get("heldout")]
-            first = (evals[0] or {}) if evals else {}
+            first = next((e for e in evals if e), {})
             r["tasks"][name] = {
                 "scores": scores,
                 "n_items": first.get("n"),
                 "shots": first.get("shots"),
                 "metric": first.get("metric"),
                 "losses": losses,
+                "n_heldout": (first.get("heldout") or {}).get("n"),
                 **(dict(zip(("mean", "std"), _mean_std(scores))) if scores else {}),
                 **(dict(zip(("loss_mean", "loss_std"), _mean_std(losses))) if losses else {}),
             }
-        complete = all(len(r["tasks"][n]["scores"]) == len(eval_names) for n in names)
-        r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in names) if complete else None
+        n_runs = max(len(v) for v in eval_dirs.values())
+        complete = bool(scored) and all(len(r["tasks"][n]["scores"]) == n_runs for n in scored)
+        r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in scored) if complete else None
         times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
         r["train_s"] = statistics.fmean(times) if times else None
-        sel = [j["timings"]["total_s"] for d in select_dirs if (j := _read(d / "run.json"))]
+        # summed over the selections of the row (one per task, or one joint); a selection
+        # redrawn per seed counts as the mean of its draws
+        per_owner = [[j["timings"]["total_s"] for d in draws if (j := _read(d / "run.json"))] for draws in select_dirs]
+        sel = [statistics.fmean(ts) for ts in per_owner if ts]
         r["select_s"] = sum(sel) + extra_select_s if sel else None
+        r["n_runs"] = n_runs
         return r
 
+    def evals(name: str) -> dict[str, list[Path]]:
+        return {n: [root / n / "eval" / name.format(seed=s) for s in args.seeds] for n in names}
+
     if args.include_pretrained:
-        rows.append(row("Pretrained", "pretrained", "", ["pretrained"], [], []))
+        pre = {n: [pretrained_dir(args, n)] for n in names}
+        rows.append(row("Pretrained", "pretrained", "", pre, [], []))
     if args.include_full_data:
+        fseeds = args.full_data_seeds or args.seeds
+        label = "Full-data" if args.full_data_limit is None else f"Full-data ({args.full_data_limit} records)"
         rows.append(
             row(
-                "Full-data",
+                label,
                 "full",
                 "100%",
-                [f"full-s{s}" for s in args.seeds],
-                [out / "full" / "train" / f"full-s{s}" for s in args.seeds],
+                {n: [root / n / "eval" / f"full-s{s}" for s in fseeds] for n in names},
+                [root / "full" / "train" / f"full-s{s}" for s in fseeds],
                 [],
             )
         )
-    warm = _read(out / "warmup" / "info.json") or {}
+    warm = _read(root / "warmup" / "info.json") or {}
+    joint = args.coresets == "joint"
     for method in args.methods:
         plan = row_plan(method)
         sel_method, name = plan.select, plan.label
@@ -724,25 +1088,23 @@ def collect_results(args: ExperimentArgs, tasks: list[str]) -> list[dict[str, An
             for src, key in plan.extra_cost:  # e.g. P2D-double-dagger: locating H_T (the p2d selection's stage 1)
                 extra += sum(
                     float(
-                        ((_read(out / n / "select" / f"{src}-{tag}" / "run.json") or {}).get("stats") or {}).get(key)
+                        ((_read(root / n / "select" / f"{src}-{tag}" / "run.json") or {}).get("stats") or {}).get(key)
                         or 0.0
                     )
                     for n in names
                 )
-            rows.append(
-                row(
-                    label,
-                    method,
-                    budget,
-                    [f"{rn}-s{s}" for s in args.seeds],
-                    [out / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds],
-                    [out / n / "select" / f"{sel_method}-{tag}" for n in names],
-                    extra,
-                )
+            seeds = args.seeds if sel_method in args.reselect_per_seed else args.seeds[:1]
+            owners: list[str | None] = [None] if joint else list(tasks)
+            select_dirs = [[_selection_dirs(args, root, o, sel_method, budget, s) for s in seeds] for o in owners]
+            train_dirs = (
+                [root / "joint" / "train" / f"{rn}-s{s}" for s in args.seeds]
+                if joint
+                else [root / n / "train" / f"{rn}-s{s}" for n in names for s in args.seeds]
             )
+            rows.append(row(label, method, budget, evals(rn + "-s{seed}"), train_dirs, select_dirs, extra))
     full_sft_s = (_read(out / "full_sft.json") or {}).get("full_sft_s")
     for r in rows:
-        r["aer"] = _aer(r, len(names), full_sft_s)
+        r["aer"] = _aer(r, 1 if joint else len(names), full_sft_s)
     return rows
 
 
@@ -768,13 +1130,9 @@ def _secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
 
-def write_results(
-    out: Path, args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]], info: dict[str, Any] | None = None
-) -> None:
-    """``results.md`` (Table 1 layout) and ``results.csv`` (the same numbers, one column each)."""
-    from coreselect.io import atomic_path
-
-    names = [task_label(t) for t in tasks]
+def _table(args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The Table 1 layout of one setting's rows (markdown lines)."""
+    names = [task_label(t) for t in tasks if t not in args.heldout_only]
     held = [task_label(t) for t in tasks if t in args.heldout]
     header = ["Method", *names, *(f"{n} loss" for n in held), "Average", "Select (s)", "Train (s)", "AER"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -790,27 +1148,91 @@ def write_results(
             "–" if r.get("aer") is None else f"{r['aer']:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    n_items = {n: next((r["tasks"][n]["n_items"] for r in rows if r["tasks"][n]["n_items"]), None) for n in names}
-    shots = {
-        n: next((r["tasks"][n]["shots"] for r in rows if r["tasks"][n].get("shots") is not None), None) for n in names
-    }
-    metrics = {n: next((r["tasks"][n]["metric"] for r in rows if r["tasks"][n].get("metric")), None) for n in names}
-    budgets = ", ".join(args.budgets)
-    notes = [
+    return lines
+
+
+def _comparison_table(comparisons: list[dict[str, Any]]) -> list[str]:
+    """The paired bootstrap comparisons as markdown lines (empty when there are none)."""
+    if not comparisons:
+        return []
+    ref = comparisons[0]["reference"]
+    lines = [
         "",
+        f"Paired bootstrap, {ref} minus each row, on the same items (mean over the seeds each side has "
+        "per item first); accuracy in points (positive: "
+        f"{ref} better), held-out loss in nats/token (negative: {ref} better); 95% percentile interval; "
+        f"p: the share of resampled differences on the other side of 0 ({ref} not better).",
+        "",
+        "| Row | Task | Metric | Items | Seeds | Difference | 95% interval | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        scale, digits = (100.0, 2) if c["metric"] == "acc" else (1.0, 4)
+        p = c["p_le0"] if c["metric"] == "acc" else c["p_ge0"]
+        lines.append(
+            f"| {c['row']} | {c['task']} | {c['metric']} | {c['n']} | {c['n_seeds_ref']} vs {c['n_seeds_other']} | "
+            f"{scale * c['diff']:+.{digits}f} | [{scale * c['lo']:+.{digits}f}, {scale * c['hi']:+.{digits}f}] | "
+            f"{p:.3f} |"
+        )
+    return lines
+
+
+def write_results(
+    out: Path,
+    args: ExperimentArgs,
+    tasks: list[str],
+    rows: list[dict[str, Any]] | dict[str, list[dict[str, Any]]],
+    info: dict[str, Any] | None = None,
+    comparisons: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """``results.md`` (Table 1 layout, one table per setting) and ``results.csv`` (the same numbers)."""
+    from coreselect.io import atomic_path
+
+    by_setting = rows if isinstance(rows, dict) else {args.settings[0]: rows}
+    all_rows = [r for rs in by_setting.values() for r in rs]
+    names = [task_label(t) for t in tasks]
+    scored = [n for t, n in zip(tasks, names, strict=True) if t not in args.heldout_only]
+    held = [task_label(t) for t in tasks if t in args.heldout]
+    body: list[str] = []
+    for setting, srows in by_setting.items():
+        if len(by_setting) > 1 or setting != "in_domain":
+            body += [f"## {setting}", ""]
+        body += _table(args, tasks, srows)
+        body += _comparison_table((comparisons or {}).get(setting) or [])
+        body.append("")
+
+    def first(key: str) -> dict[str, Any]:
+        return {
+            n: next((r["tasks"][n][key] for r in all_rows if r["tasks"][n].get(key) is not None), None) for n in names
+        }
+
+    n_items, shots, metrics, n_held = first("n_items"), first("shots"), first("metric"), first("n_heldout")
+    budgets = ", ".join(args.budgets)
+    coresets = (
+        "one joint coreset per method and seed, selected for all tasks at once (multi-target, quota combine)"
+        if args.coresets == "joint"
+        else "one coreset per task"
+    )
+    notes = [
         f"Score (%) of a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention "
-        f"heads) on each method's {budgets} coreset, evaluated with lm-eval-harness; "
+        f"heads) on each method's {budgets} coreset ({coresets}), evaluated with lm-eval-harness; "
         f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
-        "Metric per task: " + ", ".join(f"{n} `{m}`" for n, m in metrics.items()) + " (each eval.json also holds "
-        "every metric with a 95% CI). Average: macro average over the tasks.",
+        "Metric per task: " + ", ".join(f"{n} `{metrics[n]}`" for n in scored) + " (each eval.json also holds "
+        "every metric with a 95% CI). Average: macro average over the lm-eval tasks.",
         "Test items per task: "
-        + ", ".join(f"{n} {k}" for n, k in n_items.items())
+        + ", ".join(f"{n} {n_items[n]}" for n in scored)
         + "; shots per task: "
-        + ", ".join(f"{n} {k}" for n, k in shots.items())
-        + ".",
+        + ", ".join(f"{n} {shots[n]}" for n in scored)
+        + "."
+        + (
+            f" Scored by held-out loss only: {', '.join(map(task_label, args.heldout_only))}."
+            if args.heldout_only
+            else ""
+        ),
         (
             "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
-            "warmup; P2D‡ includes locating the heads). Train (s): mean wall time of one fine-tuning run."
+            "warmup; P2D‡ includes locating the heads; a selection redrawn per seed counts as the mean of its "
+            "draws). Train (s): mean wall time of one fine-tuning run."
         ),
         "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
         "full-data full-parameter SFT wall time on the same hardware; " + _full_sft_note(_read(out / "full_sft.json")),
@@ -819,25 +1241,32 @@ def write_results(
         notes.append(
             "Held-out loss ({task} loss): mean response-token cross-entropy (nats/token, lower is better) "
             "on the held-out target-format examples of `heldout:` ("
-            + ", ".join(f"{task_label(t)}: {Path(f).name}" for t, f in args.heldout.items())
-            + "), mean (std) "
-            "over seeds; each eval.json holds its 95% t-interval over examples."
+            + ", ".join(
+                f"{task_label(t)}: {Path(f).name} ({n_held.get(task_label(t))})" for t, f in args.heldout.items()
+            )
+            + "), mean (std) over seeds; each eval.json holds its 95% t-interval over examples."
         )
     if info is not None:
         hw = info["hardware"]
         dev = hw.get("gpu") or f"CPU only, {hw['cpu_count']} cores ({hw['torch_threads']} torch threads)"
         notes.append(f"Hardware: {dev}. Experiment wall time (this invocation): {info['wall_s']:.0f} s.")
+        if info.get("pilot"):
+            ch = info["pilot"]["chosen"]
+            notes.append(
+                f"Fine-tuning recipe chosen on the pilot (pilot/pilot.json): lr {ch['lr']:g}, {ch['epochs']} epochs."
+            )
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text("# Results\n\n" + "\n".join(lines + notes) + "\n", encoding="utf-8")
+        tmp.write_text("# Results\n\n" + "\n".join(body + notes) + "\n", encoding="utf-8")
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(
             [
+                *(["setting"] if len(by_setting) > 1 else []),
                 "row",
                 "method",
                 "budget",
                 "n_seeds",
-                *(f"{n}_{k}" for n in names for k in ("mean", "std")),
+                *(f"{n}_{k}" for n in scored for k in ("mean", "std")),
                 *(f"{n}_loss_{k}" for n in held for k in ("mean", "std")),
                 "average",
                 "select_s",
@@ -845,27 +1274,103 @@ def write_results(
                 "aer",
             ]
         )
-        for r in rows:
-            vals: list[Any] = []
-            for n in names:
-                t = r["tasks"][n]
-                vals += [_fmt(t.get("mean")), _fmt(t.get("std"))]
-            for n in held:
-                t = r["tasks"][n]
-                vals += [_fmt(t.get("loss_mean")), _fmt(t.get("loss_std"))]
-            w.writerow(
-                [
-                    r["row"],
-                    r["method"],
-                    r["budget"],
-                    max(len(r["tasks"][n]["scores"]) for n in names),
-                    *vals,
-                    _fmt(r["average"]),
-                    _fmt(r["select_s"]),
-                    _fmt(r["train_s"]),
-                    _fmt(r.get("aer")),
-                ]
-            )
+        for setting, srows in by_setting.items():
+            for r in srows:
+                vals: list[Any] = []
+                for n in scored:
+                    t = r["tasks"][n]
+                    vals += [_fmt(t.get("mean")), _fmt(t.get("std"))]
+                for n in held:
+                    t = r["tasks"][n]
+                    vals += [_fmt(t.get("loss_mean")), _fmt(t.get("loss_std"))]
+                w.writerow(
+                    [
+                        *([setting] if len(by_setting) > 1 else []),
+                        r["row"],
+                        r["method"],
+                        r["budget"],
+                        max(max(len(t["scores"]), len(t["losses"])) for t in r["tasks"].values()),
+                        *vals,
+                        _fmt(r["average"]),
+                        _fmt(r["select_s"]),
+                        _fmt(r["train_s"]),
+                        _fmt(r.get("aer")),
+                    ]
+                )
+
+
+def _per_item(dirs: list[Path], kind: str) -> tuple[dict[str, float], int]:
+    """Per-item values averaged over the evaluations that exist: ``acc`` from lm-eval's samples
+    files (keyed by ``doc_id``), ``loss`` from ``heldout.jsonl`` (keyed by record id)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    n = 0
+    for d in dirs:
+        files = sorted(d.glob("samples_*.jsonl")) if kind == "acc" else [d / "heldout.jsonl"]
+        files = [f for f in files if f.is_file()]
+        if not files or not (d / "eval.json").is_file():
+            continue
+        n += 1
+        for f in files:
+            for line in f.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                key, val = (f"{f.stem}:{rec['doc_id']}", rec.get("acc")) if kind == "acc" else (rec["id"], rec["loss"])
+                if val is None:
+                    continue
+                sums[key] = sums.get(key, 0.0) + float(val)
+                counts[key] = counts.get(key, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}, n
+
+
+def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
+    """Paired bootstrap of ``bootstrap_reference`` against every other row, per task and metric.
+
+    Per item (lm-eval test item, or held-out example) each side's value is first averaged over
+    the seeds it has; only items both sides have are compared (:func:`coreselect.eval.bootstrap.paired_bootstrap`).
+    """
+    from coreselect.eval.bootstrap import paired_bootstrap
+
+    ref = args.bootstrap_reference
+    if not ref or ref not in args.methods:
+        return []
+    found: list[dict[str, Any]] = []
+    for budget in args.budgets:
+        tag = budget_tag(budget)
+        others = [(row_plan(m).label, [f"{m}-{tag}-s{s}" for s in args.seeds]) for m in args.methods if m != ref]
+        if args.include_pretrained:
+            others.insert(0, ("Pretrained", ["pretrained"]))
+        for task in tasks:
+            name = task_label(task)
+            kinds = (["acc"] if task not in args.heldout_only else []) + (["loss"] if task in args.heldout else [])
+            for kind in kinds:
+                ref_vals, n_ref = _per_item([root / name / "eval" / f"{ref}-{tag}-s{s}" for s in args.seeds], kind)
+                if not ref_vals:
+                    continue
+                for label, runs in others:
+                    dirs = (
+                        [pretrained_dir(args, task)]
+                        if runs == ["pretrained"]
+                        else [root / name / "eval" / r for r in runs]
+                    )
+                    vals, n_other = _per_item(dirs, kind)
+                    keys = sorted(set(ref_vals) & set(vals))
+                    if not keys:
+                        continue
+                    res = paired_bootstrap(
+                        [ref_vals[k] for k in keys], [vals[k] for k in keys], iters=args.bootstrap_iters
+                    )
+                    found.append(
+                        {
+                            "reference": row_plan(ref).label,
+                            "row": label if len(args.budgets) == 1 else f"{label} ({budget})",
+                            "task": name,
+                            "metric": kind,
+                            "n_seeds_ref": n_ref,
+                            "n_seeds_other": n_other,
+                            **res,
+                        }
+                    )
+    return found
 
 
 def _full_sft_note(fs: dict[str, Any] | None) -> str:

@@ -1,0 +1,47 @@
+"""Paired bootstrap: hand-checkable cases and invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coreselect.errors import CoreselectError
+from coreselect.eval.bootstrap import paired_bootstrap
+
+
+def test_constant_difference_has_a_degenerate_interval() -> None:
+    r = paired_bootstrap([3.0, 5.0, 7.0], [2.0, 4.0, 6.0], iters=200)
+    assert r["diff"] == r["lo"] == r["hi"] == pytest.approx(1.0)
+    assert (r["p_le0"], r["p_ge0"]) == (0.0, 1.0) and r["n"] == 3
+
+
+def test_two_items_resample_means_are_the_three_possible_values() -> None:
+    # differences (1, 0): a resample of 2 items has mean 0 (p=1/4), 0.5 (1/2) or 1 (1/4)
+    r = paired_bootstrap([1.0, 0.0], [0.0, 0.0], iters=20000, seed=1)
+    assert r["diff"] == 0.5
+    assert r["p_le0"] == pytest.approx(0.25, abs=0.02)
+    assert (r["lo"], r["hi"]) == (0.0, 1.0)
+
+
+def test_pairing_removes_item_variance() -> None:
+    rng = np.random.default_rng(0)
+    item = rng.normal(0, 5, 400)  # large between-item spread shared by both systems
+    a, b = item + 0.1, item.copy()
+    r = paired_bootstrap(a, b, iters=500)
+    assert r["diff"] == pytest.approx(0.1) and r["hi"] - r["lo"] < 1e-9
+
+
+def test_antisymmetric_and_seeded() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.random(50), rng.random(50)
+    ab, ba = paired_bootstrap(a, b, seed=7, iters=1000), paired_bootstrap(b, a, seed=7, iters=1000)
+    assert ab["diff"] == pytest.approx(-ba["diff"])
+    assert ab["lo"] == pytest.approx(-ba["hi"]) and ab["p_le0"] == pytest.approx(ba["p_ge0"])
+    assert paired_bootstrap(a, b, seed=7, iters=1000) == ab
+
+
+def test_bad_input() -> None:
+    with pytest.raises(CoreselectError, match="equally long"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+    with pytest.raises(CoreselectError, match="non-empty"):
+        paired_bootstrap([], [])
