@@ -108,8 +108,9 @@ def test_default_options_give_the_old_centroid_scores(runner, loaded, data):
         v, ok = _mean_pool(head_features(runner, b, by_layer), cfg.scored_positions(b))
         want[pos] = torch.where(ok, _unit(v) @ center, torch.full_like(v[:, 0], float("-inf"))).double().numpy()
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(_method(runner, loaded, ppl="off").fit(target).score(pool), got)
-    np.testing.assert_array_equal(_method(runner, loaded, ppl="sample").fit(target).score(pool), got)
+    assert m.config.ppl == "sample"
+    for kw in ({"ppl": "off"}, {"ppl": "all"}, {"ppl_fraction": 0.5}):
+        np.testing.assert_array_equal(_method(runner, loaded, **kw).fit(target).score(pool), got)
 
 
 # ------------------------------------------------------------------------------ activation score
@@ -209,26 +210,37 @@ def test_nll_is_the_models_response_loss(runner, loaded, data):
     assert torch.isnan(nll[-1])
 
 
-def test_ppl_stats_in_run_info(runner, loaded, data):
+def test_ppl_stats_in_run_info(runner, loaded, data, tmp_path):
     pool, target = data
-    m = _method(runner, loaded).fit(target)
+    m = _method(runner, loaded, ppl="all").fit(target)
     s = m.score(pool)
     sel = s >= np.sort(s)[-3]
     info = m.run_info(_table([r.index for r in pool], sel), {"cost": {"wall_s": 1.0}})["ppl"]
     assert info["mode"] == "all" and info["pool"]["n"] == len(pool) and info["selected"]["n"] == 3
     idx, nll = m.nll_by_index()
-    assert info["selected"]["mean_nll"] == pytest.approx(nll[sel[np.searchsorted([r.index for r in pool], idx)]].mean())
+    assert (idx == [r.index for r in pool]).all()
+    assert info["selected"]["mean_nll"] == pytest.approx(nll[sel].mean())
     assert info["pool"]["ppl"] == pytest.approx(np.exp(nll.mean()))
     assert info["skews_low"] == (info["selected"]["mean_nll"] < info["pool"]["mean_nll"])
     assert info["coverage"] == 1.0 and info["conditioned_on_task_prompt"] is False
-    # sample mode: a seeded, score-independent share of the pool
+    # sample mode: a seeded, score-independent share of the pool, in a pass of its own
     flags = in_ppl_sample(np.arange(20000), 5, 0.1)
     assert 0.09 < flags.mean() < 0.11 and (flags == in_ppl_sample(np.arange(20000), 5, 0.1)).all()
     assert not (flags == in_ppl_sample(np.arange(20000), 6, 0.1)).all()
     sm = _method(runner, loaded, ppl="sample", ppl_fraction=0.5, seed=1).fit(target)
-    sm.score(pool)
-    want = {r.index for r, f in zip(pool, in_ppl_sample(np.array([r.index for r in pool]), 1, 0.5)) if f}
-    assert set(sm.nll_by_index()[0].tolist()) == want
+    np.testing.assert_array_equal(sm.score(pool), s)
+    picked = in_ppl_sample(np.array([r.index for r in pool]), 1, 0.5)
+    si, snll = sm.nll_by_index()
+    assert 0 < len(si) < len(pool) and (si == np.array([r.index for r in pool])[picked]).all()
+    np.testing.assert_allclose(snll, nll[picked], rtol=1e-5)  # the same NLL as from the scoring pass
+    table = _table([r.index for r in pool], sel)
+    assert sm.run_info(table, {})["ppl"]["selected_from"] == "sample"  # no run folder
+    # with a run folder: every selected record, read back from coreset.jsonl
+    (tmp_path / "coreset.jsonl").write_text("".join(json.dumps(r.raw) + "\n" for r, k in zip(pool, sel) if k))
+    sm.run_dir = tmp_path
+    got = sm.run_info(table, {})["ppl"]
+    assert got["selected_from"] == "coreset" and got["selected"]["n"] == 3 and got["pool"]["n"] == len(si)
+    assert got["selected"]["mean_nll"] == pytest.approx(info["selected"]["mean_nll"], rel=1e-5)
     assert "ppl" not in _method(runner, loaded, ppl="off").fit(target).run_info(_table([0], [True]), {})
 
 
@@ -271,16 +283,17 @@ def test_cli_flags_multi_target_activation_and_ppl(tiny_model_dir, small_pool, t
     out = tmp_path / "run"
     argv = ["select", "--method", "p2d", "--model", str(tiny_model_dir), "--pool", str(pool), "--budget", "3"]
     argv += ["--target", f"a={tmp_path / 't0.jsonl'}", f"b={tmp_path / 't1.jsonl'}"]
-    argv += ["--score", "activation", "--heads", "random", "--head-seed", "3", "--ppl", "all"]
+    argv += ["--score", "activation", "--heads", "random", "--head-seed", "3", "--ppl-fraction", "0.5"]
     argv += ["--warmup", "none", "--device", "cpu", "--no-progress", "--no-aer", "--out", str(out)]
     assert main(argv) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["score"] == "activation" and run["settings"]["head_seed"] == 3
-    assert (
-        run["ppl"]["pool"]["n"] == 8 and run["ppl"]["selected"]["n"] == 3 and run["ppl"]["skews_low"] in (True, False)
-    )
-    # two derived prompts ("Task 0: ..." / "Task 1: ..."): one pool pass each
-    assert run["cost"]["forward_passes"] == 2 * 8 + 4
+    n_sampled = int(in_ppl_sample(np.arange(8), run["settings"]["seed"], 0.5).sum())
+    ppl = run["ppl"]
+    assert ppl["mode"] == "sample" and ppl["pool"]["n"] == n_sampled and ppl["skews_low"] in (True, False, None)
+    assert ppl["selected_from"] == "coreset" and ppl["selected"]["n"] == 3  # read back from coreset.jsonl
+    # two derived prompts ("Task 0: ..." / "Task 1: ..."): one pool pass each, + the sample's NLL pass
+    assert run["cost"]["forward_passes"] == 2 * 8 + 4 + n_sampled and ppl["selected_nll_s"] > 0
     for name in ("a", "b"):
         hs = json.loads((out / f"target-{name}" / "heads.json").read_text())
         assert hs["proxy"] == "random" and hs["extra"]["head_seed"] == 3

@@ -67,23 +67,35 @@ with different prompts cost one pool pass per distinct prompt (targets sharing a
 a given ``task_prompt``, share one pass).
 
 **Perplexity skew** (paper Fig. 4, ``ppl``): the base model's mean NLL over each record's
-response (loss-mask) tokens, from the scoring pass itself. The pass then runs to the last
-layer instead of stopping after the deepest selected one, and the LM head runs on the
-response positions only (slices of :data:`NLL_CHUNK` rows, never the ``[B, T, V]`` logits),
-so the extra cost is the layers past the deepest selected head plus one LM-head product per
-response token. ``ppl=sample`` computes it only in batches holding a record of a seeded
-``ppl_fraction`` sample of the pool (:func:`in_ppl_sample`); ``off`` keeps the early stop.
-run.json's ``ppl`` (:meth:`P2DMethod.ppl_info`) compares the selected records with the pool
-(mean NLL, ``exp`` of it, mean and median per-record perplexity) and says ``skews_low``.
-Features, hence scores, are the same either way. With ``score=activation`` and a prompt the
-NLL is conditional on the prompt (``conditioned_on_task_prompt``).
+response (loss-mask) tokens; the LM head runs on those positions only (slices of
+:data:`NLL_CHUNK` rows, never the ``[B, T, V]`` logits). Scores never change with ``ppl``
+(the scoring batches and the captured head outputs are the same).
+
+* ``sample`` (default): a seeded ``ppl_fraction`` share of the pool (:func:`in_ppl_sample`:
+  a hash of seed and pool index, so independent of the scores, the chunking and the engine)
+  goes through the model once more on its own (:func:`record_nll`), and once the selection is
+  written, every selected record is read back from ``coreset.jsonl`` and passed through it
+  too (:meth:`P2DMethod.ppl_info`). Cost: about ``ppl_fraction + budget share`` of one
+  full-depth pool pass, whatever the heads.
+* ``all``: every scored record, from the scoring pass itself. That pass then runs to the last
+  layer instead of stopping after the deepest selected head, and the LM head runs on the
+  response tokens. Measured on CPU with a SmolLM2-135M-shaped model (30 layers, vocab
+  49152): +14% scoring time when the deepest selected head is in the last layer, +60-80%
+  when it is in layer 20 of 30. With ``score=activation`` and a prompt, the NLL is conditional
+  on the prompt (``conditioned_on_task_prompt``); ``sample`` always measures the plain record.
+* ``off``: nothing (the scoring pass keeps its early stop).
+
+run.json's ``ppl`` compares the selected records with the pool: ``n``, mean NLL, ``ppl`` (exp
+of the mean NLL), mean and median per-record perplexity, ``delta_mean_nll`` and ``skews_low``
+(selected mean NLL below the pool's). A Ray or sharded run scores in other processes, so its
+``pool`` side is empty (``coverage`` says how much of the pool has an NLL).
 
 **Several targets** (native, ``multi_target``): ``H_T`` is located and the target side
 fitted once per target; each pool batch goes through the model once, capturing the union of
 all targets' heads, and each target is scored on its own heads' columns (the same values
 :func:`head_features` gives for its heads alone). ``activation`` needs one pass per distinct
-prompt (above). Files go to ``OUT/target-<name>/`` (the ``PerTarget`` layout); the NLL comes
-from the first (plain) pass.
+prompt (above). Files go to ``OUT/target-<name>/`` (the ``PerTarget`` layout); ``ppl=all``
+takes the NLL from the first pass (the plain one if any target has no prompt).
 
 The method contributes three experiment rows (:meth:`P2DMethod.experiment_rows`): P2D,
 P2D-dagger and P2D-double-dagger, whose heads-only training is :mod:`coreselect.methods.p2d.train`.
@@ -168,6 +180,7 @@ __all__ = [
     "head_features_nll",
     "in_ppl_sample",
     "ppl_summary",
+    "record_nll",
     "response_nll",
     "shared_prefix",
     "with_prompt",
@@ -408,6 +421,27 @@ def head_features_nll(
     return torch.cat([store[layer].float() for layer in sorted(by_layer)], dim=-1), nll
 
 
+@torch.inference_mode()
+def record_nll(runner: ModelRunner, encoded: Sequence[Encoded], batch_tokens: int) -> np.ndarray:
+    """``[N]`` float64: each record's mean response-token NLL under the base model (NaN: no target),
+    from its own forward passes (no head capture), in ``batch_tokens`` batches."""
+    out = np.full(len(encoded), np.nan)
+    for positions in token_budget_batches([len(e) for e in encoded], batch_tokens):
+        batch = runner.collate(encoded, positions)
+        hidden = runner.base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        runner.forward_passes += batch.input_ids.shape[0]
+        runner.tokens_seen += batch.n_real_tokens
+        total, count = response_nll(runner.model, hidden, batch)
+        nll = (total.double() / count.clamp(min=1).double()).cpu().numpy()
+        out[positions] = np.where(count.cpu().numpy() > 0, nll, np.nan)
+    return out
+
+
 def in_ppl_sample(index: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """Seeded, per-record membership in the NLL sample (``ppl=sample``): a SplitMix64 hash of
     ``(seed, pool index)`` mapped to ``[0, 1)``, below ``fraction``. Independent of the scores, of
@@ -464,9 +498,10 @@ class P2DConfig(TokenScoring):
             instruction prefix (:func:`shared_prefix`), none if they share none.
         feature: ``score=centroid``: ``pooled`` (mean-pool cosine to the target, default) or
             ``fingerprint`` (TRIM fingerprints on the head outputs).
-        ppl: base-model NLL of the scored records (paper Fig. 4's perplexity skew; module doc):
-            ``all`` (default: every scored record, from the scoring pass), ``sample`` (only
-            the records of a seeded ``ppl_fraction`` sample of the pool) or ``off``.
+        ppl: base-model NLL of the records (paper Fig. 4's perplexity skew; module doc):
+            ``sample`` (default: a seeded ``ppl_fraction`` sample of the pool, in a pass of its
+            own, and every selected record, read back from ``coreset.jsonl``), ``all`` (every
+            scored record, from the scoring pass itself) or ``off``.
         ppl_fraction: the sample's share of the pool for ``ppl=sample``.
         seed: the run's seed; seeds the ``ppl=sample`` sample.
         aer: estimate the Alignment Efficiency Ratio into run.json (times a few training steps).
@@ -486,8 +521,8 @@ class P2DConfig(TokenScoring):
     score: str = "centroid"
     task_prompt: str = ""
     feature: str = "pooled"
-    ppl: str = "all"
-    ppl_fraction: float = 0.1
+    ppl: str = "sample"
+    ppl_fraction: float = 0.05
     seed: int = 0
     aer: bool = True
     aer_epochs: float = 4.0
@@ -592,6 +627,8 @@ class P2DMethod(SelectionMethod):
         self._nll_index: list[np.ndarray] = []
         self._nll: list[np.ndarray] = []
         self._nll_prompted = False
+        #: the run folder (``ppl=sample`` reads the selection back from its ``coreset.jsonl``)
+        self.run_dir: Path | None = None
 
     @classmethod
     def experiment_rows(cls) -> list[ExperimentRow]:
@@ -664,7 +701,9 @@ class P2DMethod(SelectionMethod):
     @classmethod
     def create(cls, config: Any, ctx: MethodContext) -> P2DMethod:
         model = ctx.require_model(cls.name)
-        return cls(model.runner, model.formatter, config, model_name=ctx.model_name, progress=ctx.progress)
+        method = cls(model.runner, model.formatter, config, model_name=ctx.model_name, progress=ctx.progress)
+        method.run_dir = Path(ctx.out) if ctx.out else None
+        return method
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
@@ -937,7 +976,7 @@ class P2DMethod(SelectionMethod):
             else:
                 encoded = plain
             if g == 0:
-                self._nll_prompted = bool(prompt)
+                self._nll_prompted = bool(prompt) and cfg.ppl == "all"
             union = sorted({h for n in names for h in self.sides[n].head_set.heads})
             by_layer: dict[int, list[int]] = {}
             for layer, head in union:
@@ -946,7 +985,7 @@ class P2DMethod(SelectionMethod):
             nll_all = np.full(len(records), np.nan)
             for positions in token_budget_batches([len(e) for e in encoded], cfg.batch_tokens):
                 batch = self.runner.collate(encoded, positions)
-                rows = want[positions] if g == 0 else None
+                rows = want[positions] if g == 0 and cfg.ppl == "all" else None
                 if rows is not None and rows.any():
                     feats, nll = head_features_nll(
                         self.runner, batch, by_layer, torch.from_numpy(rows).to(batch.input_ids.device)
@@ -962,10 +1001,17 @@ class P2DMethod(SelectionMethod):
                     scores[name][positions] = sc.double().cpu().numpy()
                     if name == first:
                         n_scored[positions] = n.cpu().numpy()
-            if g == 0 and want.any():
-                got = want & np.isfinite(nll_all)
+            if g == 0 and cfg.ppl == "all":
+                got = np.isfinite(nll_all)
                 self._nll_index.append(np.array([e.index for e in encoded], dtype=np.int64)[got])
                 self._nll.append(nll_all[got])
+        if cfg.ppl == "sample" and want.any():  # a pass of its own over the sampled records only
+            picked = [plain[i] for i in np.nonzero(want)[0]]
+            sampled = record_nll(self.runner, picked, cfg.batch_tokens)
+            self.cost.forward_passes += len(picked)
+            got = np.isfinite(sampled)
+            self._nll_index.append(np.array([e.index for e in picked], dtype=np.int64)[got])
+            self._nll.append(sampled[got])
         return scores, n_scored, n_tokens, len(groups)
 
     def _score_side(self, side: TargetSide, feats: Tensor, batch: Batch, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -1042,28 +1088,47 @@ class P2DMethod(SelectionMethod):
         return np.concatenate(self._nll_index), np.concatenate(self._nll)
 
     def ppl_info(self, table: Any) -> dict[str, Any]:
-        """run.json's ``ppl``: base-model NLL / perplexity of the selection vs the pool (module doc)."""
+        """run.json's ``ppl``: base-model NLL / perplexity of the selection vs the pool (module doc).
+
+        ``pool``: every record whose NLL was computed while scoring (``ppl=all``: all of them;
+        ``sample``: the seeded sample). ``selected``: ``all``: the selected ones among them;
+        ``sample``: every selected record, read back from the run's ``coreset.jsonl`` and passed
+        through the base model here (``selected_from: coreset``; without a run folder: the
+        selected records in the sample, ``selected_from: sample``).
+        """
         cfg = self.config
         index, nll = self.nll_by_index()
         t_index = np.asarray(table.column("index").to_numpy(), dtype=np.int64)
         selected = t_index[np.asarray(table.column("selected").to_numpy(), dtype=bool)]
         index, first = np.unique(index, return_index=True)  # a record scored twice (score() called again) counts once
         nll = nll[first]
-        sel = np.isin(index, selected)
-        pool_s, sel_s = ppl_summary(nll), ppl_summary(nll[sel])
+        sel_nll, selected_from, extra_s = nll[np.isin(index, selected)], "scored", 0.0
+        coreset = self.run_dir / "coreset.jsonl" if self.run_dir is not None else None
+        if cfg.ppl == "sample":
+            selected_from = "sample"
+            if coreset is not None and coreset.is_file():
+                from coreselect.data.readers import read_records
+
+                t0 = time.perf_counter()
+                encoded = self.formatter.encode_many(list(read_records([coreset])))
+                sel_nll = record_nll(self.runner, encoded, cfg.batch_tokens)  # after the run's cost: not in it
+                selected_from, extra_s = "coreset", time.perf_counter() - t0
+        pool_s, sel_s = ppl_summary(nll), ppl_summary(sel_nll)
         skews = None if not (pool_s["n"] and sel_s["n"]) else bool(sel_s["mean_nll"] < pool_s["mean_nll"])
         return {
             "mode": cfg.ppl,
             "fraction": cfg.ppl_fraction if cfg.ppl == "sample" else 1.0,
             "pool": pool_s,
             "selected": sel_s,
+            "selected_from": selected_from,
             "delta_mean_nll": None if skews is None else sel_s["mean_nll"] - pool_s["mean_nll"],
             "skews_low": skews,
             "coverage": len(index) / max(len(t_index), 1),
             "conditioned_on_task_prompt": self._nll_prompted,
-            "how": "base model's mean NLL over each record's response (loss-mask) tokens, from the scoring pass; "
-            "pool = every record with an NLL (ppl=sample: a seeded sample of the pool), selected = the selected "
-            "ones among them; ppl = exp(mean NLL)",
+            "selected_nll_s": extra_s,
+            "how": "base model's mean NLL over each record's response (loss-mask) tokens; pool = every scored "
+            "record with an NLL (ppl=sample: a seeded sample of the pool, in a pass of its own), selected = the "
+            "selected records (see selected_from); ppl = exp(mean NLL)",
         }
 
     def run_info(self, table: Any, info: dict[str, Any]) -> dict[str, Any]:
