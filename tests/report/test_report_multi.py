@@ -61,12 +61,18 @@ def test_coverage_from_scores_when_run_json_lacks_it(multi_run):
     r = RunData.load(multi_run)
     assert r.target_info()["coverage"] == run["targets"]["coverage"]
     assert set(r.targets) == {"math", "other"}
-    del run["targets"]["coverage"], run["targets"]["overlap"]
+    t_cov, t_overlap = run["targets"].pop("coverage"), run["targets"].pop("overlap")
     (multi_run / "run.json").write_text(json.dumps(run))
     info = RunData.load(multi_run).target_info()
     t = pq.read_table(multi_run / "scores.parquet").sort_by("index")
     per = {n: t.column(f"score_{n}").to_numpy() for n in ("math", "other")}
     sel = np.flatnonzero(t.column("selected").to_numpy(zero_copy_only=False))
+    # quota 50/50 of 4: each target's own top-2, as select computed it
+    assert {k: info[k] for k in ("coverage", "overlap")} == coverage_report(per, sel, {"math": 2, "other": 2})
+    assert info["coverage"] == t_cov and info["overlap"] == t_overlap
+    run["targets"]["combine"] = "max"  # other modes: each target's own top-k is the whole budget
+    (multi_run / "run.json").write_text(json.dumps(run))
+    info = RunData.load(multi_run).target_info()
     assert {k: info[k] for k in ("coverage", "overlap")} == coverage_report(per, sel, {"math": 4, "other": 4})
     assert main(["report", str(multi_run), "--no-progress"]) == 0
     assert "targets" in parse(multi_run / "report.html").ids

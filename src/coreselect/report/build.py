@@ -7,6 +7,7 @@ sub-folder and no ``scores.parquet`` of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from html import escape
@@ -79,8 +80,9 @@ class RunData:
 
     def target_info(self) -> dict[str, Any] | None:
         """A multi-target run's ``names`` / ``combine`` / ``quota`` / ``sizes`` / ``coverage`` /
-        ``overlap`` (run.json's ``targets``); coverage and overlap are computed from the
-        ``score_<name>`` columns (each target's own top-k, k = the budget) when run.json lacks them.
+        ``overlap`` (run.json's ``targets``). When run.json lacks coverage and overlap they are
+        computed from the ``score_<name>`` columns as ``select`` does (each target's own top-k:
+        its quota share of the selected count under ``quota``, all of it otherwise).
         ``None`` for a single-target run."""
         info = dict(self.run.get("targets") or {})
         names = [n for n in info.get("names", []) if n in self.targets] or list(self.targets)
@@ -88,10 +90,15 @@ class RunData:
             return None
         info["names"] = names
         if not info.get("coverage") or not isinstance(info.get("overlap"), dict):
-            from coreselect.combine import coverage_report
+            from coreselect.combine import coverage_report, parse_quota, quota_counts
 
             per = {n: self.targets[n] for n in names}
-            info.update(coverage_report(per, np.flatnonzero(self.selected), dict.fromkeys(names, self.k)))
+            how = info.setdefault("combine", "quota")
+            top_k = dict.fromkeys(names, self.k)
+            if how == "quota":
+                with contextlib.suppress(CoreselectError):  # shares of other names: the whole budget
+                    top_k = quota_counts(self.k, parse_quota(info.get("quota") or None, names))
+            info.update(coverage_report(per, np.flatnonzero(self.selected), top_k))
         return info
 
     def target_top(self, name: str, k: int) -> np.ndarray:
