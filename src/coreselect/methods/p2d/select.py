@@ -3,7 +3,8 @@
 **Parameter-guided selection** (:class:`P2DMethod`, the registered ``p2d`` method): a pool record is seen
    only through ``H_T``: the per-head context vectors at the ``o_proj`` input of the
    selected heads, concatenated (``|H_T| * d`` features per token). The forward pass
-   stops right after the deepest selected layer. Two scorings:
+   stops right after the deepest selected layer (unless ``ppl=all``, below). Two features
+   for the default ``centroid`` score (``score=activation``: below):
 
    * ``pooled`` (default): features mean-pooled over the scoped tokens, cosine to the
      mean of the (unit) pooled target vectors.
@@ -36,7 +37,8 @@
    ``(layer, head)`` pairs with ``head_seed``: the localized set's per-layer distribution is
    deliberately *not* kept (a per-layer-matched draw would carry part of the localization's
    information into the control). ``heads.json`` says ``proxy: random`` and
-   ``extra.head_seed``; a localized set says ``extra.heads: localized``.
+   ``extra.head_seed``; a localized set says ``extra.heads: localized``. With several targets
+   every target gets the same draw. ``head_seed`` is its own option, not the run's ``seed``.
 
 **Scores** (``score``). ``centroid`` (default) is everything above: the code's own reading
 (cosine of pooled head outputs to a target centre, or fingerprints). ``activation`` is the
