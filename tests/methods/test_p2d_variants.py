@@ -13,7 +13,7 @@ import torch
 from coreselect.data.formatting import PROMPT, RESPONSE, TEMPLATE, Formatter
 from coreselect.data.readers import read_records
 from coreselect.data.records import Message, Record
-from coreselect.errors import ConfigError
+from coreselect.errors import ConfigError, CoreselectError
 from coreselect.methods.p2d import HeadSet, P2DConfig, P2DMethod, head_features, per_example_loss
 from coreselect.methods.p2d.select import (
     _mean_pool,
@@ -268,6 +268,12 @@ def test_native_multi_target_equals_single_fits_in_one_pass(runner, loaded, data
     again = fresh.score_batch(pool)
     for name in targets:
         np.testing.assert_array_equal(again.targets[name], chunk.targets[name])
+    assert m.stats["localize_s"] == pytest.approx(sum(s["localize_s"] for s in m.stats["per_target"].values()))
+    # a refit on one target starts afresh; an empty target set is refused
+    m.fit_targets({"target": target})
+    assert not m.score_batch(pool).targets and "per_target" not in m.stats and list(m.sides) == ["target"]
+    with pytest.raises(CoreselectError, match="empty"):
+        m.fit_targets({"a": target, "b": []})
 
 
 def test_cli_flags_multi_target_activation_and_ppl(tiny_model_dir, small_pool, tmp_path):

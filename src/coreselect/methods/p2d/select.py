@@ -809,7 +809,7 @@ class P2DMethod(SelectionMethod):
                 model_name=self.model_name,
             )
             hs.extra["heads"] = "localized"
-            self.stats["localize_s"] = self.stats.get("localize_s", 0.0) + time.perf_counter() - t0
+            self.stats["localize_s"] = time.perf_counter() - t0
             self.cost.backward_passes += len(target) if cfg.proxy == "gradient" else 0
         elif cfg.heads == "random":
             k = n_top(cfg.head_fraction, g.n_layers * g.n_heads)  # the count localized keeps
@@ -836,6 +836,8 @@ class P2DMethod(SelectionMethod):
 
     def fit_targets(self, targets: TargetSets) -> P2DMethod:
         """One target: :meth:`fit`. Several: ``H_T`` and target side per target (module doc)."""
+        for key in ("per_target", "heads_union", "localize_s", "task_prompt"):  # a refit starts afresh
+            self.stats.pop(key, None)
         if len(targets) <= 1:
             return self.fit(next(iter(targets.values()), []))
         sides, per_stats = {}, {}
@@ -843,12 +845,15 @@ class P2DMethod(SelectionMethod):
             self.fit(records)
             sides[name] = self.sides["target"]
             per_stats[name] = {"heads": self.stats["heads"], "fit_s": self.stats["fit_s"]}
-            if "task_prompt" in self.stats:
-                per_stats[name]["task_prompt"] = self.stats.pop("task_prompt")
+            for key in ("localize_s", "task_prompt"):
+                if key in self.stats:
+                    per_stats[name][key] = self.stats.pop(key)
         self.sides = sides
         self._use_first()
         self.stats["per_target"] = per_stats
         self.stats["fit_s"] = sum(s["fit_s"] for s in per_stats.values())
+        if any("localize_s" in s for s in per_stats.values()):  # the experiment's P2D-double-dagger cost
+            self.stats["localize_s"] = sum(s.get("localize_s", 0.0) for s in per_stats.values())
         self.stats["heads"] = next(iter(per_stats.values()))["heads"]
         self.stats["heads_union"] = len({h for s in sides.values() for h in s.head_set.heads})
         return self
