@@ -85,3 +85,23 @@ def test_single_target_run_has_no_target_info(small_pool, tmp_path):
     out = tmp_path / "rand"
     assert main(["select", "--method", "random", "--pool", str(pool), "--out", str(out), "--no-progress"]) == 0
     assert RunData.load(out).target_info() is None and RunData.load(out).targets == {}
+
+
+def test_compare_folder_report_per_target(tiny_model_dir, small_pool, tmp_path, one_torch_thread):
+    pool, math = small_pool
+    other = write_jsonl(
+        tmp_path / "other.jsonl", [chat(200, "Write a short poem about rivers.", "The river runs.", "p")]
+    )
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "trim,bm25", "--model", str(tiny_model_dir), "--pool", str(pool), "--out", str(out)]
+    argv += ["--target", f"math={math}", f"other={other}", "--budget", "4", "--layers", "2", "--warmup", "none"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert main(["report", str(out), "--no-progress"]) == 0
+    page = parse(out / "report.html")
+    assert {"run-summary", "jaccard", "targets"} <= page.ids
+    section = (out / "report.html").read_text(encoding="utf-8").split('id="targets"')[1].split("</section>")[0]
+    t = json.loads((out / "run.json").read_text())["targets"]
+    for m in ("trim", "bm25"):
+        cells = [f"<td>{t[n]['coverage'][m]}/{t[n]['k'][m]}</td>" for n in ("math", "other")]
+        assert f"<tr><td>{m}</td>{''.join(cells)}</tr>" in section
+    assert section.count("<td>1.00 / 1.00</td>") == 4  # each target's diagonal

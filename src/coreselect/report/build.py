@@ -382,7 +382,45 @@ def _compare(d: Path, img: _Images) -> str:
         ("length-dist", "Length distribution per method", ln),
         ("jaccard", "Coreset overlap (Jaccard)", jac),
     ]
+    per_target = _compare_targets(runs)
+    if per_target:
+        sections.append(("targets", "Per target: coverage, overlap and rank correlation", per_target))
     return H.page(f"coreselect compare report: {d.name}", f"{len(runs)} methods · {d}", sections)
+
+
+def _compare_targets(runs: list[RunData]) -> str:
+    """Runs with several named targets: :func:`coreselect.compare.target_comparison` as tables."""
+    import pyarrow.parquet as pq
+
+    from coreselect.compare import target_comparison
+
+    names = [r.name for r in runs]
+    per = target_comparison(
+        {r.name: pq.read_table(r.dir / "scores.parquet") for r in runs}, {r.name: r.run for r in runs}
+    )
+    if not per:
+        return ""
+    targets = list(per)
+
+    def cov(t: str, n: str) -> str:
+        c, k = per[t]["coverage"].get(n), per[t]["k"].get(n)
+        return "-" if c is None else f"{c}/{k}"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    body = (
+        '<p class="note">Coverage: coreset records in the target\'s own top-k (its ranking alone, '
+        "<code>score_&lt;name&gt;</code>); -: the run has no such column.</p>"
+    )
+    body += H.table(["run", *targets], [(n, *[cov(t, n) for t in targets]) for n in names])
+    for t in targets:
+        body += f'<p class="note"><b>{escape(t)}</b>: Jaccard of the runs\' own top-k / Spearman of their rankings</p>'
+        rows = [
+            (a, *[f"{num(per[t]['jaccard'][a][b])} / {num(per[t]['spearman'][a][b])}" for b in names]) for a in names
+        ]
+        body += H.table(["", *names], rows)
+    return body
 
 
 def report(args: ReportArgs) -> Path:
