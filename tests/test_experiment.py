@@ -168,14 +168,22 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
 
 def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     """P2D / P2D-dagger / P2D-double-dagger rows next to Random, each with an AER."""
-    text = config.read_text().replace("methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random]")
+    text = config.read_text().replace(
+        "methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random, p2d_random_heads]"
+    )
+    text += "variants: {p2d_random_heads: {method: p2d, heads: random, head_seed: 3}}\n"
     text = "\n".join(line for line in text.splitlines() if not line.startswith("heldout:"))  # no loss column
     config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "\ninclude_full_data: false\n")
     out = tmp_path / "out"
     calls = _count(monkeypatch)
     assert main(["experiment", "--config", str(config)]) == 0
-    # no warmup (P2D scores with the base model); p2d and random selected once each, shared by the rows
-    assert calls == {"warmup": 0, "select": 2, "train": 4, "eval": 5}
+    # no warmup (P2D scores with the base model); p2d and random selected once each, shared by the
+    # rows; the variant row selects with its own options and trains LoRA
+    assert calls == {"warmup": 0, "select": 3, "train": 5, "eval": 6}
+    variant = json.loads((out / "toy" / "select" / "p2d_random_heads-50pct" / "run.json").read_text())
+    assert variant["method"] == "p2d" and variant["settings"]["heads"] == "random"
+    assert variant["settings"]["head_seed"] == 3
+    assert (out / "toy" / "train" / "p2d_random_heads-50pct-s0" / "adapter" / "adapter_config.json").is_file()
     p2d_sel = out / "toy" / "select" / "p2d-50pct"
     assert json.loads((p2d_sel / "run.json").read_text())["settings"]["warmup"] == "none"
     for m in ("p2d", "p2d_train"):  # heads-only: a head delta trained on the task's heads, no LoRA adapter
@@ -198,6 +206,7 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
         "P2D† (select only)",
         "P2D‡ (heads only, random data)",
         "random",
+        "p2d_random_heads",
     ]
     for line in table[1:]:
         assert re.fullmatch(r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+\.\d{3} \|", line), line
@@ -222,6 +231,14 @@ def test_bad_configs_fail_early(tmp_path, capsys):
         args.validate()
     args = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, train={"model": "other"}, out=str(tmp_path))
     with pytest.raises(ConfigError, match="train: unknown or experiment-owned key"):
+        args.validate()
+    args = exp.ExperimentArgs(
+        targets={"csqa": "x.jsonl"}, methods=["v"], variants={"v": {"method": "p2d", "nope": 1}}, out=str(tmp_path)
+    )
+    with pytest.raises(ConfigError, match="variants: v: p2d has no option"):
+        args.validate()
+    args = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, settings=["transfer"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match="transfer needs pool: evidence"):
         args.validate()
     with pytest.raises(ConfigError, match="targets must map"):
         exp.ExperimentArgs(out=str(tmp_path)).validate()

@@ -105,22 +105,30 @@ PILOT_KEYS = ("lrs", "epochs", "records", "seed")
 AER_SAMPLE_BATCHES = 3
 
 
-def row_plan(method: str) -> ExperimentRow:
-    """The row a ``methods:`` entry stands for (rows come from the methods, :meth:`SelectionMethod.experiment_rows`)."""
+def row_plan(method: str, variants: dict[str, dict[str, Any]] | None = None) -> ExperimentRow:
+    """The row a ``methods:`` entry stands for (rows come from the methods, :meth:`SelectionMethod.experiment_rows`,
+    or from ``variants:``: a registered method with other options, LoRA-trained on its coreset)."""
+    if variants and method in variants:
+        return ExperimentRow(key=method, select=method, label=method)
     rows = registry.experiment_rows()
     if method not in rows:
         raise ConfigError(f"unknown method {method!r} (known: {', '.join(sorted(rows))})")
     return rows[method]
 
 
-def _uses_warmup(method: str) -> bool:
+def base_method(key: str, variants: dict[str, dict[str, Any]] | None = None) -> str:
+    """The registered method a selection key runs (a variant's ``method``, else the key itself)."""
+    return str(variants[key]["method"]) if variants and key in variants else key
+
+
+def _uses_warmup(method: str, variants: dict[str, dict[str, Any]] | None = None) -> bool:
     """Whether a row's selection scores with the shared warmup."""
-    return registry.get(row_plan(method).select).uses_warmup
+    return registry.get(base_method(row_plan(method, variants).select, variants)).uses_warmup
 
 
-def _warmup_for(method: str, warmup: str | None) -> str | None:
+def _warmup_for(method: str, warmup: str | None, variants: dict[str, dict[str, Any]] | None = None) -> str | None:
     """The warmup a selection gets: model methods that do not use the warmup get the base model."""
-    spec = registry.get(method)
+    spec = registry.get(base_method(method, variants))
     return None if spec.needs_model and not spec.uses_warmup else warmup
 
 
@@ -179,6 +187,9 @@ class ExperimentArgs(WarmupSettings):
         bootstrap_reference: the method compared with every other row by a paired bootstrap over
             the same test items and held-out examples (``None``: no comparison table).
         bootstrap_iters: bootstrap resamples.
+        variants: extra rows: ``{name: {method: p2d, heads: random, head_seed: 1}}`` selects with
+            a registered method and these options on top of ``select:`` (a LoRA row, listed in
+            ``methods:`` by its name): ablations and controls next to the defaults.
     """
 
     model: str = "smollm2"
@@ -211,6 +222,7 @@ class ExperimentArgs(WarmupSettings):
     pilot: dict[str, Any] = field(default_factory=dict)
     bootstrap_reference: str | None = "trim"
     bootstrap_iters: int = 10000
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):
@@ -239,7 +251,15 @@ class ExperimentArgs(WarmupSettings):
         if not self.methods or not self.budgets or not self.seeds:
             raise ConfigError("methods, budgets and seeds must each list at least one value")
         rows = registry.experiment_rows()
-        unknown = [m for m in self.methods if m not in rows]
+        for key, spec in self.variants.items():
+            if not isinstance(spec, dict) or spec.get("method") not in registry.names():
+                raise ConfigError(f"variants: {key} needs method: one of {', '.join(registry.names())}")
+            if key in rows:
+                raise ConfigError(f"variants: {key} is already a method row; pick another name")
+            bad = sorted(set(spec) - {"method"} - set(registry.get(spec["method"]).option_names()))
+            if bad:
+                raise ConfigError(f"variants: {key}: {spec['method']} has no option(s) {', '.join(bad)}")
+        unknown = [m for m in self.methods if m not in rows and m not in self.variants]
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(sorted(rows))})")
         if len(set(self.seeds)) != len(self.seeds):
@@ -265,7 +285,7 @@ class ExperimentArgs(WarmupSettings):
             raise ConfigError("settings: transfer needs pool: evidence (the pool whose task sources can be removed)")
         if self.coresets not in ("per_task", "joint"):
             raise ConfigError(f"coresets must be per_task or joint, got {self.coresets!r}")
-        if self.coresets == "joint" and any(row_plan(m).train_heads_from for m in self.methods):
+        if self.coresets == "joint" and any(row_plan(m, self.variants).train_heads_from for m in self.methods):
             raise ConfigError("coresets: joint has no P2D heads-only rows (their heads are per task); use per_task")
         if any(t not in self.targets for t in self.heldout_only) or any(
             t not in self.heldout for t in self.heldout_only
@@ -391,7 +411,7 @@ def _newer(src: Path, done: Path) -> bool:
 
 def run_warmup(args: ExperimentArgs, pool: list[str], out: Path) -> str | None:
     """The shared scorer warmup (``out/warmup/adapter``), trained once; ``None`` = base model."""
-    if not any(_uses_warmup(m) for m in args.methods) or args.warmup == "none":
+    if not any(_uses_warmup(m, args.variants) for m in args.methods) or args.warmup == "none":
         return None
     if args.warmup != "auto":
         return args.warmup
@@ -436,7 +456,8 @@ def run_select(
         _say(f"select {out.parent.parent.name}/{out.name}: cached")
         return out
     targets = [target] if isinstance(target, str) else [f"{task_label(t)}={f}" for t, f in target.items()]
-    opts = dict(args.select)
+    opts = {**args.select, **{k: v for k, v in args.variants.get(method, {}).items() if k != "method"}}
+    method = base_method(method, args.variants)
     if seed is not None:
         opts["seed"] = seed
     sel = SelectArgs(
@@ -737,7 +758,7 @@ def run_rows(
     if len(args.settings) > 1:
         _say(f"setting {setting}, seed {seed}: pool {', '.join(pool)}")
     for method in args.methods:
-        plan = row_plan(method)
+        plan = row_plan(method, args.variants)
         sel_method = plan.select
         for budget in args.budgets:
             run_name = f"{method}-{budget_tag(budget)}"
@@ -749,7 +770,7 @@ def run_rows(
                     targets,
                     sel_method,
                     budget,
-                    _warmup_for(sel_method, warmup),
+                    _warmup_for(sel_method, warmup, args.variants),
                     _selection_dirs(args, root, None, sel_method, budget, seed),
                     sel_seed,
                 )
@@ -768,7 +789,7 @@ def run_rows(
                     target,
                     sel_method,
                     budget,
-                    _warmup_for(sel_method, warmup),
+                    _warmup_for(sel_method, warmup, args.variants),
                     _selection_dirs(args, root, task, sel_method, budget, seed),
                     sel_seed,
                 )
@@ -784,7 +805,7 @@ def run_rows(
                             target,
                             src,
                             budget,
-                            _warmup_for(src, warmup),
+                            _warmup_for(src, warmup, args.variants),
                             _selection_dirs(args, root, task, src, budget, seed),
                         )
                     )
@@ -1078,13 +1099,13 @@ def collect_results(args: ExperimentArgs, tasks: list[str], root: Path | None = 
     warm = _read(root / "warmup" / "info.json") or {}
     joint = args.coresets == "joint"
     for method in args.methods:
-        plan = row_plan(method)
+        plan = row_plan(method, args.variants)
         sel_method, name = plan.select, plan.label
         for budget in args.budgets:
             tag = budget_tag(budget)
             rn = f"{method}-{tag}"
             label = name if len(args.budgets) == 1 else f"{name} ({budget})"
-            extra = float(warm.get("wall_s") or 0.0) if _uses_warmup(method) else 0.0
+            extra = float(warm.get("wall_s") or 0.0) if _uses_warmup(method, args.variants) else 0.0
             for src, key in plan.extra_cost:  # e.g. P2D-double-dagger: locating H_T (the p2d selection's stage 1)
                 extra += sum(
                     float(
@@ -1336,7 +1357,11 @@ def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> li
     found: list[dict[str, Any]] = []
     for budget in args.budgets:
         tag = budget_tag(budget)
-        others = [(row_plan(m).label, [f"{m}-{tag}-s{s}" for s in args.seeds]) for m in args.methods if m != ref]
+        others = [
+            (row_plan(m, args.variants).label, [f"{m}-{tag}-s{s}" for s in args.seeds])
+            for m in args.methods
+            if m != ref
+        ]
         if args.include_pretrained:
             others.insert(0, ("Pretrained", ["pretrained"]))
         for task in tasks:
@@ -1361,7 +1386,7 @@ def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> li
                     )
                     found.append(
                         {
-                            "reference": row_plan(ref).label,
+                            "reference": row_plan(ref, args.variants).label,
                             "row": label if len(args.budgets) == 1 else f"{label} ({budget})",
                             "task": name,
                             "metric": kind,
