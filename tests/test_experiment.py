@@ -329,3 +329,65 @@ progress: false
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(cfg)]) == 0
     assert calls == {"warmup": 2, "select": 0, "train": 0, "eval": 0}  # warmup_model returns the cached adapters
+
+
+@pytest.mark.parametrize("coresets", ["per_task", "joint"])
+def test_two_tasks_cost_one_scoring_pass(coresets, tiny_model_dir, small_pool, tmp_path, monkeypatch):
+    """Two tasks: one (multi-target) selection per method; per_task coresets are each task's own
+    top-k of that pass (equal to a single-target selection), joint ones train one model for both."""
+    pool, math_target = small_pool
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        json.dumps(
+            {
+                "id": "o1",
+                "messages": [
+                    {"role": "user", "content": "Write a poem about rain."},
+                    {"role": "assistant", "content": "Rain falls soft."},
+                ],
+            }
+        )
+        + "\n"
+    )
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"""
+model: {tiny_model_dir}
+pool: [{pool}]
+targets: {{math: {math_target}, poems: {other}}}
+heldout: {{math: {math_target}, poems: {other}}}
+heldout_only: [math, poems]
+coresets: {coresets}
+methods: [bm25, random]
+budgets: ["2"]
+seeds: [0]
+include_full_data: false
+train: {{lora_r: 4, lora_alpha: 8, epochs: 1, batch_size: 2, grad_accum: 1, max_length: 128}}
+out: {tmp_path / "out"}
+progress: false
+""")
+    out = tmp_path / "out"
+    calls = _count(monkeypatch)
+    assert main(["experiment", "--config", str(cfg)]) == 0
+    n_models = 2 if coresets == "joint" else 4
+    assert calls == {"warmup": 0, "select": 2, "train": n_models, "eval": 2 + 2 * 2}
+    if coresets == "joint":
+        assert (out / "joint" / "train" / "bm25-2-s0" / "adapter").is_dir()
+        assert len((out / "joint" / "select" / "bm25-2" / "coreset.jsonl").read_text().splitlines()) == 2
+    else:
+        shared = json.loads((out / "multi" / "select" / "bm25-2" / "run.json").read_text())
+        for task, target in (("math", math_target), ("poems", other)):
+            own = out / task / "select" / "bm25-2"
+            single = exp.select(
+                pool=[str(pool)], target=[str(target)], method="bm25", budget="2", out=str(tmp_path / task)
+            )
+            assert (own / "coreset.jsonl").read_text() == (tmp_path / task / "coreset.jsonl").read_text()
+            assert single["counts"]["selected"] == 2
+            run = json.loads((own / "run.json").read_text())
+            assert run["timings"]["total_s"] == pytest.approx(shared["timings"]["total_s"] / 2)
+    md = (out / "results.md").read_text()
+    assert "| Method | math loss | poems loss | Average |" in md and "Scored by held-out loss only: math, poems" in md
+    info = json.loads((out / "experiment.json").read_text())
+    bm25 = next(r for r in info["rows"] if r["method"] == "bm25")
+    shared_run = out / ("joint" if coresets == "joint" else "multi") / "select" / "bm25-2" / "run.json"
+    assert bm25["select_s"] == pytest.approx(json.loads(shared_run.read_text())["timings"]["total_s"])
+    assert bm25["average"] is None and len(bm25["tasks"]["math"]["losses"]) == 1

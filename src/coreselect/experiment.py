@@ -781,17 +781,34 @@ def run_rows(
                     edir = root / task_label(task) / "eval" / f"{run_name}-s{seed}"
                     run_eval(args, task, target, adapter, edir, loaded, seen)
                 continue
-            for task, target in targets.items():
-                name = task_label(task)
-                sel = run_select(
+            shared = None
+            if len(targets) > 1 and not plan.train_heads_from:  # one scoring pass for every task
+                shared = run_select(
                     args,
                     pool,
-                    target,
+                    targets,
                     sel_method,
                     budget,
                     _warmup_for(sel_method, warmup, args.variants),
-                    _selection_dirs(args, root, task, sel_method, budget, seed),
+                    _selection_dirs(args, root, "multi", sel_method, budget, seed),
                     sel_seed,
+                )
+            for task, target in targets.items():
+                name = task_label(task)
+                own = _selection_dirs(args, root, task, sel_method, budget, seed)
+                sel = (
+                    task_coreset(args, pool, shared, task, own)
+                    if shared is not None
+                    else run_select(
+                        args,
+                        pool,
+                        target,
+                        sel_method,
+                        budget,
+                        _warmup_for(sel_method, warmup, args.variants),
+                        own,
+                        sel_seed,
+                    )
                 )
                 heads = None
                 if plan.train_heads_from:  # e.g. P2D's H_T: saved by that method's selection of this task/budget
@@ -814,6 +831,47 @@ def run_rows(
                     args, str(sel / "coreset.jsonl"), seed, root / name / "train" / f"{run_name}-s{seed}", heads
                 )
                 run_eval(args, task, target, adapter, root / name / "eval" / f"{run_name}-s{seed}", loaded, seen)
+
+
+def task_coreset(args: ExperimentArgs, pool: list[str], shared: Path, task: str, out: Path) -> Path:
+    """One task's coreset from a multi-target selection: its top-k by ``rank_<task>`` of ``scores.parquet``.
+
+    Identical to a single-target selection for that task (same scores, same tie-break, same
+    k), without another pass over the pool. ``run.json`` records the source and charges the
+    task ``1 / n_tasks`` of the shared selection's wall time, so the row's summed selection
+    cost is the one pass. Redone when the shared selection is newer.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from coreselect.runtime import iter_pool
+    from coreselect.selection import parse_budget, write_coreset
+
+    done = out / "run.json"
+    if (out / "coreset.jsonl").is_file() and done.is_file() and not _newer(shared / "run.json", done):
+        return out
+    info = _read(shared / "run.json") or {}
+    names = (info.get("targets") or {}).get("names") or []
+    name = task_label(task)
+    table = pq.read_table(shared / "scores.parquet", columns=["index", f"rank_{name}"])
+    k = parse_budget(info["settings"]["budget"], table.num_rows)
+    top = table.filter(pc.less_equal(table.column(f"rank_{name}"), k)).sort_by(f"rank_{name}")
+    chosen = top.column("index").to_pylist()
+    out.mkdir(parents=True, exist_ok=True)
+    write_coreset(iter_pool(SelectArgs(pool=pool, out=str(out), method="random")), chosen, out)
+    total = float((info.get("timings") or {}).get("total_s") or 0.0)
+    write_json(
+        done,
+        {
+            "derived_from": str(shared),
+            "target": name,
+            "method": info.get("method"),
+            "timings": {"total_s": total / max(len(names), 1), "shared_total_s": total},
+            "counts": {"selected": len(chosen), "pool": table.num_rows},
+        },
+    )
+    _say(f"select {name}/{out.name}: top {k} by rank_{name} of the shared selection {shared}")
+    return out
 
 
 def run_full_data(
