@@ -1,4 +1,5 @@
-"""Several named targets in one select run (issue 14 §1): TRIM natively, BM25 via the per-target fallback."""
+"""Several named targets in one select run (issue 14 §1): TRIM and BM25 natively, Random (and
+CLD, TAGCOS, S2L) via the per-target fallback (:class:`coreselect.methods.multi.PerTarget`)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_trim_two_named_targets_one_pass(tiny_model_dir, two_targets, tmp_path):
     assert info2["cost"]["forward_passes"] == table.num_rows  # no Stage I this time
 
 
-def test_bm25_two_named_targets_via_fallback(two_targets, tmp_path):
+def test_bm25_two_named_targets_natively(two_targets, tmp_path):
     pool, math, other = two_targets
     singles = {
         "math": _run(tmp_path / "m", pool, [math], "--budget", "4", method="bm25")[0],
@@ -93,6 +94,22 @@ def test_bm25_two_named_targets_via_fallback(two_targets, tmp_path):
     }
     table, info = _run(tmp_path / "multi", pool, [f"math={math}", f"other={other}"], "--budget", "4", method="bm25")
     _check_multi(table, info, singles, 4)
+
+
+def test_single_target_method_two_named_targets_via_fallback(two_targets, tmp_path):
+    """Random has no native multi-target fit: PerTarget fits it once per target (same seed, so
+    the same draw), and each column equals a single-target run."""
+    from coreselect.methods import registry
+
+    assert not registry.get("random").cls.multi_target
+    pool, math, other = two_targets
+    singles = {
+        "math": _run(tmp_path / "m", pool, [math], "--budget", "4", method="random")[0],
+        "other": _run(tmp_path / "o", pool, [other], "--budget", "4", method="random")[0],
+    }
+    table, info = _run(tmp_path / "multi", pool, [f"math={math}", f"other={other}"], "--budget", "4", method="random")
+    _check_multi(table, info, singles, 4)
+    assert table.column("score_math").equals(table.column("score_other"))
 
 
 @pytest.mark.parametrize("how", ["max", "mean", "round-robin"])
