@@ -361,13 +361,17 @@ methods: [bm25, random]
 budgets: ["2"]
 seeds: [0]
 include_full_data: false
-train: {{lora_r: 4, lora_alpha: 8, epochs: 1, batch_size: 2, grad_accum: 1, max_length: 128}}
+pilot_from: {tmp_path / "pilot.json"}
+train: {{lora_r: 4, lora_alpha: 8, batch_size: 2, grad_accum: 1, max_length: 128}}
 out: {tmp_path / "out"}
 progress: false
 """)
+    (tmp_path / "pilot.json").write_text(json.dumps({"chosen": {"lr": 0.02, "epochs": 1}}))
     out = tmp_path / "out"
     calls = _count(monkeypatch)
     assert main(["experiment", "--config", str(cfg)]) == 0
+    trained = json.loads(next((out).glob("*/train/bm25-2-s0/run.json")).read_text())
+    assert (trained["settings"]["lr"], trained["settings"]["epochs"]) == (0.02, 1)  # the earlier pilot's recipe
     n_models = 2 if coresets == "joint" else 4
     assert calls == {"warmup": 0, "select": 2, "train": n_models, "eval": 2 + 2 * 2}
     if coresets == "joint":

@@ -187,6 +187,9 @@ class ExperimentArgs(WarmupSettings):
         bootstrap_reference: the method compared with every other row by a paired bootstrap over
             the same test items and held-out examples (``None``: no comparison table).
         bootstrap_iters: bootstrap resamples.
+        pilot_from: a ``pilot.json`` of an earlier experiment whose chosen ``lr`` / ``epochs``
+            this one trains with (instead of running ``pilot:``), so that its rows compare with
+            that experiment's.
         variants: extra rows: ``{name: {method: p2d, heads: random, head_seed: 1}}`` selects with
             a registered method and these options on top of ``select:`` (a LoRA row, listed in
             ``methods:`` by its name): ablations and controls next to the defaults.
@@ -223,6 +226,7 @@ class ExperimentArgs(WarmupSettings):
     bootstrap_reference: str | None = "trim"
     bootstrap_iters: int = 10000
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pilot_from: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):
@@ -293,6 +297,8 @@ class ExperimentArgs(WarmupSettings):
             raise ConfigError("heldout_only must list tasks of targets that have a heldout: file")
         if self.full_data_limit is not None and self.full_data_limit < 1:
             raise ConfigError(f"full_data_limit must be >= 1, got {self.full_data_limit}")
+        if self.pilot and self.pilot_from:
+            raise ConfigError("give pilot: or pilot_from:, not both")
         if self.pilot:
             unknown_pilot = sorted(set(self.pilot) - set(PILOT_KEYS))
             if unknown_pilot:
@@ -706,6 +712,10 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     write_json(cfg_path, cfg)
 
     pilot = run_pilot(args, pool, targets, out) if args.pilot else None
+    if args.pilot_from:
+        pilot = _read(Path(args.pilot_from).expanduser())
+        if pilot is None or "chosen" not in pilot:
+            raise CoreselectError(f"{args.pilot_from}: no pilot.json with a chosen recipe (run its experiment first)")
     if pilot is not None:
         args.train = {**args.train, **pilot["chosen"]}
     loaded: dict[str, Any] = {}
