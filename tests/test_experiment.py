@@ -169,9 +169,12 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
 def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     """P2D / P2D-dagger / P2D-double-dagger rows next to Random, each with an AER."""
     text = config.read_text().replace(
-        "methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random, p2d_random_heads]"
+        "methods: [trim, random]", "methods: [p2d, p2d_select, p2d_train, random, p2d_random_heads, trim_base]"
     )
-    text += "variants: {p2d_random_heads: {method: p2d, heads: random, head_seed: 3}}\n"
+    text += (
+        "variants: {p2d_random_heads: {method: p2d, heads: random, head_seed: 3},"
+        " trim_base: {method: trim, warmup: none}}\n"
+    )
     text = "\n".join(line for line in text.splitlines() if not line.startswith("heldout:"))  # no loss column
     config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "\ninclude_full_data: false\n")
     out = tmp_path / "out"
@@ -179,7 +182,11 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     assert main(["experiment", "--config", str(config)]) == 0
     # no warmup (P2D scores with the base model); p2d and random selected once each, shared by the
     # rows; the variant row selects with its own options and trains LoRA
-    assert calls == {"warmup": 0, "select": 3, "train": 5, "eval": 6}
+    assert calls == {"warmup": 0, "select": 4, "train": 6, "eval": 7}  # trim_base: no warmup
+    assert (
+        json.loads((out / "toy" / "select" / "trim_base-50pct" / "run.json").read_text())["settings"]["warmup"]
+        == "none"
+    )
     variant = json.loads((out / "toy" / "select" / "p2d_random_heads-50pct" / "run.json").read_text())
     assert variant["method"] == "p2d" and variant["settings"]["heads"] == "random"
     assert variant["settings"]["head_seed"] == 3
@@ -207,6 +214,7 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
         "P2D‡ (heads only, random data)",
         "random",
         "p2d_random_heads",
+        "trim_base",
     ]
     for line in table[1:]:
         assert re.fullmatch(r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+\.\d{3} \|", line), line

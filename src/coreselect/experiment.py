@@ -123,11 +123,15 @@ def base_method(key: str, variants: dict[str, dict[str, Any]] | None = None) -> 
 
 def _uses_warmup(method: str, variants: dict[str, dict[str, Any]] | None = None) -> bool:
     """Whether a row's selection scores with the shared warmup."""
+    if variants and variants.get(method, {}).get("warmup") == "none":
+        return False
     return registry.get(base_method(row_plan(method, variants).select, variants)).uses_warmup
 
 
 def _warmup_for(method: str, warmup: str | None, variants: dict[str, dict[str, Any]] | None = None) -> str | None:
     """The warmup a selection gets: model methods that do not use the warmup get the base model."""
+    if variants and variants.get(method, {}).get("warmup") == "none":
+        return None
     spec = registry.get(base_method(method, variants))
     return None if spec.needs_model and not spec.uses_warmup else warmup
 
@@ -193,6 +197,7 @@ class ExperimentArgs(WarmupSettings):
         variants: extra rows: ``{name: {method: p2d, heads: random, head_seed: 1}}`` selects with
             a registered method and these options on top of ``select:`` (a LoRA row, listed in
             ``methods:`` by its name): ablations and controls next to the defaults.
+            ``warmup: none`` in a variant scores it with the base model instead of the shared warmup.
     """
 
     model: str = "smollm2"
@@ -260,7 +265,9 @@ class ExperimentArgs(WarmupSettings):
                 raise ConfigError(f"variants: {key} needs method: one of {', '.join(registry.names())}")
             if key in rows:
                 raise ConfigError(f"variants: {key} is already a method row; pick another name")
-            bad = sorted(set(spec) - {"method"} - set(registry.get(spec["method"]).option_names()))
+            if spec.get("warmup", "none") != "none":
+                raise ConfigError(f"variants: {key}: warmup may only be none (the shared warmup is the default)")
+            bad = sorted(set(spec) - {"method", "warmup"} - set(registry.get(spec["method"]).option_names()))
             if bad:
                 raise ConfigError(f"variants: {key}: {spec['method']} has no option(s) {', '.join(bad)}")
         unknown = [m for m in self.methods if m not in rows and m not in self.variants]
@@ -462,7 +469,7 @@ def run_select(
         _say(f"select {out.parent.parent.name}/{out.name}: cached")
         return out
     targets = [target] if isinstance(target, str) else [f"{task_label(t)}={f}" for t, f in target.items()]
-    opts = {**args.select, **{k: v for k, v in args.variants.get(method, {}).items() if k != "method"}}
+    opts = {**args.select, **{k: v for k, v in args.variants.get(method, {}).items() if k not in ("method", "warmup")}}
     method = base_method(method, args.variants)
     if seed is not None:
         opts["seed"] = seed
