@@ -799,7 +799,10 @@ def run_rows(
                     run_eval(args, task, target, adapter, edir, loaded, seen)
                 continue
             shared = None
-            if len(targets) > 1 and not plan.train_heads_from:  # one scoring pass for every task
+            # one scoring pass for every task, unless a heads-only row needs this method's
+            # per-task heads.json (P2D rows): those keep one selection per task
+            heads_from = {row_plan(m, args.variants).train_heads_from for m in args.methods}
+            if len(targets) > 1 and not plan.train_heads_from and sel_method not in heads_from:
                 shared = run_select(
                     args,
                     pool,
