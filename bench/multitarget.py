@@ -1,7 +1,9 @@
 """Multi-target cost (issue 14 §1): the whole TRIM ``select`` run, 1 vs 3 named targets.
 
-Same pool, model and settings; only ``--target`` differs: one unnamed target file vs three
-named ones (``csqa=... siqa=... gsm8k=...``). Every run is a fresh
+Same pool, model and settings; only ``--target`` differs: one unnamed target file (``--one``,
+default csqa) vs three named ones (``csqa=... siqa=... gsm8k=...``). Stage I grows with the
+target tokens, which differ a lot between tasks (csqa's 5 targets are short, gsm8k's long):
+the Stage I target tokens of each side are printed. Every run is a fresh
 ``python -m coreselect select`` process, so each figure includes what a user pays:
 
 * ``wall``: the process wall time (interpreter start, imports, model load, Stage I, Stage II,
@@ -96,12 +98,13 @@ def run_select(side: str, target_spec: list[str], common: list[str], out: Path) 
         "load": os.getloadavg()[0],
         "forward_passes": info["cost"]["forward_passes"],
         "tokens": info["stats"]["stage2"]["tokens"],
+        "target_tokens": info["stats"]["stage1"]["tokens"],
     }
     if "targets" in info:
         row["targets"] = {k: info["targets"][k] for k in ("names", "coverage", "overlap")}
     print(
         f"  {side:5s} wall {wall:7.2f}s total {tm['total_s']:7.2f}s fit {tm['fit_s']:6.2f}s "
-        f"score {tm['score_s']:7.2f}s load {row['load']:.2f}",
+        f"score {tm['score_s']:7.2f}s target tokens {row['target_tokens']} load {row['load']:.2f}",
         file=sys.stderr,
     )
     return row
@@ -119,7 +122,7 @@ def bench(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if a.layers:
         common += ["--layers", str(a.layers)]
     sides = {
-        "one": [str(targets[TASKS[0]])],
+        "one": [str(targets[a.one])],
         "three": [f"{t}={p}" for t, p in targets.items()],
     }
     runs: list[dict[str, Any]] = []
@@ -139,6 +142,8 @@ def bench(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "records": a.records,
         "tokens": runs[0]["tokens"],
         "targets": {t: sum(1 for _ in p.open(encoding="utf-8")) for t, p in targets.items()},
+        "one_target": a.one,
+        "target_tokens": {side: runs[[r["side"] for r in runs].index(side)]["target_tokens"] for side in sides},
         "command_three": "coreselect select --target " + " ".join(sides["three"]) + " " + " ".join(common),
         "runs": runs,
         "pair_wall_ratios": pairs,
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="smollm2 (packaged), tiny (random-init), or a model path")
     p.add_argument("--records", type=int, default=120, help="pool records (first N of the evidence pool)")
     p.add_argument("--repeats", type=int, default=2, help="(one, three) pairs, alternating order")
+    p.add_argument(
+        "--one",
+        default=TASKS[0],
+        choices=TASKS,
+        help="the 1-target run's target (Stage I cost grows with the target tokens: csqa's are short, gsm8k's long)",
+    )
     p.add_argument("--budget", default="10%")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--layers", type=int, default=0, help="TRIM --layers (0: the method default)")
@@ -184,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     m, r = res["median"], res["ratios"]
     print(
         f"\nmulti-target cost: model={res['model']} records={res['records']} tokens={res['tokens']} "
-        f"targets={res['targets']} repeats={a.repeats}\n{res['hardware']}, OMP_NUM_THREADS={res['omp_num_threads']}, "
+        f"targets={res['targets']} repeats={a.repeats}\n1 target: {a.one}; Stage I target tokens: "
+        f"1 target {res['target_tokens']['one']}, 3 targets {res['target_tokens']['three']}\n"
+        f"{res['hardware']}, OMP_NUM_THREADS={res['omp_num_threads']}, "
         f"torch threads {res['torch_threads']}, load {res['loadavg_start']:.2f} -> {res['loadavg_end']:.2f}"
     )
     print(f"{'median (s)':34s} {'1 target':>10s} {'3 targets':>10s} {'ratio':>7s}")

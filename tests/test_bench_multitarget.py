@@ -29,5 +29,6 @@ def test_multitarget_bench_smoke(tmp_path):
     assert set(three["targets"]["overlap"]) == {"csqa|siqa", "csqa|gsm8k", "siqa|gsm8k"}
     # one forward pass over the pool either way; the three-target run fits 3 x the target records
     assert three["forward_passes"] - one["forward_passes"] == 2 * res["targets"]["csqa"]
+    assert res["one_target"] == "csqa" and res["target_tokens"]["three"] > res["target_tokens"]["one"] > 0
     assert set(res["ratios"]) == {"wall_s", "total_s", "fit_s", "score_s"}
     assert all(v > 0 for v in res["ratios"].values()) and len(res["pair_wall_ratios"]) == 1
