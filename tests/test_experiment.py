@@ -403,3 +403,9 @@ progress: false
     shared_run = out / ("joint" if coresets == "joint" else "multi") / "select" / "bm25-2" / "run.json"
     assert bm25["select_s"] == pytest.approx(json.loads(shared_run.read_text())["timings"]["total_s"])
     assert bm25["average"] is None and len(bm25["tasks"]["math"]["losses"]) == 1
+    runs = {
+        stage: sum(t["n"] for t in info["stage_times"] if t["stage"] == stage) for stage in ("select bm25", "train")
+    }
+    assert "Wall time by stage" in md and runs["select bm25"] == 1  # the shared pass, counted once
+    assert runs["train"] == n_models
+    assert sum(t["n"] for t in info["stage_times"] if t["stage"] == "eval held-out loss") == 2 + 2 * 2

@@ -1022,6 +1022,45 @@ def _pilot_loss(
     return dict(evaluate_command(eargs, model=model, tokenizer=tok)["heldout"])
 
 
+def stage_times(out: Path) -> list[dict[str, Any]]:
+    """Wall time of every finished stage under ``out``, from the stages' own files.
+
+    One entry per stage kind and folder group: ``{"stage", "where", "n", "total_s", "mean_s"}``
+    (pilot trainings, warmups, selections per method, trainings, evaluations (lm-eval and
+    held-out parts apart)). Shared per-task coresets (``derived_from``) are not double-counted.
+    """
+    groups: dict[tuple[str, str], list[float]] = {}
+
+    def add(stage: str, where: str, seconds: Any) -> None:
+        if isinstance(seconds, (int, float)):
+            groups.setdefault((stage, where), []).append(float(seconds))
+
+    for path in sorted(out.rglob("run.json")):
+        rel = path.relative_to(out).parts
+        info = _read(path) or {}
+        if "derived_from" in info or "checkpoint" in "".join(rel):
+            continue
+        t = info.get("timings") or {}
+        if "select" in rel:
+            method = rel[rel.index("select") + 1].split("-")[0]
+            add(f"select {method}", "/".join(rel[: rel.index("select")]), t.get("total_s"))
+        elif "train" in rel:
+            kind = "pilot train" if rel[0] == "pilot" else "train"
+            add(kind, "/".join(rel[: rel.index("train")]) or ".", t.get("train_s"))
+    for path in sorted(out.rglob("warmup/info.json")):
+        add("warmup", "/".join(path.relative_to(out).parts[:-2]) or ".", (_read(path) or {}).get("wall_s"))
+    for path in sorted(out.rglob("eval.json")):
+        rel = path.relative_to(out).parts
+        t = (_read(path) or {}).get("timings") or {}
+        where = "/".join(rel[: rel.index("eval") - (0 if rel[0] == "pilot" else 1)]) or "."
+        add("eval lm-eval", where, t.get("eval_s"))
+        add("eval held-out loss", where, t.get("heldout_s"))
+    return [
+        {"stage": stage, "where": where, "n": len(xs), "total_s": sum(xs), "mean_s": statistics.fmean(xs)}
+        for (stage, where), xs in sorted(groups.items())
+    ]
+
+
 def _write_all(
     args: ExperimentArgs,
     targets: dict[str, str],
@@ -1048,6 +1087,7 @@ def _write_all(
         "rows": by_setting[next(iter(pools))] if len(pools) == 1 else None,
         "rows_by_setting": by_setting,
         "comparisons": comparisons,
+        "stage_times": stage_times(out),
     }
     write_results(out, args, tasks, by_setting, info, comparisons)
     write_json(out / "experiment.json", info)
@@ -1349,6 +1389,14 @@ def write_results(
         hw = info["hardware"]
         dev = hw.get("gpu") or f"CPU only, {hw['cpu_count']} cores ({hw['torch_threads']} torch threads)"
         notes.append(f"Hardware: {dev}. Experiment wall time (this invocation): {info['wall_s']:.0f} s.")
+        if info.get("stage_times"):
+            notes += ["", "Wall time by stage (seconds; from each stage's run.json / eval.json):", ""]
+            notes += ["| Stage | Where | Runs | Total (s) | Mean (s) |", "|---|---|---|---|---|"]
+            notes += [
+                f"| {t['stage']} | {t['where']} | {t['n']} | {t['total_s']:.0f} | {t['mean_s']:.0f} |"
+                for t in info["stage_times"]
+            ]
+            notes.append("")
         if info.get("pilot"):
             ch = info["pilot"]["chosen"]
             notes.append(
