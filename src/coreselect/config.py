@@ -292,10 +292,6 @@ class SelectArgs(WarmupSettings):
             if self.combine not in COMBINE_MODES:
                 raise ConfigError(f"--combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
             parse_quota(self.quota or None, list(sets))
-            if self.engine == "ray":
-                raise ConfigError(
-                    "several named targets run on the local engine or --num-shards + merge, not --engine ray (yet)"
-                )
         for p in [*self.pool, *(p for paths in sets.values() for p in paths)]:
             if not isinstance(p, str):
                 raise ConfigError(

@@ -15,6 +15,11 @@ into the run folder (``save_state``: TRIM fingerprints, P2D heads, RDS target ve
 3. ``write_parquet`` writes the per-record scores to ``DIR/ray/scores/``; the driver
    reads them back and the usual global ranking (``finalize_scores``) follows.
 
+Several named targets (``--target a=F b=G``): each actor builds the method as ``select``
+does (TRIM natively, other methods wrapped in :class:`~coreselect.methods.multi.PerTarget`),
+restores every target's saved state and returns a ``score_<name>`` column per target; the
+driver combines them (``finalize_multi``) like a local run.
+
 For a multi-node cluster ``DIR`` must be on storage every node sees (NFS, a mounted
 bucket), and every node needs coreselect installed (see docs/distributed.md).
 """
@@ -61,7 +66,8 @@ class MethodScorer:
     def __init__(self, settings: dict[str, Any], adapter: str | None, state_dir: str, torch_threads: int = 0) -> None:
         import torch
 
-        from coreselect.runtime import load_context, make_method, read_target
+        from coreselect.methods.multi import PerTarget
+        from coreselect.runtime import load_context, make_method, read_targets
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -69,9 +75,14 @@ class MethodScorer:
             {**settings, "warmup": adapter or "none", "progress": False, "resume": False, "overwrite": False}
         )
         ctx = load_context(args, Path(state_dir), 0) if _needs_model(args.method) else None
+        targets = read_targets(args)
         self.method: SelectionMethod = make_method(args, ctx)
+        if len(targets) > 1 and not self.method.multi_target:  # as select does: one instance per target
+            self.method = PerTarget(lambda: make_method(args, ctx), list(targets))
+        self.method.target_names = list(targets)
+        self.target_names = list(targets) if len(targets) > 1 else []
         if not self.method.load_state(Path(state_dir)):
-            self.method.fit_targets({"target": read_target(args)})
+            self.method.fit_targets(targets or {"target": []})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coreselect.data.records import Message, Record
@@ -102,6 +113,7 @@ class MethodScorer:
             "n_tokens": chunk.n_tokens.astype(np.int64),
             "n_scored": chunk.n_scored.astype(np.int64),
             "score": chunk.score.astype(np.float64),
+            **{f"score_{n}": np.asarray(chunk.targets[n], dtype=np.float64) for n in self.target_names},
             "truncated": truncated,
         }
 
@@ -190,7 +202,9 @@ def score_with_ray(args: SelectArgs, out: Path, ctx: Any, method: SelectionMetho
     scored.write_parquet(str((work / "scores").resolve()))
     table = pq.read_table(work / "scores").sort_by("index")
     n_trunc = int(np.asarray(table.column("truncated")).sum()) if "truncated" in table.column_names else 0
-    table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+    names = list(args.target_sets()) if len(args.target_sets()) > 1 else []
+    schema = pa.schema([*SCORE_SCHEMA, *(pa.field(f"score_{n}", pa.float64()) for n in names)])
+    table = table.select(schema.names).cast(schema)
     dt = time.perf_counter() - t0
     tokens = int(table.column("n_tokens").to_numpy().sum())
     method.n_truncated += n_trunc
