@@ -144,7 +144,8 @@ class TrimConfig(TokenScoring):
             ``mu(c) * |M(c)| / max(|M(c)|, n_min)``, so a record with fewer than ``n_min``
             scored tokens has its mean shrunk towards 0 and longer ones keep the paper's score
             (``trim_math.pool_scores``). Investigation option (issue 15): against short
-            records (one number as the answer) whose few tokens all match strongly.
+            records (one number or option letter as the answer) whose few tokens all match
+            strongly. ``|M(c)|`` counts the scope's tokens: under ``scope: all`` the prompt too.
     """
 
     layers: int = 6
