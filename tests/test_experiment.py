@@ -176,6 +176,9 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
         " trim_base: {method: trim, warmup: none}}\n"
     )
     text = "\n".join(line for line in text.splitlines() if not line.startswith("heldout:"))  # no loss column
+    text = text.replace(
+        "select: {layers: 2, max_length: 128}", "select: {layers: 2, max_length: 128, ppl_fraction: 1.0}"
+    )
     config.write_text(text.replace("seeds: [0, 1]", "seeds: [0]") + "\ninclude_full_data: false\n")
     out = tmp_path / "out"
     calls = _count(monkeypatch)
@@ -206,6 +209,9 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
 
     md = (out / "results.md").read_text()
     assert "| Method | toy | Average | Select (s) | Train (s) | AER |" in md and "lower is better" in md
+    ppl = json.loads((p2d_sel / "run.json").read_text())["ppl"]
+    assert ppl["skews_low"] is not None  # P2D's coreset perplexity skew (paper 003, Fig. 4), in the results
+    assert f"| P2D | toy | {ppl['pool']['mean_nll']:.4f} | {ppl['selected']['mean_nll']:.4f} |" in md
     table = _main_table(md)
     assert [line.split(" | ")[0][2:] for line in table] == [
         "Pretrained",

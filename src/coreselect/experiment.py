@@ -1022,6 +1022,33 @@ def _pilot_loss(
     return dict(evaluate_command(eargs, model=model, tokenizer=tok)["heldout"])
 
 
+def ppl_skews(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
+    """The perplexity skew of each row's coreset (paper 003, Fig. 4), where its selection measured
+    one (P2D's run.json ``ppl``): base-model mean response NLL of the coreset vs the pool."""
+    found: list[dict[str, Any]] = []
+    for method in args.methods:
+        plan = row_plan(method, args.variants)
+        for budget in args.budgets:
+            owners: list[str | None] = [None] if args.coresets == "joint" else list(tasks)
+            for owner in owners:
+                sel = _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0])
+                ppl = (_read(sel / "run.json") or {}).get("ppl")
+                if not isinstance(ppl, dict) or ppl.get("skews_low") is None:
+                    continue
+                found.append(
+                    {
+                        "row": plan.label,
+                        "budget": budget,
+                        "task": task_label(owner) if owner else "joint",
+                        "pool_nll": ppl["pool"]["mean_nll"],
+                        "coreset_nll": ppl["selected"]["mean_nll"],
+                        "delta": ppl["delta_mean_nll"],
+                        "skews_low": ppl["skews_low"],
+                    }
+                )
+    return found
+
+
 def stage_times(out: Path) -> list[dict[str, Any]]:
     """Wall time of every finished stage under ``out``, from the stages' own files.
 
@@ -1074,6 +1101,7 @@ def _write_all(
     tasks = list(targets)
     by_setting = {s: collect_results(args, tasks, setting_root(args, s)) for s in pools}
     comparisons = {s: paired_comparisons(args, tasks, setting_root(args, s)) for s in pools}
+    skews = {s: ppl_skews(args, tasks, setting_root(args, s)) for s in pools}
     info = {
         "command": "experiment",
         "settings": asdict(args),
@@ -1088,6 +1116,7 @@ def _write_all(
         "rows_by_setting": by_setting,
         "comparisons": comparisons,
         "stage_times": stage_times(out),
+        "ppl_skews": skews,
     }
     write_results(out, args, tasks, by_setting, info, comparisons)
     write_json(out / "experiment.json", info)
@@ -1338,6 +1367,21 @@ def write_results(
             body += [f"## {setting}", ""]
         body += _table(args, tasks, srows)
         body += _comparison_table((comparisons or {}).get(setting) or [])
+        skews = ((info or {}).get("ppl_skews") or {}).get(setting) or []
+        if skews:
+            body += [
+                "",
+                "Perplexity skew of the coresets (P2D paper, Fig. 4): the base model's mean response NLL "
+                "(nats/token) of the coreset vs a seeded sample of the pool (run.json `ppl`).",
+                "",
+                "| Row | Coreset for | Pool NLL | Coreset NLL | Difference | Lower? |",
+                "|---|---|---|---|---|---|",
+            ]
+            body += [
+                f"| {k['row']} | {k['task']} | {k['pool_nll']:.4f} | {k['coreset_nll']:.4f} | {k['delta']:+.4f} | "
+                f"{'yes' if k['skews_low'] else 'no'} |"
+                for k in skews
+            ]
         body.append("")
 
     def first(key: str) -> dict[str, Any]:
