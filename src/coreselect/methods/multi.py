@@ -27,6 +27,34 @@ from coreselect.methods.base import (
 )
 
 
+class WholePoolMethod(SelectionMethod):
+    """``score`` / ``score_chunks`` of a method that scores the whole pool at once, one column per
+    target (BM25, DSIR, LESS): the subclass defines :meth:`_score_targets` and :meth:`_named_targets`."""
+
+    def _score_targets(self, records: Sequence[Record]) -> dict[str, np.ndarray]:
+        """``{target name: scores in pool order}``; a single target is the one entry."""
+        raise NotImplementedError
+
+    def _named_targets(self) -> bool:
+        """Whether several named targets were fitted (the chunk then carries every column)."""
+        raise NotImplementedError
+
+    def score(self, pool: Iterable[Record]) -> np.ndarray:
+        """Scores (the first target's when there are several), in pool order."""
+        return next(iter(self._score_targets(list(pool)).values()))
+
+    def score_chunks(
+        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
+    ) -> Iterator[ScoreChunk]:
+        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
+        records = list(pool)
+        per = self._score_targets(records)
+        chunk = chunk_from_scores(records, next(iter(per.values())))
+        if self._named_targets():
+            chunk.targets = per
+        yield chunk
+
+
 class PerTarget(SelectionMethod):
     """K instances of one method, one per named target; chunks carry ``targets`` scores."""
 

@@ -10,7 +10,7 @@ gives (same index, same per-query scores, same aggregation).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -20,7 +20,8 @@ import numpy as np
 from coreselect.data.records import Record
 from coreselect.data.text import Scope, record_text
 from coreselect.errors import ConfigError
-from coreselect.methods.base import ScoreChunk, SelectionMethod, TargetSets, chunk_from_scores
+from coreselect.methods.base import TargetSets
+from coreselect.methods.multi import WholePoolMethod
 from coreselect.methods.registry import register
 
 
@@ -52,7 +53,7 @@ class BM25Config:
 
 
 @register("bm25", config=BM25Config)
-class BM25Method(SelectionMethod):
+class BM25Method(WholePoolMethod):
     """BM25 (Robertson et al., 2009; TRIM App. C) built on ``bm25s``.
 
     Choices:
@@ -139,20 +140,8 @@ class BM25Method(SelectionMethod):
             out[name] = matrix.max(axis=0) if self.aggregate == "max" else matrix.mean(axis=0)
         return out
 
-    def score(self, pool: Iterable[Record]) -> np.ndarray:
-        """Scores (the first target's when there are several), in pool order."""
-        return next(iter(self._score_targets(pool).values()))
-
-    def score_chunks(
-        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
-    ) -> Iterator[ScoreChunk]:
-        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
-        records = list(pool)
-        per = self._score_targets(records)
-        chunk = chunk_from_scores(records, next(iter(per.values())))
-        if self._target_queries:
-            chunk.targets = per
-        yield chunk
+    def _named_targets(self) -> bool:
+        return bool(self._target_queries)
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,7 +26,8 @@ from data_selection import HashedNgramDSIR, hashed_ngram_dsir
 from coreselect.data.records import Record
 from coreselect.data.text import Scope, record_text
 from coreselect.errors import ConfigError
-from coreselect.methods.base import ScoreChunk, SelectionMethod, TargetSets, chunk_from_scores
+from coreselect.methods.base import TargetSets
+from coreselect.methods.multi import WholePoolMethod
 from coreselect.methods.registry import register
 
 
@@ -101,7 +102,7 @@ class DSIRConfig:
 
 
 @register("dsir", config=DSIRConfig)
-class DSIRMethod(SelectionMethod):
+class DSIRMethod(WholePoolMethod):
     """DSIR (Xie et al., 2023; TRIM App. C) using ``data_selection.HashedNgramDSIR``.
 
     Choices:
@@ -239,20 +240,8 @@ class DSIRMethod(SelectionMethod):
             out[name] = scores
         return out
 
-    def score(self, pool: Iterable[Record]) -> np.ndarray:
-        """Scores (the first target's when there are several), in pool order."""
-        return next(iter(self._score_targets(pool).values()))
-
-    def score_chunks(
-        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
-    ) -> Iterator[ScoreChunk]:
-        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
-        records = list(pool)
-        per = self._score_targets(records)
-        chunk = chunk_from_scores(records, next(iter(per.values())))
-        if self._target_texts:
-            chunk.targets = per
-        yield chunk
+    def _named_targets(self) -> bool:
+        return bool(self._target_texts)
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -54,6 +54,7 @@ from coreselect.methods.baselines.gradients import (
     per_example_losses,
     warmup_checkpoints,
 )
+from coreselect.methods.multi import WholePoolMethod
 from coreselect.methods.registry import register
 from coreselect.models.runner import token_budget_batches
 from coreselect.train.lora import Checkpoint
@@ -521,7 +522,7 @@ class _GradientMethod(_CheckpointMethod):
 
 # ------------------------------------------------------------------------------ LESS
 @register("less", config=GradientConfig)
-class LESSMethod(_GradientMethod):
+class LESSMethod(WholePoolMethod, _GradientMethod):
     """LESS (Xia et al. 2024): optimizer-aware LoRA gradient similarity over checkpoints.
 
     For each checkpoint: per-example gradients (batch size 1, token-mean response loss, eval
@@ -601,20 +602,8 @@ class LESSMethod(_GradientMethod):
         self._account(t0)
         return totals
 
-    def score(self, pool: Iterable[Record]) -> np.ndarray:
-        """Scores (the first target's when there are several), in pool order."""
-        return next(iter(self._score_targets(list(pool)).values()))
-
-    def score_chunks(
-        self, pool: Iterable[Record], total: int | None = None, chunk_records: int | None = None
-    ) -> Iterator[ScoreChunk]:
-        """One chunk for the whole pool; several targets: ``targets`` holds every target's column."""
-        records = list(pool)
-        per = self._score_targets(records)
-        chunk = chunk_from_scores(records, next(iter(per.values())))
-        if self.target_set_feats:
-            chunk.targets = per
-        yield chunk
+    def _named_targets(self) -> bool:
+        return bool(self.target_set_feats)
 
 
 # ------------------------------------------------------------------------------ TAGCOS
