@@ -565,24 +565,18 @@ def run_eval(
     ):
         _say(f"eval {out.relative_to(Path(args.out))}: cached")
         return old
-    targs = TrainCommandArgs(model=args.model, **args.train)
     lm_eval = task not in args.heldout_only
-    eargs = EvalCommandArgs(
-        model=args.model,
-        adapter=str(adapter) if adapter else None,
+    eargs = _eval_args(
+        args,
+        adapter,
+        out,
+        [held] if held else [],
+        args.train,
         task=task if lm_eval else "",
         shots=args.shots.get(task, args.shots.get(task_label(task))),
         limit=args.eval_limit,
-        out=str(out),
         exclude=[target],
-        heldout=[held] if held else [],
-        max_length=targs.max_length,
-        template=targs.template,  # held-out records as trained
-        batch_size=args.eval_batch_size,
         max_new_tokens=args.eval_max_new_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        progress=args.progress,
     )
     model = tok = None
     if adapter is None:  # the base model is loaded once and reused by every task
@@ -600,6 +594,32 @@ def run_eval(
         + f" ({res['timings']['total_s']:.0f} s)"
     )
     return res
+
+
+def _eval_args(
+    args: ExperimentArgs,
+    adapter: Path | None,
+    out: Path,
+    heldout: list[str],
+    recipe: dict[str, Any],
+    **task: Any,
+) -> EvalCommandArgs:
+    """``coreselect eval`` arguments of one evaluation: the held-out records are formatted as the
+    ``recipe`` trains (max length, template); ``task`` holds the lm-eval part (task, shots, ...)."""
+    targs = TrainCommandArgs(model=args.model, **recipe)
+    return EvalCommandArgs(
+        model=args.model,
+        adapter=str(adapter) if adapter else None,
+        out=str(out),
+        heldout=heldout,
+        max_length=targs.max_length,
+        template=targs.template,
+        batch_size=args.eval_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        progress=args.progress,
+        **task,
+    )
 
 
 def base_model(args: ExperimentArgs, loaded: dict[str, Any]) -> tuple[Any, Any]:
@@ -1002,20 +1022,7 @@ def _pilot_loss(
         and not (adapter is not None and _newer(adapter.parent / "run.json", out / "eval.json"))
     ):
         return dict(old["heldout"])
-    targs = TrainCommandArgs(model=args.model, **recipe)
-    eargs = EvalCommandArgs(
-        model=args.model,
-        adapter=str(adapter) if adapter else None,
-        task="",
-        out=str(out),
-        heldout=files,
-        max_length=targs.max_length,
-        template=targs.template,
-        batch_size=args.eval_batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        progress=args.progress,
-    )
+    eargs = _eval_args(args, adapter, out, files, recipe, task="")
     model = tok = None
     if adapter is None:
         model, tok = base_model(args, loaded)
