@@ -383,11 +383,16 @@ progress: false
     (tmp_path / "pilot.json").write_text(json.dumps({"chosen": {"lr": 0.02, "epochs": 1}}))
     out = tmp_path / "out"
     calls = _count(monkeypatch)
-    assert main(["experiment", "--config", str(cfg)]) == 0
+    assert main(["experiment", "--config", str(cfg), "--select-only"]) == 0  # coresets first, to look at
+    assert calls == {"warmup": 0, "select": 2, "train": 0, "eval": 0}
+    md = (out / "results.md").read_text()
+    assert "Source mix of the coresets" in md and "| bm25 |" in md and "math | other |" in md
+    calls.update(dict.fromkeys(calls, 0))
+    assert main(["experiment", "--config", str(cfg)]) == 0  # then the rest
     trained = json.loads(next((out).glob("*/train/bm25-2-s0/run.json")).read_text())
     assert (trained["settings"]["lr"], trained["settings"]["epochs"]) == (0.02, 1)  # the earlier pilot's recipe
     n_models = 2 if coresets == "joint" else 4
-    assert calls == {"warmup": 0, "select": 2, "train": n_models, "eval": 2 + 2 * 2}
+    assert calls == {"warmup": 0, "select": 0, "train": n_models, "eval": 2 + 2 * 2}  # selections cached
     if coresets == "joint":
         assert (out / "joint" / "train" / "bm25-2-s0" / "adapter").is_dir()
         assert len((out / "joint" / "select" / "bm25-2" / "coreset.jsonl").read_text().splitlines()) == 2

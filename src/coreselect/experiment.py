@@ -194,6 +194,8 @@ class ExperimentArgs(WarmupSettings):
         pilot_from: a ``pilot.json`` of an earlier experiment whose chosen ``lr`` / ``epochs``
             this one trains with (instead of running ``pilot:``), so that its rows compare with
             that experiment's.
+        select_only: run the selections only (every row's coresets, their source mix and cost in
+            results.md), no training or evaluation; run again without it to continue.
         variants: extra rows: ``{name: {method: p2d, heads: random, head_seed: 1}}`` selects with
             a registered method and these options on top of ``select:`` (a LoRA row, listed in
             ``methods:`` by its name): ablations and controls next to the defaults.
@@ -232,6 +234,7 @@ class ExperimentArgs(WarmupSettings):
     bootstrap_iters: int = 10000
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     pilot_from: str | None = None
+    select_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.pool, str):
@@ -749,7 +752,7 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
     # one decontamination set for every setting (the in-domain pool holds the others): the
     # test items are then the same in every table
     seen = pool_questions(pool) if args.decontaminate else None
-    if args.include_pretrained:
+    if args.include_pretrained and not args.select_only:
         for task, target in targets.items():
             run_eval(args, task, target, None, pretrained_dir(args, task), loaded, seen)
     for setting in pools:
@@ -759,10 +762,10 @@ def experiment(args: ExperimentArgs) -> dict[str, Any]:
         for setting, spool in pools.items():
             run_rows(args, setting, spool, targets, warmups[setting], seed, loaded, seen)
             _write_all(args, targets, pools, t0, pilot)  # a partial table after each seed and setting
-    if args.include_full_data:
+    if args.include_full_data and not args.select_only:
         for setting, spool in pools.items():
             run_full_data(args, setting, spool, targets, loaded, seen)
-    full_sft = estimate_full_sft(args, pool, out, loaded)
+    full_sft = estimate_full_sft(args, pool, out, loaded) if not args.select_only else None
     info = _write_all(args, targets, pools, t0, pilot, full_sft)
     _say(f"done in {info['wall_s']:.0f} s -> {out / 'results.md'}")
     return info
@@ -811,6 +814,8 @@ def run_rows(
                     _selection_dirs(args, root, None, sel_method, budget, seed),
                     sel_seed,
                 )
+                if args.select_only:
+                    continue
                 adapter = run_train(
                     args, str(sel / "coreset.jsonl"), seed, root / "joint" / "train" / f"{run_name}-s{seed}"
                 )
@@ -867,6 +872,8 @@ def run_rows(
                         )
                     )
                     heads = holder / plan.train_heads_file
+                if args.select_only:
+                    continue
                 adapter = run_train(
                     args, str(sel / "coreset.jsonl"), seed, root / name / "train" / f"{run_name}-s{seed}", heads
                 )
@@ -1029,6 +1036,33 @@ def _pilot_loss(
     return dict(evaluate_command(eargs, model=model, tokenizer=tok)["heldout"])
 
 
+def coreset_mix(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
+    """The source mix (records' ``dataset`` field) of each row's seed-0 coreset(s)."""
+    from collections import Counter
+
+    found: list[dict[str, Any]] = []
+    for method in args.methods:
+        plan = row_plan(method, args.variants)
+        for budget in args.budgets:
+            owners: list[str | None] = [None] if args.coresets == "joint" else list(tasks)
+            for owner in owners:
+                path = _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0]) / "coreset.jsonl"
+                if not path.is_file():
+                    continue
+                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                mix = Counter(str(r.get("dataset") or r.get("source") or "?") for r in rows)
+                found.append(
+                    {
+                        "row": plan.label,
+                        "budget": budget,
+                        "task": task_label(owner) if owner else "joint",
+                        "n": len(rows),
+                        "mix": dict(sorted(mix.items())),
+                    }
+                )
+    return found
+
+
 def ppl_skews(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
     """The perplexity skew of each row's coreset (paper 003, Fig. 4), where its selection measured
     one (P2D's run.json ``ppl``): base-model mean response NLL of the coreset vs the pool."""
@@ -1109,6 +1143,7 @@ def _write_all(
     by_setting = {s: collect_results(args, tasks, setting_root(args, s)) for s in pools}
     comparisons = {s: paired_comparisons(args, tasks, setting_root(args, s)) for s in pools}
     skews = {s: ppl_skews(args, tasks, setting_root(args, s)) for s in pools}
+    mixes = {s: coreset_mix(args, tasks, setting_root(args, s)) for s in pools}
     info = {
         "command": "experiment",
         "settings": asdict(args),
@@ -1124,6 +1159,7 @@ def _write_all(
         "comparisons": comparisons,
         "stage_times": stage_times(out),
         "ppl_skews": skews,
+        "coreset_mix": mixes,
     }
     write_results(out, args, tasks, by_setting, info, comparisons)
     write_json(out / "experiment.json", info)
@@ -1374,6 +1410,22 @@ def write_results(
             body += [f"## {setting}", ""]
         body += _table(args, tasks, srows)
         body += _comparison_table((comparisons or {}).get(setting) or [])
+        mixes = ((info or {}).get("coreset_mix") or {}).get(setting) or []
+        if mixes:
+            sources = sorted({src for m in mixes for src in m["mix"]})
+            body += [
+                "",
+                f"Source mix of the coresets (seed {args.seeds[0]}; % of each coreset's records by their `dataset`):",
+                "",
+                "| Row | Coreset for | Records | " + " | ".join(sources) + " |",
+                "|---|---|---|" + "---|" * len(sources),
+            ]
+            body += [
+                f"| {m['row']} | {m['task']} | {m['n']} | "
+                + " | ".join(f"{100 * m['mix'].get(src, 0) / max(m['n'], 1):.0f}" for src in sources)
+                + " |"
+                for m in mixes
+            ]
         skews = ((info or {}).get("ppl_skews") or {}).get(setting) or []
         if skews:
             body += [
