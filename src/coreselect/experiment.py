@@ -586,16 +586,15 @@ def run_eval(
         model, tok = base_model(args, loaded)
     res = evaluate_command(eargs, model=model, tokenizer=tok, exact=seen or ())
     dropped = sum((res.get("dropped_docs") or {}).values())
-    head = ""
+    parts = []
     if lm_eval:
         m = metric_name(res)
-        head = f" {m} {100 * res[m]:.2f}% on {res['n']} items"
-    _say(
-        f"eval {out.relative_to(Path(args.out))}:{head}"
-        + (f" ({dropped} dropped: in the target or pool)" if dropped else "")
-        + (f", held-out loss {res['heldout']['loss']:.4f}" if res.get("heldout") else "")
-        + f" ({res['timings']['total_s']:.0f} s)"
-    )
+        parts.append(f"{m} {100 * res[m]:.2f}% on {res['n']} items")
+        if dropped:
+            parts[-1] += f" ({dropped} dropped: in the target or pool)"
+    if res.get("heldout"):
+        parts.append(f"held-out loss {res['heldout']['loss']:.4f}")
+    _say(f"eval {out.relative_to(Path(args.out))}: {', '.join(parts)} ({res['timings']['total_s']:.0f} s)")
     return res
 
 
