@@ -54,6 +54,7 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -796,6 +797,7 @@ def run_rows(
     root = setting_root(args, setting)
     if len(args.settings) > 1:
         _say(f"setting {setting}, seed {seed}: pool {', '.join(pool)}")
+    heads_from = {row_plan(m, args.variants).train_heads_from for m in args.methods}
     for method in args.methods:
         plan = row_plan(method, args.variants)
         sel_method = plan.select
@@ -825,7 +827,6 @@ def run_rows(
             shared = None
             # one scoring pass for every task, unless a heads-only row needs this method's
             # per-task heads.json (P2D rows): those keep one selection per task
-            heads_from = {row_plan(m, args.variants).train_heads_from for m in args.methods}
             if len(targets) > 1 and not plan.train_heads_from and sel_method not in heads_from:
                 shared = run_select(
                     args,
@@ -1035,30 +1036,29 @@ def _pilot_loss(
     return dict(evaluate_command(eargs, model=model, tokenizer=tok)["heldout"])
 
 
+def _first_seed_selections(args: ExperimentArgs, tasks: list[str], root: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """``({"row", "budget", "task"}, selection folder)`` of every row's first-seed coreset(s)."""
+    owners: list[str | None] = [None] if args.coresets == "joint" else list(tasks)
+    for method in args.methods:
+        plan = row_plan(method, args.variants)
+        for budget in args.budgets:
+            for owner in owners:
+                where = {"row": plan.label, "budget": budget, "task": task_label(owner) if owner else "joint"}
+                yield where, _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0])
+
+
 def coreset_mix(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
     """The source mix (records' ``dataset`` field) of each row's seed-0 coreset(s)."""
     from collections import Counter
 
     found: list[dict[str, Any]] = []
-    for method in args.methods:
-        plan = row_plan(method, args.variants)
-        for budget in args.budgets:
-            owners: list[str | None] = [None] if args.coresets == "joint" else list(tasks)
-            for owner in owners:
-                path = _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0]) / "coreset.jsonl"
-                if not path.is_file():
-                    continue
-                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                mix = Counter(str(r.get("dataset") or r.get("source") or "?") for r in rows)
-                found.append(
-                    {
-                        "row": plan.label,
-                        "budget": budget,
-                        "task": task_label(owner) if owner else "joint",
-                        "n": len(rows),
-                        "mix": dict(sorted(mix.items())),
-                    }
-                )
+    for where, sel in _first_seed_selections(args, tasks, root):
+        path = sel / "coreset.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        mix = Counter(str(r.get("dataset") or r.get("source") or "?") for r in rows)
+        found.append({**where, "n": len(rows), "mix": dict(sorted(mix.items()))})
     return found
 
 
@@ -1066,26 +1066,19 @@ def ppl_skews(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[s
     """The perplexity skew of each row's coreset (paper 003, Fig. 4), where its selection measured
     one (P2D's run.json ``ppl``): base-model mean response NLL of the coreset vs the pool."""
     found: list[dict[str, Any]] = []
-    for method in args.methods:
-        plan = row_plan(method, args.variants)
-        for budget in args.budgets:
-            owners: list[str | None] = [None] if args.coresets == "joint" else list(tasks)
-            for owner in owners:
-                sel = _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0])
-                ppl = (_read(sel / "run.json") or {}).get("ppl")
-                if not isinstance(ppl, dict) or ppl.get("skews_low") is None:
-                    continue
-                found.append(
-                    {
-                        "row": plan.label,
-                        "budget": budget,
-                        "task": task_label(owner) if owner else "joint",
-                        "pool_nll": ppl["pool"]["mean_nll"],
-                        "coreset_nll": ppl["selected"]["mean_nll"],
-                        "delta": ppl["delta_mean_nll"],
-                        "skews_low": ppl["skews_low"],
-                    }
-                )
+    for where, sel in _first_seed_selections(args, tasks, root):
+        ppl = (_read(sel / "run.json") or {}).get("ppl")
+        if not isinstance(ppl, dict) or ppl.get("skews_low") is None:
+            continue
+        found.append(
+            {
+                **where,
+                "pool_nll": ppl["pool"]["mean_nll"],
+                "coreset_nll": ppl["selected"]["mean_nll"],
+                "delta": ppl["delta_mean_nll"],
+                "skews_low": ppl["skews_low"],
+            }
+        )
     return found
 
 
