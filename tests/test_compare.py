@@ -5,16 +5,32 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from coreselect.__main__ import main
-from coreselect.compare import jaccard
+from coreselect.compare import jaccard, length_bias
 
 
 def test_jaccard_hand_values():
     assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5
     assert jaccard(set(), set()) == 1.0
     assert jaccard({1}, {2}) == 0.0
+
+
+def test_length_bias_hand_values():
+    lengths = np.array([10, 20, 30, 40])
+    assert length_bias(np.array([4.0, 3.0, 2.0, 1.0]), lengths) == pytest.approx(-1.0)  # shortest first
+    assert length_bias(np.array([0.1, 0.2, 0.3, 0.4]), lengths) == pytest.approx(1.0)
+    # ranks (1, 3, 2, 4) vs (1, 2, 3, 4): 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert length_bias(np.array([1.0, 3.0, 2.0, 4.0]), lengths) == pytest.approx(0.8)
+    # unscorable records (-inf, nan) are left out: the rest is perfectly decreasing
+    assert length_bias(np.array([3.0, -np.inf, 2.0, np.nan, 1.0]), np.array([1, 2, 3, 4, 5])) == pytest.approx(-1.0)
+    # ties take average ranks: scores (1, 1, 2) -> ranks (1.5, 1.5, 3), lengths (1, 2, 3)
+    assert length_bias(np.array([1.0, 1.0, 2.0]), np.array([1, 2, 3])) == pytest.approx(0.8660254, abs=1e-6)
+    assert length_bias(np.array([1.0, 1.0]), np.array([1, 2])) is None  # constant scores
+    assert length_bias(np.array([1.0]), np.array([1])) is None
 
 
 def test_compare_end_to_end_with_shared_warmup(tiny_model_dir, small_pool, tmp_path):
@@ -67,8 +83,17 @@ def test_compare_end_to_end_with_shared_warmup(tiny_model_dir, small_pool, tmp_p
     assert float(rows[0]["forward_passes"]) >= 8  # trim scored every record
     for r in rows:  # source mix sums to 100%
         assert abs(sum(float(v) for k, v in r.items() if k.startswith("mix:")) - 100) < 0.5
+    # the length-bias column is the Spearman rho of the method's own scores with the token lengths
+    bm25 = pq.read_table(out / "bm25" / "scores.parquet")
+    trim = pq.read_table(out / "trim" / "scores.parquet")
+    lengths = dict(zip(trim.column("index").to_pylist(), trim.column("n_tokens").to_pylist()))
+    bm25_lengths = np.array([lengths[i] for i in bm25.column("index").to_pylist()])
+    expect = length_bias(bm25.column("score").to_numpy(), bm25_lengths)
+    assert (float(rows[2]["length_rho"]) if rows[2]["length_rho"] else None) == (
+        None if expect is None else pytest.approx(expect, abs=1e-4)
+    )
     md = (out / "comparison.md").read_text()
-    assert "## Overlap (Jaccard)" in md and "| trim | 1.00 |" in md
+    assert "## Overlap (Jaccard)" in md and "| trim | 1.00 |" in md and "ρ(score, len)" in md
     assert (out / "source_mix.png").stat().st_size > 1000 and (out / "lengths.png").stat().st_size > 1000
 
 
@@ -147,7 +172,7 @@ def test_compare_aer_column_only_for_methods_that_report_it(tiny_model_dir, smal
     aer = json.loads((out / "p2d" / "run.json").read_text())["aer"]["aer"]
     assert float(rows[0]["aer"]) == round(aer, 4) and aer > 0 and rows[1]["aer"] == ""
     md = (out / "comparison.md").read_text()
-    assert "| median len | AER |" in md and "lower is better" in md
+    assert "| ρ(score, len) | AER |" in md and "lower is better" in md
     assert f"| {round(aer, 4):.3f} |" in md.splitlines()[4] and md.splitlines()[5].endswith("| |")
 
 

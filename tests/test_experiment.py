@@ -10,10 +10,13 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from coreselect import experiment as exp
 from coreselect.__main__ import main
+from coreselect.compare import length_bias
 from coreselect.errors import ConfigError
 
 
@@ -387,6 +390,22 @@ progress: false
     assert calls == {"warmup": 0, "select": 2, "train": 0, "eval": 0}
     md = (out / "results.md").read_text()
     assert "Source mix of the coresets" in md and "| bm25 |" in md and "math | other |" in md
+    # length bias: rho of the selection's own score_<task> with the records' characters
+    info = json.loads((out / "experiment.json").read_text())
+    mix = next(m for m in info["coreset_mix"]["in_domain"] if m["row"] == "bm25")
+    sel = out / ("joint" if coresets == "joint" else "multi") / "select" / "bm25-2"
+    if coresets == "per_task":
+        sel = Path(json.loads((out / "math" / "select" / "bm25-2" / "run.json").read_text()).get("derived_from", sel))
+    table = pq.read_table(sel / "scores.parquet")
+    pool_rows = [json.loads(line) for line in pool.read_text().splitlines()]
+    pool_chars = [sum(len(m["content"]) for m in r["messages"]) for r in pool_rows]
+    lengths = np.array([pool_chars[i] for i in table.column("index").to_pylist()])
+    expect = length_bias(table.column("score_math").to_numpy(), lengths)
+    assert mix["length_rho"]["math"] == (None if expect is None else pytest.approx(expect))
+    assert mix["pool_chars"] == pytest.approx(np.mean(pool_chars)) and "Length bias of the coresets" in md
+    if coresets == "joint":  # the coreset is the selection's `selected` records
+        picked = [pool_chars[i] for i in table.filter(table.column("selected")).column("index").to_pylist()]
+        assert mix["chars"] == pytest.approx(np.mean(picked))
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(cfg)]) == 0  # then the rest
     trained = json.loads(next((out).glob("*/train/bm25-2-s0/run.json")).read_text())

@@ -4,7 +4,8 @@ One warmup is trained (or reused) and shared by every model-based method. Each m
 run lands in ``DIR/<method>/`` (the usual coreset.jsonl / scores.parquet / run.json), and
 ``DIR/comparison.md`` / ``comparison.csv`` hold, per method: selection wall time, forward
 and backward passes, peak memory, the coreset's source mix, mean / median token length of
-the coreset vs the pool (the paper's length-bias analysis, Fig. 3), and the pairwise
+the coreset vs the pool (the paper's length-bias analysis, Fig. 3) with the Spearman
+correlation of the method's score with that length (:func:`length_bias`), and the pairwise
 Jaccard overlap of the coresets; ``source_mix.png`` and ``lengths.png`` plot them. When a
 method's run.json carries an ``aer`` (P2D's estimated Alignment Efficiency Ratio), an
 ``aer`` column is added, blank for the methods without one (no cost is estimated for them).
@@ -175,6 +176,7 @@ def summarize(
                 "peak_memory_mb": round(float(cost.get("peak_memory_mb", 0.0)), 1),
                 **({"aer": None if (aer := aers[m]) is None else round(aer, 4)} if has_aer else {}),
                 "mean_len": round(float(sel_len.mean()), 1) if len(sel_len) else 0.0,
+                "length_rho": None if (rho := _score_length_rho(tables[m], lengths)) is None else round(rho, 4),
                 "median_len": float(np.median(sel_len)) if len(sel_len) else 0.0,
                 "pool_mean_len": round(float(pool_len.mean()), 1),
                 "pool_median_len": float(np.median(pool_len)),
@@ -192,6 +194,12 @@ def summarize(
     _write_md(out / "comparison.md", rows, overlap, pool_mix, args, targets)
     _plots(out, methods, rows, pool_mix, sel_lens, pool_len)
     return rows
+
+
+def _score_length_rho(table: pa.Table, lengths: dict[int, int]) -> float | None:
+    """:func:`length_bias` of one method's ``score`` column against the pool's token lengths."""
+    index = table.column("index").to_pylist()
+    return length_bias(table.column("score").to_numpy(), np.array([lengths[int(i)] for i in index]))
 
 
 def target_names(tables: dict[str, pa.Table], runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -275,6 +283,24 @@ def _aer(run: dict[str, Any]) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
+def length_bias(scores: np.ndarray, lengths: np.ndarray) -> float | None:
+    """Spearman's rho between a method's scores and the records' lengths (ties: average ranks).
+
+    +1: the longest records score highest; -1: the shortest do (a short-record bias, what the
+    paper's Fig. 3 length analysis looks for). Records with a non-finite score (unscorable,
+    ``-inf``) are left out; None when fewer than two records remain or either side is constant.
+    """
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.float64)
+    ok = np.isfinite(s)
+    s, n = s[ok], n[ok]
+    if len(s) < 2 or np.ptp(s) == 0 or np.ptp(n) == 0:
+        return None
+    return float(np.corrcoef(rankdata(s), rankdata(n))[0, 1])
+
+
 def jaccard(a: set[int], b: set[int]) -> float:
     """|A ∩ B| / |A ∪ B| (1.0 for two empty sets)."""
     return 1.0 if not a and not b else len(a & b) / len(a | b)
@@ -303,19 +329,28 @@ def _write_md(
     lines = [
         f"# Comparison: budget {args.budget} of {n_pool} records, model `{args.model}`",
         "",
-        "| method | wall s | fwd | bwd | peak MB | mean len | median len |" + (" AER |" if has_aer else ""),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_aer else ""),
+        "| method | wall s | fwd | bwd | peak MB | mean len | median len | ρ(score, len) |"
+        + (" AER |" if has_aer else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_aer else ""),
     ]
     for r in rows:
         aer = (f" {r['aer']:.3f} |" if r["aer"] is not None else " |") if has_aer else ""
         lines.append(
             f"| {r['method']} | {r['wall_s']:.1f} | {r['forward_passes']} | {r['backward_passes']} | "
-            f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} |" + aer
+            f"{r['peak_memory_mb']:.0f} | {r['mean_len']:.1f} | {r['median_len']:.0f} | "
+            + ("–" if r["length_rho"] is None else f"{r['length_rho']:+.2f}")
+            + " |"
+            + aer
         )
     lines.append(
-        f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} |"
+        f"| *pool* | | | | | {rows[0]['pool_mean_len']:.1f} | {rows[0]['pool_median_len']:.0f} | |"
         + (" |" if has_aer else "")
     )
+    lines += [
+        "",
+        "Lengths are tokens under the model's template; ρ(score, len) is Spearman's rank correlation of the "
+        "method's score with that length over the scored pool (negative: short records rank high).",
+    ]
     if has_aer:
         lines += [
             "",

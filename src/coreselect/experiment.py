@@ -1047,10 +1047,28 @@ def _first_seed_selections(args: ExperimentArgs, tasks: list[str], root: Path) -
                 yield where, _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0])
 
 
-def coreset_mix(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
-    """The source mix (records' ``dataset`` field) of each row's seed-0 coreset(s)."""
+def coreset_mix(
+    args: ExperimentArgs, tasks: list[str], root: Path, pool: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The source mix (records' ``dataset`` field) of each row's seed-0 coreset(s), and, given the
+    setting's ``pool``, its length bias: mean length of the coreset and of the pool, and per task
+    :func:`coreselect.compare.length_bias` of the selection's ``score_<task>`` (or ``score``).
+
+    Length is the record's characters (every message's content), so that the table needs no
+    tokenizer; a rank correlation is the same for any length unit that grows with it.
+    """
     from collections import Counter
 
+    import numpy as np
+
+    from coreselect.compare import length_bias
+    from coreselect.data.readers import read_records
+
+    chars: dict[int, int] = {}
+    if pool:
+        for rec in read_records(pool, on_bad_record="skip", check_duplicate_ids=False):
+            chars[rec.index] = sum(len(m.content) for m in rec.messages)
+    pool_chars = statistics.fmean(chars.values()) if chars else None
     found: list[dict[str, Any]] = []
     for where, sel in _first_seed_selections(args, tasks, root):
         path = sel / "coreset.jsonl"
@@ -1058,8 +1076,35 @@ def coreset_mix(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict
             continue
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         mix = Counter(str(r.get("dataset") or r.get("source") or "?") for r in rows)
-        found.append({**where, "n": len(rows), "mix": dict(sorted(mix.items()))})
+        entry: dict[str, Any] = {**where, "n": len(rows), "mix": dict(sorted(mix.items()))}
+        # a per-task coreset cut from a multi-target pass has its scores in that pass's folder
+        scores_path = Path((_read(sel / "run.json") or {}).get("derived_from") or sel) / "scores.parquet"
+        if chars and scores_path.is_file():
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(scores_path)
+            index = table.column("index").to_pylist()
+            if all(i in chars for i in index):
+                lengths = np.array([chars[i] for i in index])
+                mine = [_raw_chars(r) for r in rows]
+                rho: dict[str, float | None] = {}
+                for task in tasks:
+                    col = f"score_{task}" if f"score_{task}" in table.column_names else None
+                    if col is None and where["task"] == task_label(task):
+                        col = "score"
+                    if col is not None:
+                        rho[task_label(task)] = length_bias(table.column(col).to_numpy(), lengths)
+                entry.update(chars=statistics.fmean(mine) if mine else None, pool_chars=pool_chars)
+                entry["length_rho"] = rho
+        found.append(entry)
     return found
+
+
+def _raw_chars(raw: dict[str, Any]) -> int:
+    """Characters of a raw coreset record: its ``text``, or every message's content."""
+    if "text" in raw:
+        return len(str(raw["text"]))
+    return sum(len(str(m.get("content", ""))) for m in raw.get("messages") or [])
 
 
 def ppl_skews(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
@@ -1135,7 +1180,7 @@ def _write_all(
     by_setting = {s: collect_results(args, tasks, setting_root(args, s)) for s in pools}
     comparisons = {s: paired_comparisons(args, tasks, setting_root(args, s)) for s in pools}
     skews = {s: ppl_skews(args, tasks, setting_root(args, s)) for s in pools}
-    mixes = {s: coreset_mix(args, tasks, setting_root(args, s)) for s in pools}
+    mixes = {s: coreset_mix(args, tasks, setting_root(args, s), pools[s]) for s in pools}
     info = {
         "command": "experiment",
         "settings": asdict(args),
@@ -1329,6 +1374,11 @@ def _cell(t: dict[str, Any], with_std: bool, key: str = "", digits: int = 2) -> 
     return f"{mean:.{digits}f} ({std:.{digits}f})" if with_std else f"{mean:.{digits}f}"
 
 
+def _num(x: float | None, digits: int, signed: bool = False) -> str:
+    """A table cell: ``x`` with ``digits`` decimals (``+`` sign when ``signed``), "–" for None."""
+    return "–" if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
+
+
 def _secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
@@ -1417,6 +1467,24 @@ def write_results(
                 + " | ".join(f"{100 * m['mix'].get(src, 0) / max(m['n'], 1):.0f}" for src in sources)
                 + " |"
                 for m in mixes
+            ]
+        lengthy = [m for m in mixes if "length_rho" in m]
+        if lengthy:
+            names_rho = [task_label(t) for t in tasks]
+            body += [
+                "",
+                "Length bias of the coresets (seed 0): mean characters per record, coreset vs pool, and Spearman's "
+                "ρ between each target's score and the record's length over the pool (negative: short records rank "
+                "high; `coreselect.compare.length_bias`).",
+                "",
+                "| Row | Coreset for | Coreset chars | Pool chars | " + " | ".join(f"ρ {n}" for n in names_rho) + " |",
+                "|---|---|---|---|" + "---|" * len(names_rho),
+            ]
+            body += [
+                f"| {m['row']} | {m['task']} | {_num(m['chars'], 0)} | {_num(m['pool_chars'], 0)} | "
+                + " | ".join(_num(m["length_rho"].get(n), 2, signed=True) for n in names_rho)
+                + " |"
+                for m in lengthy
             ]
         skews = ((info or {}).get("ppl_skews") or {}).get(setting) or []
         if skews:
