@@ -109,12 +109,18 @@ def test_report_has_every_panel_and_is_self_contained(trim_run):
     assert any("tpl" in (s.get("class") or "") for s in page.spans)  # template tokens greyed
 
 
-def test_report_scores_match_the_run(trim_run):
+@pytest.mark.parametrize("options", [(), ("--token-weighting", "idf", "--min-tokens", "40")])
+def test_report_scores_match_the_run(options, tiny_model_dir, small_pool, tmp_path):
+    """The token views re-score records with the run's own options (pooling weights, min_tokens too)."""
     from coreselect.report.build import RunData
     from coreselect.report.tokens import Explainer, read_by_index
 
+    pool, target = small_pool
+    trim_run = tmp_path / "trim"
+    assert _select(tiny_model_dir, pool, target, trim_run, "--budget", "3", *options) == 0
     r = RunData.load(trim_run)
     ex = Explainer(trim_run)
+    assert (ex.config.token_weighting, ex.config.min_tokens) == (("idf", 40) if options else ("none", 0))
     rows = r.by_rank(1, 3)
     recs = read_by_index(ex.args.pool, [int(r.index[i]) for i in rows])
     views = ex.record_views([recs[int(r.index[i])] for i in rows])

@@ -487,6 +487,8 @@ class NearestClassTable:
         fe = embeddings[ids].float() if ids.numel() else embeddings[:0].float()
         self._fp_emb = fe / fe.norm(dim=-1, keepdim=True).clamp(min=1e-30)
         self.vocab = vocab
+        #: where the lookup tables live (the embeddings' device): token ids are moved here to look up
+        self.device = device
         #: the fingerprint vectors on the embeddings' device, so scoring does not copy them per batch
         self.vectors = fingerprints.vectors.to(device=device, dtype=torch.float32)
         self._idf: Tensor | None = None  # token_weighting: idf, computed on first use

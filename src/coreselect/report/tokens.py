@@ -207,6 +207,8 @@ class Explainer:
             s, in_m, direct = token_scores(
                 fp, hidden, batch.input_ids, mask, oov_penalty=cfg.oov_penalty, table=self.table
             )
+            # the run's own pooling options, so a view's score is the score the run ranked by
+            weights = self.table.idf_weights(batch.input_ids, in_m) if cfg.token_weighting == "idf" else None
             score, parts = pool_scores(
                 s,
                 in_m,
@@ -216,12 +218,14 @@ class Explainer:
                 coverage_weight=cfg.coverage_weight,
                 coverage=cfg.coverage,
                 content=batch.scope_mask(cfg.scope),
+                token_weights=weights,
+                min_tokens=cfg.min_tokens,
             )
             in_m_np, direct_np = in_m[0].cpu().numpy(), direct[0].cpu().numpy()
             backoff: list[str | None] = [None] * len(enc)
             oov_pos = np.nonzero(in_m_np & ~direct_np)[0]
             if oov_pos.size and fp.tokens:
-                rows, _ = self.table.rows(batch.input_ids[0, oov_pos].to(self.table._direct.device))
+                rows, _ = self.table.rows(batch.input_ids[0, oov_pos].to(self.table.device))
                 for p, r in zip(oov_pos.tolist(), rows.tolist()):
                     backoff[p] = self.class_string(int(fp.token_ids[r]))
             views.append(
