@@ -167,6 +167,31 @@ def test_bad_record_names_file_line_field_and_skip_writes_rejects(tiny_model_dir
     assert json.loads((tmp_path / "s" / "run.json").read_text())["counts"]["rejected"] == 1
 
 
+@pytest.mark.parametrize("method", ["trim", "bm25"])
+def test_skip_repeated_id_keeps_pool_numbering(method, tiny_model_dir, small_pool, tmp_path):
+    """A record whose id repeats is rejected once, by every reader of the pool: the scores, the
+    coreset and the rejects agree (reading it again must not shift the indices after it)."""
+    pool, target = small_pool
+    lines = pool.read_text().splitlines()
+    dup = json.loads(lines[5])
+    dup["id"] = json.loads(lines[1])["id"]
+    bad = tmp_path / "dup.jsonl"
+    bad.write_text("\n".join([*lines[:5], json.dumps(dup), *lines[6:]]) + "\n")
+    out = tmp_path / method
+    args = ["--on-bad-record", "skip", "--budget", "3", "--method", method, "--no-progress"]
+    args += ["--model", str(tiny_model_dir), "--warmup", "none", "--layers", "2"] if method == "trim" else []
+    assert main(["select", "--pool", str(bad), "--target", str(target), "--out", str(out), *args]) == 0
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejects] == [(6, "id")]
+    table = pq.read_table(out / "scores.parquet")
+    assert table.num_rows == len(lines) - 1
+    kept = [json.loads(line)["id"] for i, line in enumerate(lines) if i != 5]
+    assert table.column("id").to_pylist() == kept  # index i is the i-th record kept
+    chosen = table.filter(table.column("selected")).column("id").to_pylist()
+    coreset = [json.loads(line)["id"] for line in (out / "coreset.jsonl").read_text().splitlines()]
+    assert sorted(coreset) == sorted(chosen)
+
+
 def test_resume_after_lost_shards_gives_identical_outputs(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     out = tmp_path / "r"

@@ -1062,11 +1062,11 @@ def coreset_mix(
     import numpy as np
 
     from coreselect.compare import length_bias
-    from coreselect.data.readers import read_records
+    from coreselect.data.readers import pool_records
 
     chars: dict[int, int] = {}
     if pool:
-        for rec in read_records(pool, on_bad_record="skip", check_duplicate_ids=False):
+        for rec in pool_records(pool):
             chars[rec.index] = sum(len(m.content) for m in rec.messages)
     pool_chars = statistics.fmean(chars.values()) if chars else None
     found: list[dict[str, Any]] = []

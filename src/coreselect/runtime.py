@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coreselect.config import SelectArgs
-from coreselect.data.readers import RejectLog, read_records
+from coreselect.data.readers import RejectLog, pool_records, read_records
 from coreselect.data.records import Record
 from coreselect.errors import CoreselectError
 from coreselect.methods import registry
@@ -41,8 +41,9 @@ def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
 
 
 def iter_pool(args: SelectArgs, start: int = 0) -> Iterator[Record]:
-    """Stream the pool (bad records already reported by :func:`scan_pool` are skipped)."""
-    for r in read_records(args.pool, on_bad_record="skip", check_duplicate_ids=False):
+    """Stream the pool (bad records already reported by :func:`scan_pool` are skipped; the same
+    ones, repeated ids included, so the indices match)."""
+    for r in pool_records(args.pool):
         if r.index >= start:
             yield r
 

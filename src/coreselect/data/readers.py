@@ -488,6 +488,15 @@ def read_records(
     return _read(sources, on_bad_record, rejects, start_index, check_duplicate_ids)
 
 
+def pool_records(paths: Sequence[str | os.PathLike[str]]) -> Iterator[Record]:
+    """The pool numbered exactly as ``select`` numbers it: every record :func:`read_records`
+    would reject (a bad record, or an ``id`` seen before) is skipped and takes no index.
+
+    Use it wherever a record's ``index`` must match a selection's ``scores.parquet``.
+    """
+    return read_records(paths, on_bad_record="skip")
+
+
 def _read(
     sources: list[_Source],
     on_bad_record: OnBadRecord,

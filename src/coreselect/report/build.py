@@ -127,12 +127,9 @@ class RunData:
             return self.n_tokens.astype(np.int64), "tokens"
         pool = tuple(self.run.get("settings", {}).get("pool", []))
         if pool not in cache:
-            from coreselect.data.readers import read_records
+            from coreselect.data.readers import pool_records
 
-            words = {
-                r.index: sum(len(m.content.split()) for m in r.messages)
-                for r in read_records(list(pool), on_bad_record="skip", check_duplicate_ids=False)
-            }
+            words = {r.index: sum(len(m.content.split()) for m in r.messages) for r in pool_records(list(pool))}
             cache[pool] = np.array([words.get(int(i), 0) for i in self.index], dtype=np.int64)
         return cache[pool], "words"
 

@@ -47,13 +47,13 @@ def warmup_adapter(run: dict[str, Any]) -> str | None:
 
 def read_by_index(paths: Sequence[str], indices: Iterable[int]) -> dict[int, Record]:
     """Pool records by index, numbered exactly as ``select`` numbers them (bad records skipped)."""
-    from coreselect.data.readers import read_records
+    from coreselect.data.readers import pool_records
 
     want = {int(i) for i in indices}
     got: dict[int, Record] = {}
     if not want:
         return got
-    for rec in read_records(list(paths), on_bad_record="skip", check_duplicate_ids=False):
+    for rec in pool_records(list(paths)):
         if rec.index in want:
             got[rec.index] = rec
             if len(got) == len(want):
