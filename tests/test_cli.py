@@ -162,6 +162,7 @@ def test_bad_record_names_file_line_field_and_skip_writes_rejects(tiny_model_dir
     assert "bad.jsonl:9" in err and "messages" in err
     assert not (tmp_path / "e" / "coreset.jsonl").exists()
     assert _select(tiny_model_dir, bad, target, tmp_path / "s", "--on-bad-record", "skip", "--budget", "2") == 0
+    assert f"1 bad record(s) skipped -> {tmp_path / 's'}/rejects.jsonl" in capsys.readouterr().out
     rejects = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["line"] == 9
     assert json.loads((tmp_path / "s" / "run.json").read_text())["counts"]["rejected"] == 1
@@ -327,3 +328,17 @@ def test_select_help_groups_flags_by_concern_with_only_the_chosen_methods_knobs(
         main(["select", "--help"])
     text = capsys.readouterr().out
     assert "trim options" in text and "--layers LAYERS" in text and "--k1 K1" not in text
+
+
+def test_cli_stderr_has_no_library_debug_lines(small_pool, tmp_path):
+    """bm25s sets its own logger to DEBUG; without -v the CLI shows warnings and errors only."""
+    import subprocess
+    import sys
+
+    pool, target = small_pool
+    cmd = [sys.executable, "-m", "coreselect", "select", "--method", "bm25", "--pool", str(pool)]
+    cmd += ["--target", str(target), "--out", str(tmp_path / "b"), "--budget", "2", "--no-progress"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "DEBUG" not in quiet.stderr and "selected 2 of 8" in quiet.stdout
+    loud = subprocess.run([*cmd[:3], "-v", *cmd[3:], "--overwrite"], capture_output=True, text=True, check=True)
+    assert "DEBUG" in loud.stderr  # -v still shows them

@@ -144,6 +144,8 @@ def _summary(info: dict) -> None:
         f"{info['method']}: selected {c['selected']} of {c['pool']} records -> {out}/coreset.jsonl "
         f"({info['timings']['total_s']:.1f} s)"
     )
+    if c.get("rejected"):
+        print(f"{info['method']}: {c['rejected']} bad record(s) skipped -> {out}/rejects.jsonl")
 
 
 SELECT_EXAMPLE = """example:
@@ -272,7 +274,13 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     ns = parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.DEBUG if ns.verbose else logging.WARNING
+    root = logging.getLogger()
+    ours = not root.handlers  # basicConfig adds a handler only then (not under an embedding app or pytest)
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    if ours:  # the level on the handler too: bm25s sets its own logger to DEBUG
+        for handler in root.handlers:
+            handler.setLevel(level)
     ns.__dict__.pop("verbose", None)
     return ns.func(ns)
 
