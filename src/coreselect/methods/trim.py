@@ -171,6 +171,24 @@ class TrimConfig(TokenScoring):
         if self.min_tokens < 0:
             raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
+    def pool(
+        self, s: torch.Tensor, in_m: torch.Tensor, batch: Any, token_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 13-15 (:func:`~coreselect.methods.trim_math.pool_scores`) with these knobs: one
+        place, so that selection and the token views (``explain``, ``report``) cannot drift."""
+        return pool_scores(
+            s,
+            in_m,
+            batch.attention_mask,
+            w_mean=self.w_mean,
+            w_max=self.w_max,
+            coverage_weight=self.coverage_weight,
+            coverage=self.coverage,
+            content=batch.scope_mask(self.scope),
+            token_weights=token_weights,
+            min_tokens=self.min_tokens,
+        )
+
     def scored_positions(self, batch: Any) -> torch.Tensor:
         """``[B, T]`` bool: the positions fingerprinted (eq. 8) and scored (eq. 14): in scope,
         not special, not pad, and with at least ``min_context`` content tokens before them."""
@@ -463,20 +481,7 @@ class TrimMethod(SelectionMethod):
                 weights = (
                     table.idf_weights(batch.input_ids, in_m, filled=True) if cfg.token_weighting == "idf" else None
                 )
-                per_dict.append(
-                    pool_scores(
-                        s,
-                        in_m,
-                        batch.attention_mask,
-                        w_mean=cfg.w_mean,
-                        w_max=cfg.w_max,
-                        coverage_weight=cfg.coverage_weight,
-                        coverage=cfg.coverage,
-                        content=batch.scope_mask(cfg.scope),
-                        token_weights=weights,
-                        min_tokens=cfg.min_tokens,
-                    )
-                )
+                per_dict.append(cfg.pool(s, in_m, batch, weights))
                 del s, in_m, weights
             sc, parts = per_dict[0]
             outs.append((sc.double(), parts["n_scored"], finite))

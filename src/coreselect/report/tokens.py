@@ -195,7 +195,7 @@ class Explainer:
     # ------------------------------------------------------------------ Stage II
     def record_views(self, records: Sequence[Record], progress: Any = None) -> list[RecordView]:
         """``s_j`` of every token and the pooled score terms of each record (one forward pass each)."""
-        from coreselect.methods.trim_math import pool_scores, token_scores
+        from coreselect.methods.trim_math import token_scores
 
         cfg, fp = self.config, self.fingerprints
         views = []
@@ -207,20 +207,8 @@ class Explainer:
             s, in_m, direct = token_scores(
                 fp, hidden, batch.input_ids, mask, oov_penalty=cfg.oov_penalty, table=self.table
             )
-            # the run's own pooling options, so a view's score is the score the run ranked by
             weights = self.table.idf_weights(batch.input_ids, in_m) if cfg.token_weighting == "idf" else None
-            score, parts = pool_scores(
-                s,
-                in_m,
-                batch.attention_mask,
-                w_mean=cfg.w_mean,
-                w_max=cfg.w_max,
-                coverage_weight=cfg.coverage_weight,
-                coverage=cfg.coverage,
-                content=batch.scope_mask(cfg.scope),
-                token_weights=weights,
-                min_tokens=cfg.min_tokens,
-            )
+            score, parts = cfg.pool(s, in_m, batch, weights)
             in_m_np, direct_np = in_m[0].cpu().numpy(), direct[0].cpu().numpy()
             backoff: list[str | None] = [None] * len(enc)
             oov_pos = np.nonzero(in_m_np & ~direct_np)[0]
