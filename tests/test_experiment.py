@@ -375,6 +375,7 @@ heldout: {{math: {math_target}, poems: {other}}}
 heldout_only: [math, poems]
 coresets: {coresets}
 methods: [bm25, random]
+bootstrap_reference: bm25
 budgets: ["2"]
 seeds: [0]
 include_full_data: false
@@ -406,6 +407,25 @@ progress: false
     if coresets == "joint":  # the coreset is the selection's `selected` records
         picked = [pool_chars[i] for i in table.filter(table.column("selected")).column("index").to_pylist()]
         assert mix["chars"] == pytest.approx(np.mean(picked))
+    # rank agreement of random with the reference (bm25): Spearman of the score_<task> rankings
+    # (ties by pool position), and the coresets' shared records
+    agree = info["rank_agreement"]["in_domain"]
+    assert [a["row"] for a in agree] == ["random"] and agree[0]["reference"] == "bm25"
+    rand_dir = Path(str(sel).replace("bm25-2", "random-2-s0"))
+    rand = pq.read_table(rand_dir / "scores.parquet")
+
+    def ranks(t, task):
+        r = np.empty(t.num_rows)
+        r[np.lexsort((np.arange(t.num_rows), -t.column(f"score_{task}").to_numpy()))] = np.arange(t.num_rows)
+        return r
+
+    for task in ("math", "poems"):
+        rho = np.corrcoef(ranks(table, task), ranks(rand, task))[0, 1]
+        assert agree[0]["spearman"][task] == pytest.approx(rho, abs=1e-4)
+    if coresets == "joint":
+        core = [{json.loads(x)["id"] for x in (d / "coreset.jsonl").read_text().splitlines()} for d in (sel, rand_dir)]
+        assert agree[0]["shared"] == len(core[0] & core[1])
+    assert "Rank agreement with `bm25`" in md
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(cfg)]) == 0  # then the rest
     trained = json.loads(next((out).glob("*/train/bm25-2-s0/run.json")).read_text())

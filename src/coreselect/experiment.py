@@ -1100,6 +1100,53 @@ def coreset_mix(
     return found
 
 
+def rank_agreement(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
+    """How closely each row's seed-0 ranking follows the ``bootstrap_reference`` row's, per task:
+    Spearman's rho of their ``score_<task>`` rankings and the Jaccard overlap of their own
+    top-k for that task (:func:`coreselect.compare.target_comparison`), plus the records the two
+    coresets share. Multi-target selections only (joint, or per-task cut from one pass)."""
+    import pyarrow.parquet as pq
+
+    from coreselect.compare import target_comparison
+
+    ref = args.bootstrap_reference
+    tables: dict[str, Any] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    ids: dict[str, set[str]] = {}
+    for where, sel in _first_seed_selections(args, tasks, root):
+        run = _read(sel / "run.json") or {}
+        shared = Path(run.get("derived_from") or sel)
+        key = where["row"] if len(args.budgets) == 1 else f"{where['row']} {where['budget']}"
+        if key in tables or not (shared / "scores.parquet").is_file():
+            continue
+        tables[key] = pq.read_table(shared / "scores.parquet")
+        runs[key] = _read(shared / "run.json") or {}
+        ids[key] = {str(i) for i in tables[key].filter(tables[key].column("selected")).column("id").to_pylist()}
+    refs = [k for k in tables if k == ref or k.startswith(f"{ref} ")]
+    if not refs:
+        return []
+    cmp = target_comparison(tables, runs)
+    if not cmp:
+        return []
+    r0 = refs[0]
+
+    def vs_ref(kind: str, k: str) -> dict[str, float | None]:
+        return {n: (cmp.get(n) or {}).get(kind, {}).get(k, {}).get(r0) for n in map(task_label, tasks)}
+
+    return [
+        {
+            "row": k,
+            "reference": r0,
+            "spearman": vs_ref("spearman", k),
+            "jaccard": vs_ref("jaccard", k),
+            "shared": len(ids[k] & ids[r0]),
+            "n": len(ids[k]),
+        }
+        for k in tables
+        if k != r0
+    ]
+
+
 def _raw_chars(raw: dict[str, Any]) -> int:
     """Characters of a raw coreset record: its ``text``, or every message's content."""
     if "text" in raw:
@@ -1181,6 +1228,7 @@ def _write_all(
     comparisons = {s: paired_comparisons(args, tasks, setting_root(args, s)) for s in pools}
     skews = {s: ppl_skews(args, tasks, setting_root(args, s)) for s in pools}
     mixes = {s: coreset_mix(args, tasks, setting_root(args, s), pools[s]) for s in pools}
+    agreement = {s: rank_agreement(args, tasks, setting_root(args, s)) for s in pools}
     info = {
         "command": "experiment",
         "settings": asdict(args),
@@ -1197,6 +1245,7 @@ def _write_all(
         "stage_times": stage_times(out),
         "ppl_skews": skews,
         "coreset_mix": mixes,
+        "rank_agreement": agreement,
     }
     write_results(out, args, tasks, by_setting, info, comparisons)
     write_json(out / "experiment.json", info)
@@ -1485,6 +1534,30 @@ def write_results(
                 + " | ".join(_num(m["length_rho"].get(n), 2, signed=True) for n in names_rho)
                 + " |"
                 for m in lengthy
+            ]
+        agree = ((info or {}).get("rank_agreement") or {}).get(setting) or []
+        if agree:
+            names_a = [task_label(t) for t in tasks]
+            body += [
+                "",
+                f"Rank agreement with `{agree[0]['reference']}` (seed 0): Spearman's ρ of each target's score "
+                "ranking over the pool, the Jaccard overlap of that target's own top-k, and the records the two "
+                "coresets share.",
+                "",
+                "| Row | "
+                + " | ".join(f"ρ {n}" for n in names_a)
+                + " | "
+                + " | ".join(f"top-k J {n}" for n in names_a)
+                + " | Shared records |",
+                "|---|" + "---|" * (2 * len(names_a) + 1),
+            ]
+            body += [
+                f"| {a['row']} | "
+                + " | ".join(_num(a["spearman"].get(n), 2, signed=True) for n in names_a)
+                + " | "
+                + " | ".join(_num(a["jaccard"].get(n), 2) for n in names_a)
+                + f" | {a['shared']} of {a['n']} |"
+                for a in agree
             ]
         skews = ((info or {}).get("ppl_skews") or {}).get(setting) or []
         if skews:
