@@ -426,6 +426,7 @@ progress: false
         core = [{json.loads(x)["id"] for x in (d / "coreset.jsonl").read_text().splitlines()} for d in (sel, rand_dir)]
         assert agree[0]["shared"] == len(core[0] & core[1])
     assert "Rank agreement with `bm25`" in md
+    assert "Metric per task" not in md and "Scored by held-out loss only: math, poems." in md  # no lm-eval task
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(cfg)]) == 0  # then the rest
     trained = json.loads(next((out).glob("*/train/bm25-2-s0/run.json")).read_text())

@@ -1588,17 +1588,25 @@ def write_results(
         if args.coresets == "joint"
         else "one coreset per task"
     )
-    notes = [
-        f"Score (%) of a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention "
-        f"heads) on each method's {budgets} coreset ({coresets}), evaluated with lm-eval-harness; "
+    trained = (
+        f"a fresh `{args.model}` fine-tuned with LoRA (P2D, P2D‡: only the selected attention heads) on each "
+        f"method's {budgets} coreset ({coresets})"
+    )
+    lm_eval_note = (
+        f"Score (%) of {trained}, evaluated with lm-eval-harness; "
         f"mean (std) over seeds {args.seeds} (population std, 0.00 with one seed). "
         "Metric per task: " + ", ".join(f"{n} `{metrics[n]}`" for n in scored) + " (each eval.json also holds "
-        "every metric with a 95% CI). Average: macro average over the lm-eval tasks.",
+        "every metric with a 95% CI). Average: macro average over the lm-eval tasks. "
         "Test items per task: "
         + ", ".join(f"{n} {n_items[n]}" for n in scored)
         + "; shots per task: "
         + ", ".join(f"{n} {shots[n]}" for n in scored)
         + "."
+        if scored
+        else f"Rows: {trained}; mean (std) over seeds {args.seeds} (population std, 0.00 with one seed)."
+    )
+    notes = [
+        lm_eval_note
         + (
             f" Scored by held-out loss only: {', '.join(map(task_label, args.heldout_only))}."
             if args.heldout_only
