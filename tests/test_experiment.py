@@ -113,16 +113,21 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     )
 
     md = (out / "results.md").read_text()
-    assert "| Method | toy | toy loss | Average | Select (s) | Train (s) |" in md and "Held-out loss" in md
+    assert "| Method | toy | toy loss | Average | Select (s) | Train (s) | Train tokens |" in md
+    assert "Held-out loss" in md
     table = _main_table(md)
     assert [line.split(" | ")[0][2:] for line in table] == ["Pretrained", "Full-data", "trim", "random"]
-    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d{4} \| \d+\.\d\d \| – \| – \| – \|", table[0])
+    assert re.fullmatch(r"\| Pretrained \| \d+\.\d\d \| \d+\.\d{4} \| \d+\.\d\d \| – \| – \| – \| – \|", table[0])
     for line in table[1:]:
         assert re.match(
             r"\| \S+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d{4} \(\d+\.\d{4}\) \| \d+\.\d\d \| "
-            r"(–|\d+) \| \d+ \|",
+            r"(–|\d+) \| \d+ \| \d+ \|",
             line,
         ), line
+    # Train tokens: the mean over the seeds of each training run's tokens
+    runs = [json.loads((out / "toy" / "train" / f"trim-50pct-s{s}" / "run.json").read_text()) for s in (0, 1)]
+    tokens = [r["tokens"] for r in runs]
+    assert table[2].split(" | ")[-2] == f"{statistics.fmean(tokens):.0f}"
     ev = json.loads((out / "toy" / "eval" / "random-50pct-s0" / "eval.json").read_text())
     assert (
         ev["n"] == 4
@@ -211,7 +216,7 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
     assert (out / "toy" / "train" / "p2d_select-50pct-s0" / "adapter" / "adapter_config.json").is_file()
 
     md = (out / "results.md").read_text()
-    assert "| Method | toy | Average | Select (s) | Train (s) | AER |" in md and "lower is better" in md
+    assert "| Method | toy | Average | Select (s) | Train (s) | Train tokens | AER |" in md and "lower is better" in md
     ppl = json.loads((p2d_sel / "run.json").read_text())["ppl"]
     assert ppl["skews_low"] is not None  # P2D's coreset perplexity skew (paper 003, Fig. 4), in the results
     assert f"| P2D | toy | {ppl['pool']['mean_nll']:.4f} | {ppl['selected']['mean_nll']:.4f} |" in md
@@ -226,7 +231,8 @@ def test_experiment_p2d_rows_and_aer(config, tmp_path, monkeypatch):
         "trim_base",
     ]
     for line in table[1:]:
-        assert re.fullmatch(r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+\.\d{3} \|", line), line
+        cells = r"\| .+ \| \d+\.\d\d \(\d+\.\d\d\) \| \d+\.\d\d \| \d+ \| \d+ \| \d+ \| \d+\.\d{3} \|"
+        assert re.fullmatch(cells, line), line
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert rows[0]["aer"] == "" and all(float(r["aer"]) > 0 for r in rows[1:])
     info = json.loads((out / "experiment.json").read_text())

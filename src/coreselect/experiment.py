@@ -1343,8 +1343,13 @@ def collect_results(args: ExperimentArgs, tasks: list[str], root: Path | None = 
         n_runs = max(len(v) for v in eval_dirs.values())
         complete = bool(scored) and all(len(r["tasks"][n]["scores"]) == n_runs for n in scored)
         r["average"] = statistics.fmean(r["tasks"][n]["mean"] for n in scored) if complete else None
-        times = [t["timings"]["train_s"] for d in train_dirs if (t := _read(d / "run.json"))]
+        trained = [t for d in train_dirs if (t := _read(d / "run.json"))]
+        times = [t["timings"]["train_s"] for t in trained]
         r["train_s"] = statistics.fmean(times) if times else None
+        # tokens the model saw per epoch (after truncation): equal record budgets are not equal
+        # token budgets when one method picks longer records
+        tokens = [float(t["tokens"]) for t in trained if isinstance(t.get("tokens"), (int, float))]
+        r["train_tokens"] = statistics.fmean(tokens) if tokens else None
         # summed over the selections of the row (one per task, or one joint); a selection
         # redrawn per seed counts as the mean of its draws
         per_owner = [[j["timings"]["total_s"] for d in draws if (j := _read(d / "run.json"))] for draws in select_dirs]
@@ -1436,7 +1441,16 @@ def _table(args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]]) -
     """The Table 1 layout of one setting's rows (markdown lines)."""
     names = [task_label(t) for t in tasks if t not in args.heldout_only]
     held = [task_label(t) for t in tasks if t in args.heldout]
-    header = ["Method", *names, *(f"{n} loss" for n in held), "Average", "Select (s)", "Train (s)", "AER"]
+    header = [
+        "Method",
+        *names,
+        *(f"{n} loss" for n in held),
+        "Average",
+        "Select (s)",
+        "Train (s)",
+        "Train tokens",
+        "AER",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         std = r["method"] != "pretrained"
@@ -1447,6 +1461,7 @@ def _table(args: ExperimentArgs, tasks: list[str], rows: list[dict[str, Any]]) -
             "–" if r["average"] is None else f"{r['average']:.2f}",
             _secs(r["select_s"]),
             _secs(r["train_s"]),
+            _secs(r.get("train_tokens")),
             "–" if r.get("aer") is None else f"{r['aer']:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -1615,7 +1630,8 @@ def write_results(
         (
             "Select (s): selection wall time summed over the tasks (model-based methods include the one shared "
             "warmup; P2D‡ includes locating the heads; a selection redrawn per seed counts as the mean of its "
-            "draws). Train (s): mean wall time of one fine-tuning run."
+            "draws). Train (s): mean wall time of one fine-tuning run. Train tokens: mean tokens per epoch "
+            "the fine-tuning saw (after truncation to its max_length)."
         ),
         "AER (Alignment Efficiency Ratio, lower is better): (Select (s) / number of tasks + Train (s)) / "
         "full-data full-parameter SFT wall time on the same hardware; " + _full_sft_note(_read(out / "full_sft.json")),
@@ -1662,6 +1678,7 @@ def write_results(
                 "average",
                 "select_s",
                 "train_s",
+                "train_tokens",
                 "aer",
             ]
         )
@@ -1685,6 +1702,7 @@ def write_results(
                         _fmt(r["average"]),
                         _fmt(r["select_s"]),
                         _fmt(r["train_s"]),
+                        _fmt(r.get("train_tokens")),
                         _fmt(r.get("aer")),
                     ]
                 )
