@@ -193,6 +193,41 @@ def test_skip_repeated_id_keeps_pool_numbering(method, tiny_model_dir, small_poo
     assert sorted(coreset) == sorted(chosen)
 
 
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_template_refusal_stops_before_the_model_loads(
+    on_bad, tiny_model_dir, small_pool, tmp_path, capsys, monkeypatch
+):
+    """A chat template that refuses a turn order (here: system turns, as some do) fails the run
+    at the scan, naming the first such record, for both --on-bad-record modes."""
+    import shutil
+
+    from coreselect.models import loading
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    (model / "chat_template.jinja").write_text(refuse + (model / "chat_template.jinja").read_text())
+    pool, target = small_pool
+    lines = pool.read_text().splitlines()
+    rec = json.loads(lines[4])
+    rec["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    bad = tmp_path / "sys.jsonl"
+    bad.write_text("\n".join([*lines[:4], json.dumps(rec), *lines[5:], json.dumps(rec | {"id": "again"})]) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loading, "load_model", no_model)
+        assert _select(model, bad, target, tmp_path / "out", "--on-bad-record", on_bad) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:5: field 'messages': chat template failed" in err and "System role not supported" in err
+    assert "turns system, user, assistant: 2 record(s)" in err
+    assert not (tmp_path / "out" / "coreset.jsonl").exists()
+    # without the system turn, the same template renders every record: the run goes on
+    assert _select(model, pool, target, tmp_path / "ok", "--budget", "2") == 0
+
+
 def test_resume_after_lost_shards_gives_identical_outputs(tiny_model_dir, small_pool, tmp_path):
     pool, target = small_pool
     out = tmp_path / "r"

@@ -128,6 +128,8 @@ class SelectArgs(WarmupSettings):
         dtype, device: ``auto`` = fp32 on CPU, bf16 on GPU.
         trust_remote_code: allow model code from the hub (off unless asked).
         on_bad_record: ``error`` (stop at the first bad record) or ``skip`` (log it to rejects.jsonl).
+            Either way, a record whose turn order the model's chat template refuses stops the
+            run before the model loads (``runtime.scan_pool``).
         overwrite: replace a previous run in ``out``.
         resume: continue an interrupted run in ``out``.
         progress: show progress bars.

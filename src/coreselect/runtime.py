@@ -30,14 +30,50 @@ def read_targets(args: SelectArgs) -> dict[str, list[Record]]:
 
 
 def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
-    """First pass over the pool: validate every record and count them (no model yet)."""
+    """First pass over the pool: validate every record and count them (no model yet).
+
+    For a method that runs the model, each turn order met in the pool is also rendered once
+    with the model's chat template (:meth:`~coreselect.data.formatting.Formatter.template_refusal`),
+    so a record the template refuses stops the run here, naming its file and line, and not
+    when scoring reaches it. ``--on-bad-record skip`` does not skip such records: every
+    reader of the pool numbers it without a tokenizer, so the fix is the data (or
+    ``--template plain``).
+    """
     rejects = RejectLog()
     n = 0
-    for _ in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):
+    orders: dict[tuple[str, ...], tuple[Record, int]] = {}
+    for rec in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):
         n += 1
+        if rec.kind == "chat":
+            roles = tuple(m.role for m in rec.messages)
+            first, count = orders.get(roles, (rec, 0))
+            orders[roles] = (first, count + 1)
     if n == 0:
         raise CoreselectError("the pool is empty" + (f" ({rejects.count} records rejected)" if rejects.count else ""))
+    if orders and args.template != "plain" and registry.get(args.method).needs_model:
+        check_template(args, orders)
     return n, rejects
+
+
+def check_template(args: SelectArgs, orders: dict[tuple[str, ...], tuple[Record, int]]) -> None:
+    """Raise :class:`BadRecordError` at the first record of a turn order the chat template refuses."""
+    from coreselect.data.formatting import Formatter
+    from coreselect.errors import BadRecordError
+    from coreselect.models.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
+    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
+    for roles, (first, count) in orders.items():
+        reason = fmt.template_refusal(roles)
+        if reason:
+            raise BadRecordError(
+                first.file,
+                first.line,
+                "messages",
+                f"{reason} (turns {', '.join(roles)}: {count} record(s) of the pool; the model's chat "
+                "template refuses them and --on-bad-record skip cannot skip them: fix those records, "
+                "or use --template plain)",
+            )
 
 
 def iter_pool(args: SelectArgs, start: int = 0) -> Iterator[Record]:

@@ -329,6 +329,23 @@ class Formatter:
             spans = self._spans_by_search(record, text)
         return text, spans
 
+    def template_refusal(self, roles: tuple[str, ...]) -> str | None:
+        """Why the chat template refuses conversations with this turn order (None: it renders them).
+
+        Templates refuse by turn order (a system turn, two user turns in a row), not by content,
+        so one probe render with placeholder contents answers for every record of that order;
+        :func:`coreselect.runtime.scan_pool` asks once per order before any model is loaded.
+        """
+        if not self.use_chat:
+            return None
+        try:
+            self._apply([{"role": r, "content": "x"} for r in roles])
+        except CoreselectError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any jinja error, as in render()
+            return f"chat template failed: {type(e).__name__}: {e}"
+        return None
+
     def _render_plain(self, record: Record) -> tuple[str, list[tuple[int, int, int]]]:
         """:data:`PLAIN_FORMAT`, with each stripped content's span known by construction."""
         parts: list[str] = []
