@@ -150,6 +150,24 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     assert float(rows[3]["toy_loss_mean"]) == pytest.approx(statistics.fmean(losses), abs=1e-4)
     assert "Paired bootstrap, trim minus each row" in md and "| random | toy | acc | 4 | 2 vs 2 |" in md
     assert "| random | toy | loss | 2 | 2 vs 2 |" in md
+    # the bootstrap's difference is over every seed and item of both sides
+    cmp = next(
+        c
+        for c in json.loads((out / "experiment.json").read_text())["comparisons"]["in_domain"]
+        if c["row"] == "random" and c["metric"] == "loss"
+    )
+    held = {
+        m: [
+            [
+                json.loads(x)["loss"]
+                for x in (out / "toy" / "eval" / f"{m}-50pct-s{s}" / "heldout.jsonl").read_text().splitlines()
+            ]
+            for s in (0, 1)
+        ]
+        for m in ("trim", "random")
+    }
+    assert cmp["diff"] == pytest.approx(np.mean(held["trim"]) - np.mean(held["random"]))
+    assert cmp["lo"] <= cmp["diff"] <= cmp["hi"]
     assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
 
     # a re-run does nothing but rebuild the table

@@ -1475,8 +1475,9 @@ def _comparison_table(comparisons: list[dict[str, Any]]) -> list[str]:
     ref = comparisons[0]["reference"]
     lines = [
         "",
-        f"Paired bootstrap, {ref} minus each row, on the same items (mean over the seeds each side has "
-        "per item first); accuracy in points (positive: "
+        f"Paired bootstrap, {ref} minus each row, on the same items; each resample draws the items and, "
+        "on each side, the fine-tuning seeds (with replacement), so the interval includes the seed-to-seed "
+        "spread; accuracy in points (positive: "
         f"{ref} better), held-out loss in nats/token (negative: {ref} better); 95% percentile interval; "
         f"p: the share of resampled differences on the other side of 0 ({ref} not better).",
         "",
@@ -1708,34 +1709,33 @@ def write_results(
                 )
 
 
-def _per_item(dirs: list[Path], kind: str) -> tuple[dict[str, float], int]:
-    """Per-item values averaged over the evaluations that exist: ``acc`` from lm-eval's samples
-    files (keyed by ``doc_id``), ``loss`` from ``heldout.jsonl`` (keyed by record id)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    n = 0
+def _per_item(dirs: list[Path], kind: str) -> list[dict[str, float]]:
+    """Per-item values of each evaluation that exists (one dict per seed's folder): ``acc`` from
+    lm-eval's samples files (keyed by ``doc_id``), ``loss`` from ``heldout.jsonl`` (keyed by record id)."""
+    runs: list[dict[str, float]] = []
     for d in dirs:
         files = sorted(d.glob("samples_*.jsonl")) if kind == "acc" else [d / "heldout.jsonl"]
         files = [f for f in files if f.is_file()]
         if not files or not (d / "eval.json").is_file():
             continue
-        n += 1
+        vals: dict[str, float] = {}
         for f in files:
             for line in f.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
                 key, val = (f"{f.stem}:{rec['doc_id']}", rec.get("acc")) if kind == "acc" else (rec["id"], rec["loss"])
-                if val is None:
-                    continue
-                sums[key] = sums.get(key, 0.0) + float(val)
-                counts[key] = counts.get(key, 0) + 1
-    return {k: sums[k] / counts[k] for k in sums}, n
+                if val is not None:
+                    vals[key] = float(val)
+        runs.append(vals)
+    return runs
 
 
 def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> list[dict[str, Any]]:
     """Paired bootstrap of ``bootstrap_reference`` against every other row, per task and metric.
 
-    Per item (lm-eval test item, or held-out example) each side's value is first averaged over
-    the seeds it has; only items both sides have are compared (:func:`coreselect.eval.bootstrap.paired_bootstrap`).
+    Each side contributes one row of per-item values per fine-tuning seed it has, and the
+    bootstrap resamples the seeds as well as the items (:func:`coreselect.eval.bootstrap.paired_bootstrap`),
+    so the interval holds the seed-to-seed spread too; only items every seed of both sides has
+    are compared.
     """
     from coreselect.eval.bootstrap import paired_bootstrap
 
@@ -1756,8 +1756,8 @@ def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> li
             name = task_label(task)
             kinds = (["acc"] if task not in args.heldout_only else []) + (["loss"] if task in args.heldout else [])
             for kind in kinds:
-                ref_vals, n_ref = _per_item([root / name / "eval" / f"{ref}-{tag}-s{s}" for s in args.seeds], kind)
-                if not ref_vals:
+                ref_runs = _per_item([root / name / "eval" / f"{ref}-{tag}-s{s}" for s in args.seeds], kind)
+                if not ref_runs:
                     continue
                 for label, runs in others:
                     dirs = (
@@ -1765,12 +1765,14 @@ def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> li
                         if runs == ["pretrained"]
                         else [root / name / "eval" / r for r in runs]
                     )
-                    vals, n_other = _per_item(dirs, kind)
-                    keys = sorted(set(ref_vals) & set(vals))
+                    other_runs = _per_item(dirs, kind)
+                    keys = sorted(set.intersection(*(set(r) for r in ref_runs + other_runs))) if other_runs else []
                     if not keys:
                         continue
                     res = paired_bootstrap(
-                        [ref_vals[k] for k in keys], [vals[k] for k in keys], iters=args.bootstrap_iters
+                        [[r[k] for k in keys] for r in ref_runs],
+                        [[r[k] for k in keys] for r in other_runs],
+                        iters=args.bootstrap_iters,
                     )
                     found.append(
                         {
@@ -1778,8 +1780,8 @@ def paired_comparisons(args: ExperimentArgs, tasks: list[str], root: Path) -> li
                             "row": label if len(args.budgets) == 1 else f"{label} ({budget})",
                             "task": name,
                             "metric": kind,
-                            "n_seeds_ref": n_ref,
-                            "n_seeds_other": n_other,
+                            "n_seeds_ref": len(ref_runs),
+                            "n_seeds_other": len(other_runs),
                             **res,
                         }
                     )

@@ -45,3 +45,33 @@ def test_bad_input() -> None:
         paired_bootstrap([1.0], [1.0, 2.0])
     with pytest.raises(CoreselectError, match="non-empty"):
         paired_bootstrap([], [])
+
+
+def test_one_seed_rows_are_the_item_bootstrap() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.random(40), rng.random(40)
+    assert paired_bootstrap(a[None], b[None], iters=500, seed=2) == paired_bootstrap(a, b, iters=500, seed=2)
+
+
+def test_seed_spread_widens_the_interval_by_hand() -> None:
+    # a's two seeds differ by 2 on every item, b has one seed at 0: the item draw changes
+    # nothing, the seed draw gives {s0, s0} -> 1, {s0, s1} -> 2, {s1, s1} -> 3 (p 1/4, 1/2, 1/4)
+    a = [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]]
+    b = [[0.0, 0.0, 0.0]]
+    r = paired_bootstrap(a, b, iters=20000, seed=0)
+    assert r["diff"] == pytest.approx(2.0) and (r["lo"], r["hi"]) == (1.0, 3.0)
+    means_at_1 = paired_bootstrap(a, b, iters=20000, seed=0, level=0.0)  # level 0: lo = hi = the median
+    assert means_at_1["lo"] == means_at_1["hi"] == 2.0
+    # averaging the seeds first (the item bootstrap) hides that spread: a degenerate interval
+    flat = paired_bootstrap(np.mean(a, axis=0), b[0], iters=2000)
+    assert flat["lo"] == flat["hi"] == 2.0
+
+
+def test_seeded_rows_antisymmetric_with_unequal_seed_counts() -> None:
+    rng = np.random.default_rng(9)
+    a, b = rng.random((3, 60)), rng.random((2, 60))
+    ab, ba = paired_bootstrap(a, b, seed=4, iters=2000), paired_bootstrap(b, a, seed=4, iters=2000)
+    assert ab["diff"] == pytest.approx(a.mean() - b.mean()) == pytest.approx(-ba["diff"])
+    assert ab["lo"] < ab["diff"] < ab["hi"] and ab["n"] == 60
+    with pytest.raises(CoreselectError, match="equally long"):
+        paired_bootstrap(a, b[:, :59])
