@@ -71,6 +71,8 @@ class TokenScoring:
         w_mean: ``w_mu`` of eq. 15.
         w_max: ``w_m`` of eq. 15.
         coverage_weight: ``eta`` of eq. 15.
+        coverage: what ``kappa(c)`` of eq. 15 measures: ``length`` (default), ``tokens`` or
+            ``content`` (``trim_math.coverage_term``).
         batch_tokens: padded-token budget of one forward batch.
         chunk_records: records read, tokenized and length-sorted together while scoring.
     """
@@ -82,6 +84,7 @@ class TokenScoring:
     w_mean: float = 0.5
     w_max: float = 0.5
     coverage_weight: float = 0.05
+    coverage: str = "length"
     #: 4096: on SmolLM2 / 2 CPU cores / 64 real records the bare forward ran 489 tokens/s at
     #: 4096 vs 359 at 8192, padding efficiency 0.986 vs 0.970 (docs/performance.md); GPUs want more
     batch_tokens: int = 4096
@@ -94,6 +97,30 @@ class TokenScoring:
             raise ConfigError(f"oov_penalty must be in (0, 1] or none, got {self.oov_penalty}")
         if self.batch_tokens < 1 or self.chunk_records < 1:
             raise ConfigError("batch_tokens and chunk_records must be >= 1")
+        if self.coverage not in ("tokens", "content", "length"):
+            raise ConfigError(f"coverage must be tokens, content or length, got {self.coverage!r}")
+
+    def pool(
+        self, s: torch.Tensor, in_m: torch.Tensor, batch: Any, token_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 13-15 (:func:`~coreselect.methods.trim_math.pool_scores`) with these knobs: one
+        place, so that selection and the token views (``explain``, ``report``) cannot drift."""
+        return pool_scores(
+            s,
+            in_m,
+            batch.attention_mask,
+            w_mean=self.w_mean,
+            w_max=self.w_max,
+            coverage_weight=self.coverage_weight,
+            coverage=self.coverage,
+            content=batch.scope_mask(self.scope),
+            token_weights=token_weights,
+            min_tokens=self.pooled_min_tokens(),
+        )
+
+    def pooled_min_tokens(self) -> int:
+        """The ``min_tokens`` of :meth:`pool` (0 here: only TRIM has the option)."""
+        return 0
 
 
 @dataclass
@@ -150,7 +177,6 @@ class TrimConfig(TokenScoring):
 
     layers: int = 6
     packing: bool = False
-    coverage: str = "length"
     saliency_minmax: str = "scope"
     min_context: int = 1
     token_weighting: str = "none"
@@ -160,8 +186,6 @@ class TrimConfig(TokenScoring):
         super().__post_init__()
         if self.layers < 1:
             raise ConfigError(f"layers must be >= 1, got {self.layers}")
-        if self.coverage not in ("tokens", "content", "length"):
-            raise ConfigError(f"coverage must be tokens, content or length, got {self.coverage!r}")
         if self.saliency_minmax not in ("scope", "all"):
             raise ConfigError(f"saliency_minmax must be scope or all, got {self.saliency_minmax!r}")
         if self.min_context < 0:
@@ -171,23 +195,8 @@ class TrimConfig(TokenScoring):
         if self.min_tokens < 0:
             raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
-    def pool(
-        self, s: torch.Tensor, in_m: torch.Tensor, batch: Any, token_weights: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Eq. 13-15 (:func:`~coreselect.methods.trim_math.pool_scores`) with these knobs: one
-        place, so that selection and the token views (``explain``, ``report``) cannot drift."""
-        return pool_scores(
-            s,
-            in_m,
-            batch.attention_mask,
-            w_mean=self.w_mean,
-            w_max=self.w_max,
-            coverage_weight=self.coverage_weight,
-            coverage=self.coverage,
-            content=batch.scope_mask(self.scope),
-            token_weights=token_weights,
-            min_tokens=self.min_tokens,
-        )
+    def pooled_min_tokens(self) -> int:
+        return self.min_tokens
 
     def scored_positions(self, batch: Any) -> torch.Tensor:
         """``[B, T]`` bool: the positions fingerprinted (eq. 8) and scored (eq. 14): in scope,

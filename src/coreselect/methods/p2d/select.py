@@ -149,7 +149,6 @@ from coreselect.methods.trim_math import (
     Fingerprints,
     NearestClassTable,
     context_mask,
-    pool_scores,
     token_saliency,
     token_scores,
 )
@@ -528,14 +527,11 @@ class P2DConfig(TokenScoring):
     seed: int = 0
     aer: bool = True
     aer_epochs: float = 4.0
-    coverage: str = "length"
     saliency_minmax: str = "scope"
     min_context: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.coverage not in ("tokens", "content", "length"):
-            raise ConfigError(f"coverage must be tokens, content or length, got {self.coverage!r}")
         if self.saliency_minmax not in ("scope", "all"):
             raise ConfigError(f"saliency_minmax must be scope or all, got {self.saliency_minmax!r}")
         if self.min_context < 0:
@@ -1036,16 +1032,7 @@ class P2DMethod(SelectionMethod):
             s, in_m, _ = token_scores(
                 side.fingerprints, feats, batch.input_ids, mask, oov_penalty=cfg.oov_penalty, table=side.table
             )
-            sc, parts = pool_scores(
-                s,
-                in_m,
-                batch.attention_mask,
-                w_mean=cfg.w_mean,
-                w_max=cfg.w_max,
-                coverage_weight=cfg.coverage_weight,
-                coverage=cfg.coverage,
-                content=batch.scope_mask(cfg.scope),
-            )
+            sc, parts = cfg.pool(s, in_m, batch)
             return sc, parts["n_scored"]
         assert side.center is not None
         v, ok = _mean_pool(feats, mask)
