@@ -1047,6 +1047,12 @@ def _first_seed_selections(args: ExperimentArgs, tasks: list[str], root: Path) -
                 yield where, _selection_dirs(args, root, owner, plan.select, budget, args.seeds[0])
 
 
+def _scores_folder(sel: Path) -> Path:
+    """The folder holding a selection's ``scores.parquet``: its own, or, for a per-task coreset
+    cut from a multi-target pass (``derived_from`` in its run.json), that pass's."""
+    return Path((_read(sel / "run.json") or {}).get("derived_from") or sel)
+
+
 def coreset_mix(
     args: ExperimentArgs, tasks: list[str], root: Path, pool: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -1077,8 +1083,7 @@ def coreset_mix(
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         mix = Counter(str(r.get("dataset") or r.get("source") or "?") for r in rows)
         entry: dict[str, Any] = {**where, "n": len(rows), "mix": dict(sorted(mix.items()))}
-        # a per-task coreset cut from a multi-target pass has its scores in that pass's folder
-        scores_path = Path((_read(sel / "run.json") or {}).get("derived_from") or sel) / "scores.parquet"
+        scores_path = _scores_folder(sel) / "scores.parquet"
         if chars and scores_path.is_file():
             import pyarrow.parquet as pq
 
@@ -1114,8 +1119,7 @@ def rank_agreement(args: ExperimentArgs, tasks: list[str], root: Path) -> list[d
     runs: dict[str, dict[str, Any]] = {}
     ids: dict[str, set[str]] = {}
     for where, sel in _first_seed_selections(args, tasks, root):
-        run = _read(sel / "run.json") or {}
-        shared = Path(run.get("derived_from") or sel)
+        shared = _scores_folder(sel)
         key = where["row"] if len(args.budgets) == 1 else f"{where['row']} {where['budget']}"
         if key in tables or not (shared / "scores.parquet").is_file():
             continue

@@ -41,16 +41,17 @@ def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
     """
     rejects = RejectLog()
     n = 0
+    templated = args.template != "plain" and registry.get(args.method).needs_model
     orders: dict[tuple[str, ...], tuple[Record, int]] = {}
     for rec in read_records(args.pool, on_bad_record=args.on_bad_record, rejects=rejects):
         n += 1
-        if rec.kind == "chat":
+        if templated and rec.kind == "chat":
             roles = tuple(m.role for m in rec.messages)
             first, count = orders.get(roles, (rec, 0))
             orders[roles] = (first, count + 1)
     if n == 0:
         raise CoreselectError("the pool is empty" + (f" ({rejects.count} records rejected)" if rejects.count else ""))
-    if orders and args.template != "plain" and registry.get(args.method).needs_model:
+    if orders:
         check_template(args, orders)
     return n, rejects
 
