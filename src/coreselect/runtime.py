@@ -5,6 +5,7 @@ warmup), the version record, and building the chosen method.
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coreselect.config import SelectArgs
+from coreselect.data.formatting import TemplateChoice
 from coreselect.data.readers import RejectLog, pool_records, read_records
 from coreselect.data.records import Record
 from coreselect.errors import CoreselectError
@@ -58,23 +60,45 @@ def scan_pool(args: SelectArgs) -> tuple[int, RejectLog]:
 
 def check_template(args: SelectArgs, orders: dict[tuple[str, ...], tuple[Record, int]]) -> None:
     """Raise :class:`BadRecordError` at the first record of a turn order the chat template refuses."""
-    from coreselect.data.formatting import Formatter
     from coreselect.errors import BadRecordError
+
+    refused = template_refusals(args.model, args.trust_remote_code, args.template, args.template_date, tuple(orders))
+    for roles, reason in refused:
+        first, count = orders[roles]
+        raise BadRecordError(
+            first.file,
+            first.line,
+            "messages",
+            f"{reason} (turns {', '.join(roles)}: {count} record(s) of the pool; the model's chat "
+            "template refuses them and --on-bad-record skip cannot skip them: fix those records, "
+            "or use --template plain)",
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def template_refusals(
+    model: str,
+    trust_remote_code: bool,
+    template: TemplateChoice,
+    template_date: str,
+    orders: tuple[tuple[str, ...], ...],
+) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """The turn orders the model's chat template refuses, with why, in the given order.
+
+    Cached: ``compare`` and ``experiment`` scan the same pool once per method, and the answer
+    depends only on the tokenizer's template and these turn orders, not on the records.
+    """
+    from coreselect.data.formatting import Formatter
     from coreselect.models.loading import load_tokenizer, resolve_model
 
-    tok = load_tokenizer(resolve_model(args.model), args.trust_remote_code)
-    fmt = Formatter(tok, args.max_length, args.template, template_date=args.template_date)
-    for roles, (first, count) in orders.items():
+    tok = load_tokenizer(resolve_model(model), trust_remote_code)
+    fmt = Formatter(tok, template=template, template_date=template_date)
+    out = []
+    for roles in orders:
         reason = fmt.template_refusal(roles)
         if reason:
-            raise BadRecordError(
-                first.file,
-                first.line,
-                "messages",
-                f"{reason} (turns {', '.join(roles)}: {count} record(s) of the pool; the model's chat "
-                "template refuses them and --on-bad-record skip cannot skip them: fix those records, "
-                "or use --template plain)",
-            )
+            out.append((roles, reason))
+    return tuple(out)
 
 
 def iter_pool(args: SelectArgs, start: int = 0) -> Iterator[Record]:

@@ -314,14 +314,10 @@ class Formatter:
         if not self.use_chat:
             return self._render_plain(record)
         msgs = [{"role": m.role, "content": m.content} for m in record.messages]
-        try:
-            text = self._apply(msgs)
-        except CoreselectError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any jinja error (e.g. a template that rejects system turns)
-            raise BadRecordError(
-                record.file, record.line, None, f"chat template failed: {type(e).__name__}: {e}"
-            ) from None
+        rendered, refusal = self._try_apply(msgs)
+        if rendered is None:
+            raise BadRecordError(record.file, record.line, None, refusal or "chat template failed")
+        text = rendered
         if not self._probed:
             self._probe(record, msgs, text)
         spans = self._spans_by_skeleton(msgs, text)
@@ -338,13 +334,16 @@ class Formatter:
         """
         if not self.use_chat:
             return None
+        return self._try_apply([{"role": r, "content": "x"} for r in roles])[1]
+
+    def _try_apply(self, msgs: list[dict[str, str]]) -> tuple[str | None, str | None]:
+        """``(text, None)``, or ``(None, why)`` when the template raises on these turns."""
         try:
-            self._apply([{"role": r, "content": "x"} for r in roles])
+            return self._apply(msgs), None
         except CoreselectError:
             raise
-        except Exception as e:  # noqa: BLE001 - any jinja error, as in render()
-            return f"chat template failed: {type(e).__name__}: {e}"
-        return None
+        except Exception as e:  # noqa: BLE001 - any jinja error (e.g. a template that rejects system turns)
+            return None, f"chat template failed: {type(e).__name__}: {e}"
 
     def _render_plain(self, record: Record) -> tuple[str, list[tuple[int, int, int]]]:
         """:data:`PLAIN_FORMAT`, with each stripped content's span known by construction."""
