@@ -18,6 +18,7 @@ from coreselect import experiment as exp
 from coreselect.__main__ import main
 from coreselect.compare import length_bias
 from coreselect.errors import ConfigError
+from coreselect.experiment import stages
 
 
 def _write(path: Path, rows) -> Path:
@@ -83,13 +84,13 @@ def _count(monkeypatch) -> dict[str, int]:
         ("train", "train"),
         ("eval", "evaluate_command"),
     ):
-        real = getattr(exp, attr)
+        real = getattr(stages, attr)
 
         def wrapped(*a, _real=real, _name=name, **kw):
             calls[_name] += 1
             return _real(*a, **kw)
 
-        monkeypatch.setattr(exp, attr, wrapped)
+        monkeypatch.setattr(stages, attr, wrapped)
     return calls
 
 
@@ -464,7 +465,7 @@ progress: false
         shared = json.loads((out / "multi" / "select" / "bm25-2" / "run.json").read_text())
         for task, target in (("math", math_target), ("poems", other)):
             own = out / task / "select" / "bm25-2"
-            single = exp.select(
+            single = stages.select(
                 pool=[str(pool)], target=[str(target)], method="bm25", budget="2", out=str(tmp_path / task)
             )
             assert (own / "coreset.jsonl").read_text() == (tmp_path / task / "coreset.jsonl").read_text()

@@ -82,7 +82,7 @@ from coreselect.train.loop import (
 
 log = logging.getLogger(__name__)
 
-# Old private names, still imported by ``experiment.py`` and ``methods/baselines/gradients.py``.
+# Old private names (``_forward`` is still imported by ``methods/baselines/gradients.py``).
 _forward, _pad_id = forward, pad_id
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
