@@ -76,6 +76,19 @@ def _main_table(md: str) -> list[str]:
     return lines[: next(i for i, line in enumerate(lines) if not line.startswith("| "))]
 
 
+def test_lone_in_domain_setting_folder(tmp_path):
+    """``out`` itself for a lone in_domain setting (the single-setting layout), unless a
+    multi-setting run already made ``out/in_domain/``: then one setting continues that run."""
+    from coreselect.experiment.layout import setting_root
+
+    args = exp.ExperimentArgs(out=str(tmp_path), settings=["in_domain"])
+    assert setting_root(args, "in_domain") == tmp_path
+    both = exp.ExperimentArgs(out=str(tmp_path), settings=["in_domain", "transfer"])
+    assert [setting_root(both, s) for s in both.settings] == [tmp_path / "in_domain", tmp_path / "transfer"]
+    (tmp_path / "in_domain").mkdir()
+    assert setting_root(args, "in_domain") == tmp_path / "in_domain"
+
+
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"warmup": 0, "select": 0, "train": 0, "eval": 0}
     for name, attr in (
@@ -371,6 +384,11 @@ progress: false
     calls.update(dict.fromkeys(calls, 0))
     assert main(["experiment", "--config", str(cfg)]) == 0
     assert calls == {"warmup": 2, "select": 0, "train": 0, "eval": 0}  # warmup_model returns the cached adapters
+    # one setting of the same run continues it in out/in_domain/, not a second run in out/
+    calls.update(dict.fromkeys(calls, 0))
+    assert main(["experiment", "--config", str(cfg), "--settings", "in_domain"]) == 0
+    assert calls == {"warmup": 1, "select": 0, "train": 0, "eval": 0}
+    assert not (out / "joint").exists() and not (out / "warmup").exists()
 
 
 @pytest.mark.parametrize("coresets", ["per_task", "joint"])

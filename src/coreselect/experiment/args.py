@@ -107,7 +107,8 @@ class ExperimentArgs(WarmupSettings):
         settings: ``in_domain`` (the pool as given) and/or ``transfer`` (``pool: evidence`` only:
             every target task's own source removed from the pool, so a method must find related
             data). Each setting gets its own folder, ``out/<setting>/``, unless it is the only
-            setting and ``in_domain`` (then ``out/`` itself, as before).
+            setting and ``in_domain`` (then ``out/`` itself, as before, unless ``out/in_domain/``
+            exists: a rerun of a multi-setting experiment with one setting continues it).
         coresets: ``per_task`` (one coreset and fine-tuned model per task, Table 1) or ``joint``
             (one multi-target selection over all tasks, ``--combine quota``: one coreset and one
             fine-tuned model per method and seed, evaluated on every task).

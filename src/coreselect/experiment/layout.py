@@ -51,8 +51,16 @@ def setting_pools(args: ExperimentArgs, pool: list[str]) -> dict[str, list[str]]
 
 
 def setting_root(args: ExperimentArgs, setting: str) -> Path:
-    """Output folder of a setting (``out`` itself for a lone in_domain setting)."""
-    return Path(args.out) if args.settings == ["in_domain"] else Path(args.out) / setting
+    """Output folder of a setting: ``out/<setting>/``, or ``out`` itself for a lone in_domain setting.
+
+    A lone ``in_domain`` still uses ``out/in_domain/`` when that folder exists: it is a
+    multi-setting run's, and ``--settings in_domain`` on it must continue that run, not start
+    a second one beside it in ``out/``.
+    """
+    out = Path(args.out)
+    if args.settings == ["in_domain"] and not (out / "in_domain").is_dir():
+        return out
+    return out / setting
 
 
 def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
