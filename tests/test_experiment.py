@@ -18,6 +18,7 @@ from coreselect import experiment as exp
 from coreselect.__main__ import main
 from coreselect.compare import length_bias
 from coreselect.errors import ConfigError
+from coreselect.eval.bootstrap import detectable_difference
 from coreselect.experiment import stages
 
 
@@ -182,6 +183,8 @@ def test_experiment_end_to_end_then_resume(config, tmp_path, monkeypatch, capsys
     }
     assert cmp["diff"] == pytest.approx(np.mean(held["trim"]) - np.mean(held["random"]))
     assert cmp["lo"] <= cmp["diff"] <= cmp["hi"]
+    row = next(line for line in md.splitlines() if line.startswith("| random | toy | loss |"))
+    assert cmp["se"] > 0 and row.endswith(f"| {detectable_difference(cmp['se']):.4f} |")
     assert "Hardware:" in md and "torch" in json.loads((out / "experiment.json").read_text())["versions"]
 
     # a re-run does nothing but rebuild the table

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from coreselect.errors import CoreselectError
-from coreselect.eval.bootstrap import paired_bootstrap
+from coreselect.eval.bootstrap import detectable_difference, paired_bootstrap
 
 
 def test_constant_difference_has_a_degenerate_interval() -> None:
     r = paired_bootstrap([3.0, 5.0, 7.0], [2.0, 4.0, 6.0], iters=200)
     assert r["diff"] == r["lo"] == r["hi"] == pytest.approx(1.0)
     assert (r["p_le0"], r["p_ge0"]) == (0.0, 1.0) and r["n"] == 3
+    assert r["se"] == 0.0 and detectable_difference(r["se"]) == 0.0
 
 
 def test_two_items_resample_means_are_the_three_possible_values() -> None:
@@ -21,6 +22,15 @@ def test_two_items_resample_means_are_the_three_possible_values() -> None:
     assert r["diff"] == 0.5
     assert r["p_le0"] == pytest.approx(0.25, abs=0.02)
     assert (r["lo"], r["hi"]) == (0.0, 1.0)
+    # variance of that three-point law: 0.25 * 0.25 + 0.25 * 0.25 = 0.125
+    assert r["se"] == pytest.approx(0.125**0.5, abs=0.005)
+
+
+def test_detectable_difference_by_hand() -> None:
+    """(z_0.975 + z_0.8) se = (1.95996 + 0.84162) se; other levels and powers likewise."""
+    assert detectable_difference(1.0) == pytest.approx(2.801585, abs=1e-6)
+    assert detectable_difference(0.01) == pytest.approx(0.02801585, abs=1e-8)
+    assert detectable_difference(2.0, level=0.90, power=0.5) == pytest.approx(2 * 1.644854, abs=1e-6)
 
 
 def test_pairing_removes_item_variance() -> None:

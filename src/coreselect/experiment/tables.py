@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from coreselect.eval.bootstrap import detectable_difference
 from coreselect.experiment.args import ExperimentArgs
 from coreselect.experiment.layout import read_stage, task_label
 
@@ -69,18 +70,21 @@ def _comparison_table(comparisons: list[dict[str, Any]]) -> list[str]:
         "on each side, the fine-tuning seeds (with replacement), so the interval includes the seed-to-seed "
         "spread; accuracy in points (positive: "
         f"{ref} better), held-out loss in nats/token (negative: {ref} better); 95% percentile interval; "
-        f"p: the share of resampled differences on the other side of 0 ({ref} not better).",
+        f"p: the share of resampled differences on the other side of 0 ({ref} not better); "
+        "Detectable: the smallest true difference this comparison would find 80% of the time "
+        "(2.80 bootstrap standard errors, `coreselect.eval.bootstrap.detectable_difference`).",
         "",
-        "| Row | Task | Metric | Items | Seeds | Difference | 95% interval | p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Row | Task | Metric | Items | Seeds | Difference | 95% interval | p | Detectable |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         scale, digits = (100.0, 2) if c["metric"] == "acc" else (1.0, 4)
         p = c["p_le0"] if c["metric"] == "acc" else c["p_ge0"]
+        mde = f"{scale * detectable_difference(c['se']):.{digits}f}" if "se" in c else "–"
         lines.append(
             f"| {c['row']} | {c['task']} | {c['metric']} | {c['n']} | {c['n_seeds_ref']} vs {c['n_seeds_other']} | "
             f"{scale * c['diff']:+.{digits}f} | [{scale * c['lo']:+.{digits}f}, {scale * c['hi']:+.{digits}f}] | "
-            f"{p:.3f} |"
+            f"{p:.3f} | {mde} |"
         )
     return lines
 
