@@ -29,32 +29,34 @@ from coreselect.data.readers import read_records
 from coreselect.models.loading import load_model
 
 
+def example_split(model, fmt: Formatter, rec) -> tuple[float, float, bool, int, int] | None:
+    """``(letter loss, mean loss of the other response tokens, letter is top-1, response tokens,
+    options)`` of one record; None when it has fewer than two response tokens."""
+    enc = fmt.encode(rec)
+    ids = torch.as_tensor(enc.input_ids, dtype=torch.long)[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    targets = ids[0, 1:]
+    mask = torch.as_tensor(enc.loss_mask[1:], dtype=torch.bool)  # logits[i] predicts token i + 1
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[mask]
+    if len(nll) < 2:
+        return None
+    first = int(mask.nonzero()[0])
+    hit = int(logits[first].argmax()) == int(targets[first])
+    n_opts = len(re.findall(r"^[A-Z]\. ", rec.messages[0].content, flags=re.M))
+    return float(nll[0]), float(nll[1:].mean()), hit, len(nll), n_opts
+
+
 def split_losses(model, fmt: Formatter, path: str) -> dict[str, float]:
     """Mean letter loss, mean rest loss, letter top-1 rate and mean ln(options) over the file's records."""
-    letter, rest, hit, chance = [], [], [], []
-    for rec in read_records([path], on_bad_record="error"):
-        enc = fmt.encode(rec)
-        ids = torch.as_tensor(enc.input_ids, dtype=torch.long)[None]
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        targets = ids[0, 1:]
-        mask = torch.as_tensor(enc.loss_mask[1:], dtype=torch.bool)
-        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[mask]
-        if len(nll) < 2:
-            continue
-        first = int(mask.nonzero()[0])
-        letter.append(float(nll[0]))
-        rest.append(float(nll[1:].mean()))
-        hit.append(float(int(logits[first].argmax()) == int(targets[first])))
-        n_opts = len(re.findall(r"^[A-Z]\. ", rec.messages[0].content, flags=re.M))
-        chance.append(math.log(max(n_opts, 1)))
-    n = len(letter)
+    rows = [r for r in (example_split(model, fmt, rec) for rec in read_records([path])) if r is not None]
+    n = len(rows)
     return {
         "n": n,
-        "letter": sum(letter) / n,
-        "rest": sum(rest) / n,
-        "top1": sum(hit) / n,
-        "chance": sum(chance) / n,
+        "letter": sum(r[0] for r in rows) / n,
+        "rest": sum(r[1] for r in rows) / n,
+        "top1": sum(r[2] for r in rows) / n,
+        "chance": sum(math.log(max(r[4], 1)) for r in rows) / n,
     }
 
 
