@@ -90,6 +90,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def system_refusing_model(tiny_model_dir: Path, out: Path, message: str = "System role not supported") -> Path:
+    """A copy of the tiny model whose chat template raises on a leading system turn (as some do)."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, out)
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('" + message + "') }}{% endif %}"
+    (out / "chat_template.jinja").write_text(refuse + (out / "chat_template.jinja").read_text())
+    return out
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

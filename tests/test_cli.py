@@ -199,14 +199,11 @@ def test_template_refusal_stops_before_the_model_loads(
 ):
     """A chat template that refuses a turn order (here: system turns, as some do) fails the run
     at the scan, naming the first such record, for both --on-bad-record modes."""
-    import shutil
+    from conftest import system_refusing_model
 
     from coreselect.models import loading
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    (model / "chat_template.jinja").write_text(refuse + (model / "chat_template.jinja").read_text())
+    model = system_refusing_model(tiny_model_dir, tmp_path / "model")
     pool, target = small_pool
     lines = pool.read_text().splitlines()
     rec = json.loads(lines[4])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
+from conftest import system_refusing_model
 
 from coreselect.config import SelectArgs
 from coreselect.errors import BadRecordError
@@ -45,10 +45,7 @@ def test_cached_refusal_still_names_each_pools_first_record(tiny_model_dir, smal
     same refused turn order is stopped at its own first such record."""
     template_refusals.cache_clear()
     calls = _counting_loads(monkeypatch)
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
-    (model / "chat_template.jinja").write_text(refuse + (model / "chat_template.jinja").read_text())
+    model = system_refusing_model(tiny_model_dir, tmp_path / "model", "no system")
     pool, target = small_pool
     lines = pool.read_text().splitlines()
     rec = json.loads(lines[2]) | {"id": "sys"}

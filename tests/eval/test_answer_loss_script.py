@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from coreselect.data.formatting import Formatter
 from coreselect.data.readers import read_records
 from coreselect.eval.heldout import heldout_loss
 from coreselect.models.loading import load_model
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("answer_loss", ROOT / "scripts" / "answer_loss.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("answer_loss")
 
 
 def _mc(i: int, options: list[str], answer: int) -> dict:
