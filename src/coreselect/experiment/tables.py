@@ -80,7 +80,7 @@ def _comparison_table(comparisons: list[dict[str, Any]]) -> list[str]:
     for c in comparisons:
         scale, digits = (100.0, 2) if c["metric"] == "acc" else (1.0, 4)
         p = c["p_le0"] if c["metric"] == "acc" else c["p_ge0"]
-        mde = f"{scale * detectable_difference(c['se']):.{digits}f}" if "se" in c else "–"
+        mde = f"{scale * detectable_difference(c['se']):.{digits}f}"
         lines.append(
             f"| {c['row']} | {c['task']} | {c['metric']} | {c['n']} | {c['n_seeds_ref']} vs {c['n_seeds_other']} | "
             f"{scale * c['diff']:+.{digits}f} | [{scale * c['lo']:+.{digits}f}, {scale * c['hi']:+.{digits}f}] | "
