@@ -111,6 +111,25 @@ def load_script(name: str):
     return mod
 
 
+def bigbench_archive(path: Path, subtasks: dict[str, list[dict]], prefix: str = "Definition: do it.") -> Path:
+    """A ``bigbench-1.0.0.tar.gz`` lookalike: natural_instructions subtasks plus one other task."""
+    import io
+    import tarfile
+
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks"
+    files = {f"{root}/natural_instructions/task.json": {"name": "natural_instructions", "subtasks": []}}
+    files[f"{root}/other_task/task.json"] = {"task_prefix": "x", "examples": [{"input": "no", "target": ["no"]}]}
+    for name, examples in subtasks.items():
+        files[f"{root}/natural_instructions/{name}/task.json"] = {"task_prefix": prefix, "examples": examples}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            data = json.dumps(obj).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -127,3 +127,51 @@ def test_smollm2_converts_and_answers(tmp_path: Path) -> None:
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_natural_instructions_from_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import bigbench_archive
+
+    examples = [{"input": f"Question {i}?", "target": [f"Answer {i}.", "alt"]} for i in range(5)]
+    long = {"input": "x" * 2001, "target": ["too long"]}
+    archive = bigbench_archive(
+        tmp_path / "bigbench-1.0.0.tar.gz",
+        {
+            "subtask002_b": [long, *examples[:2]],
+            "subtask001_a": examples,
+            "subtask003_c": [{"input": "q", "target": "t"}],
+        },
+    )
+    recs = assets.natural_instructions_records(archive, per_subtask=3)
+    assert [r["id"] for r in recs] == [
+        "ni-subtask001_a-0",
+        "ni-subtask001_a-1",
+        "ni-subtask001_a-2",
+        "ni-subtask002_b-1",  # index 0 is over 2,000 characters
+        "ni-subtask002_b-2",
+        "ni-subtask003_c-0",  # a bare string target
+    ]
+    first = recs[0]
+    assert first["dataset"] == "natural_instructions" and first["subtask"] == "subtask001_a"
+    assert first["messages"] == [
+        {"role": "user", "content": "Definition: do it.\n\nQuestion 0?"},
+        {"role": "assistant", "content": "Answer 0."},  # the first target string
+    ]
+    assert recs[-1]["messages"][1]["content"] == "t"
+    monkeypatch.setenv(assets.BIGBENCH_ARCHIVE_ENV, str(archive))
+    assert assets.natural_instructions_records(per_subtask=3) == recs
+
+
+def test_natural_instructions_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import bigbench_archive
+
+    monkeypatch.delenv(assets.BIGBENCH_ARCHIVE_ENV, raising=False)
+    with pytest.raises(CoreselectError, match="pip download --no-deps bigbench==1.0.0"):
+        assets.natural_instructions_records()
+    with pytest.raises(CoreselectError, match="no such BIG-bench archive"):
+        assets.natural_instructions_records(tmp_path / "missing.tar.gz")
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(CoreselectError, match="bad.tar.gz: cannot read"):
+        assets.natural_instructions_records(tmp_path / "bad.tar.gz")
+    with pytest.raises(CoreselectError, match="no natural_instructions subtasks"):
+        assets.natural_instructions_records(bigbench_archive(tmp_path / "empty.tar.gz", {}))

@@ -133,3 +133,31 @@ def test_bad_arguments(tmp_path: Path) -> None:
         build_evidence_pool(tmp_path, sources=("csqa", "nope"), tasks=("csqa",))
     with pytest.raises(CoreselectError, match="own source"):
         build_evidence_pool(tmp_path, sources=("arc",), tasks=("csqa",))
+
+
+def test_natural_instructions_source(built: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The optional source adds its records and leaves every other source's records as they were."""
+    from conftest import bigbench_archive
+
+    out, _ = built
+    leaked = sorted(k for k in eval_keys()["csqa"] if len(k.split()) >= 8)[0]
+    examples = [{"input": f"Passage {i}: the river runs north.", "target": [f"north {i}"]} for i in range(30)]
+    examples[3] = {"input": f"Context. {leaked}", "target": ["leak"]}
+    other = [{"input": f"Story {i}: a cat sat.", "target": ["yes"]} for i in range(5)]
+    archive = bigbench_archive(tmp_path / "bb.tar.gz", {"subtask001_a": examples, "subtask002_b": other})
+    manifest = build_evidence_pool(
+        tmp_path / "ni", n_per_source=N, seed=0, sources=(*SOURCES, "natural_instructions"), bigbench_archive=archive
+    )
+    pool = _read(tmp_path / "ni" / "pool.jsonl")
+    ni = [r for r in pool if r["dataset"] == "natural_instructions"]
+    assert len(ni) == manifest["counts"]["natural_instructions"] == N
+    assert "ni-subtask001_a-3" not in {r["id"] for r in ni}  # contains a CSQA evaluation question
+    assert manifest["removed"]["natural_instructions"]["contains"] == 1
+    assert {r["subtask"] for r in ni} == {"subtask001_a", "subtask002_b"}
+    by_id = {r["id"]: r for r in _read(out / "pool.jsonl")}
+    rest = [r for r in pool if r["dataset"] != "natural_instructions"]
+    assert len(rest) == len(by_id) and all(by_id[r["id"]] == r for r in rest)
+    for task in TASKS:
+        assert (tmp_path / "ni" / f"heldout_{task}.jsonl").read_bytes() == (out / f"heldout_{task}.jsonl").read_bytes()
+    transfer = _read(tmp_path / "ni" / "pool-transfer.jsonl")
+    assert sum(r["dataset"] == "natural_instructions" for r in transfer) == N

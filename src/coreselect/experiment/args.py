@@ -10,6 +10,7 @@ from typing import Any
 
 from coreselect.config import SelectArgs, WarmupSettings
 from coreselect.errors import ConfigError
+from coreselect.evidence_pool import OPTIONAL_SOURCES
 from coreselect.methods import registry
 from coreselect.methods.base import ExperimentRow
 from coreselect.train.command import TrainCommandArgs
@@ -77,7 +78,12 @@ class ExperimentArgs(WarmupSettings):
     Attributes:
         model: base causal LM (``smollm2``, a folder, a hub id): scorer and fine-tuned model.
         pool: candidate pool files, or ``embedded`` (the packaged real pool, see ``coreselect demo``).
-        pool_per_source: records per source for ``pool: embedded`` (8 sources).
+        pool_per_source: records per source for ``pool: embedded`` (8 sources) and ``pool: evidence`` (11).
+        extra_sources: ``pool: evidence`` only: sources beyond the 11 packaged ones
+            (``natural_instructions``, read from the BIG-bench source archive; the other
+            sources' records are unchanged, the pool is cached in its own folder).
+        bigbench_archive: ``bigbench-1.0.0.tar.gz`` from ``pip download --no-deps bigbench==1.0.0``
+            (default: ``$CORESELECT_BIGBENCH_ARCHIVE``), for ``extra_sources: [natural_instructions]``.
         targets: mapping task -> target file (``embedded`` = the packaged 5 targets); the task
             is a packaged name (csqa, siqa, hellaswag, gsm8k, ...) or a user task ``.yaml``.
         methods: selection methods (trim, random, bm25, dsir, ...), and the P2D rows
@@ -140,6 +146,8 @@ class ExperimentArgs(WarmupSettings):
     model: str = "smollm2"
     pool: list[str] = field(default_factory=lambda: ["embedded"])
     pool_per_source: int = 60
+    extra_sources: list[str] = field(default_factory=list)
+    bigbench_archive: str | None = None
     targets: dict[str, str] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: ["trim", "random", "bm25"])
     budgets: list[str] = field(default_factory=lambda: ["5%"])
@@ -180,7 +188,7 @@ class ExperimentArgs(WarmupSettings):
             self.budgets = [self.budgets]
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
-        for name in ("settings", "reselect_per_seed", "heldout_only"):
+        for name in ("settings", "reselect_per_seed", "heldout_only", "extra_sources"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         if isinstance(self.full_data_seeds, int):
@@ -232,6 +240,12 @@ class ExperimentArgs(WarmupSettings):
             raise ConfigError(f"settings must list distinct values of {', '.join(SETTINGS)}, got {self.settings}")
         if "transfer" in self.settings and self.pool != ["evidence"]:
             raise ConfigError("settings: transfer needs pool: evidence (the pool whose task sources can be removed)")
+        if self.extra_sources:
+            if self.pool != ["evidence"]:
+                raise ConfigError("extra_sources needs pool: evidence")
+            bad_sources = [s for s in self.extra_sources if s not in OPTIONAL_SOURCES]
+            if bad_sources:
+                raise ConfigError(f"extra_sources: unknown {bad_sources} (known: {', '.join(OPTIONAL_SOURCES)})")
         if self.coresets not in ("per_task", "joint"):
             raise ConfigError(f"coresets must be per_task or joint, got {self.coresets!r}")
         if self.coresets == "joint" and any(row_plan(m, self.variants).train_heads_from for m in self.methods):

@@ -36,7 +36,8 @@ def evidence_dir(args: ExperimentArgs) -> Path:
     """Where ``pool: evidence`` is built (cached, :func:`coreselect.evidence_pool.build_evidence_pool`)."""
     from coreselect import assets
 
-    return assets.CACHE_DIR / "data" / f"evidence-{args.pool_per_source}"
+    extra = "".join(f"+{s}" for s in sorted(set(args.extra_sources)))
+    return assets.CACHE_DIR / "data" / f"evidence-{args.pool_per_source}{extra}"
 
 
 def setting_pools(args: ExperimentArgs, pool: list[str]) -> dict[str, list[str]]:
@@ -106,13 +107,20 @@ def resolve_data(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
 
 def _resolve_evidence(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
     """``pool: evidence``: the evidence experiment's pool, targets and held-out sets (built offline, cached)."""
-    from coreselect.evidence_pool import TASKS, build_evidence_pool
+    from coreselect.evidence_pool import SOURCES, TASKS, build_evidence_pool
 
     tasks = [task_label(t) for t in args.targets]
     if any(t not in TASKS for t in tasks):
         raise ConfigError(f"pool: evidence has targets for {', '.join(TASKS)} only, got {', '.join(tasks)}")
     folder = evidence_dir(args)
-    build_evidence_pool(folder, n_per_source=args.pool_per_source, tasks=TASKS, progress=say)
+    build_evidence_pool(
+        folder,
+        n_per_source=args.pool_per_source,
+        sources=(*SOURCES, *sorted(set(args.extra_sources))),
+        tasks=TASKS,
+        bigbench_archive=args.bigbench_archive,
+        progress=say,
+    )
     targets: dict[str, str] = {}
     for task, target in args.targets.items():
         targets[str(task)] = str(folder / f"target_{task_label(task)}.jsonl") if target == "embedded" else target
