@@ -331,8 +331,8 @@ def build_evidence_pool(
         elif source == "math":
             cands[source] = [(normalize(_user(r)), r) for r in math_records()]
         elif source == "natural_instructions":
-            # up to `want` per subtask: any one subtask could fill the draw, which then spreads
-            # evenly over the subtasks (the archive's 61 give ~60x the candidates needed)
+            # up to `want` per subtask, so that no subtask's cap decides the mix: the uniform
+            # draw over all candidates then takes roughly even shares of the subtasks
             ni = natural_instructions_records(bigbench_archive, per_subtask=want)
             cands[source] = [(normalize(_user(r)), r) for r in ni]
         else:
