@@ -111,8 +111,9 @@ def load_script(name: str):
     return mod
 
 
-def bigbench_archive(path: Path, subtasks: dict[str, list[dict]], prefix: str = "Definition: do it.") -> Path:
-    """A ``bigbench-1.0.0.tar.gz`` lookalike: natural_instructions subtasks plus one other task."""
+def bigbench_archive(path: Path, subtasks: dict[str, list[dict] | bytes], prefix: str = "Definition: do it.") -> Path:
+    """A ``bigbench-1.0.0.tar.gz`` lookalike: natural_instructions subtasks plus one other task
+    (a subtask given as bytes is written as its task.json verbatim)."""
     import io
     import tarfile
 
@@ -120,10 +121,11 @@ def bigbench_archive(path: Path, subtasks: dict[str, list[dict]], prefix: str = 
     files = {f"{root}/natural_instructions/task.json": {"name": "natural_instructions", "subtasks": []}}
     files[f"{root}/other_task/task.json"] = {"task_prefix": "x", "examples": [{"input": "no", "target": ["no"]}]}
     for name, examples in subtasks.items():
-        files[f"{root}/natural_instructions/{name}/task.json"] = {"task_prefix": prefix, "examples": examples}
+        task = examples if isinstance(examples, bytes) else {"task_prefix": prefix, "examples": examples}
+        files[f"{root}/natural_instructions/{name}/task.json"] = task
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in files.items():
-            data = json.dumps(obj).encode()
+            data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -173,5 +173,8 @@ def test_natural_instructions_errors(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "bad.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(CoreselectError, match="bad.tar.gz: cannot read"):
         assets.natural_instructions_records(tmp_path / "bad.tar.gz")
+    broken = bigbench_archive(tmp_path / "broken.tar.gz", {"subtask001_a": b'{"examples": ['})
+    with pytest.raises(CoreselectError, match=r"broken.tar.gz: .*/subtask001_a/task.json: not a JSON task file"):
+        assets.natural_instructions_records(broken)
     with pytest.raises(CoreselectError, match="no natural_instructions subtasks"):
         assets.natural_instructions_records(bigbench_archive(tmp_path / "empty.tar.gz", {}))

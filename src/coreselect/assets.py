@@ -509,9 +509,14 @@ def _natural_instructions(archive: Path, per_subtask: int) -> list[dict[str, Any
         with tarfile.open(archive, mode="r:*") as tar:
             for member in tar:  # one pass over the stream; the archive is 358 MB compressed
                 m = _NI_TASK.search(member.name)
-                fh = tar.extractfile(member) if m is not None and member.isfile() else None
-                if m is not None and fh is not None:
-                    out.extend(_ni_subtask_records(m.group(1), json.load(fh), per_subtask))
+                fh = tar.extractfile(member) if m is not None else None
+                if m is None or fh is None:
+                    continue
+                try:
+                    task = json.load(fh)
+                except ValueError as e:
+                    raise CoreselectError(f"{archive}: {member.name}: not a JSON task file ({e})") from e
+                out.extend(_ni_subtask_records(m.group(1), task, per_subtask))
     except (OSError, tarfile.TarError, ValueError) as e:
         raise CoreselectError(f"{archive}: cannot read the BIG-bench archive ({e})") from e
     if not out:

@@ -32,11 +32,16 @@ def task_label(task: str) -> str:
     return ALIASES.get(task.lower(), task)
 
 
+def _extra_sources(args: ExperimentArgs) -> tuple[str, ...]:
+    """``extra_sources`` in a canonical order: the same set names the same pool folder."""
+    return tuple(sorted(set(args.extra_sources)))
+
+
 def evidence_dir(args: ExperimentArgs) -> Path:
     """Where ``pool: evidence`` is built (cached, :func:`coreselect.evidence_pool.build_evidence_pool`)."""
     from coreselect import assets
 
-    extra = "".join(f"+{s}" for s in sorted(set(args.extra_sources)))
+    extra = "".join(f"+{s}" for s in _extra_sources(args))
     return assets.CACHE_DIR / "data" / f"evidence-{args.pool_per_source}{extra}"
 
 
@@ -116,7 +121,7 @@ def _resolve_evidence(args: ExperimentArgs) -> tuple[list[str], dict[str, str]]:
     build_evidence_pool(
         folder,
         n_per_source=args.pool_per_source,
-        sources=(*SOURCES, *sorted(set(args.extra_sources))),
+        sources=(*SOURCES, *_extra_sources(args)),
         tasks=TASKS,
         bigbench_archive=args.bigbench_archive,
         progress=say,
